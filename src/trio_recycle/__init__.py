@@ -1,0 +1,20 @@
+"""trio-recycle: reuse TCP and UDP sockets in trio through connect(AF_UNSPEC)."""
+
+from ._disconnect import can_recycle as can_recycle, disconnect as disconnect
+from ._pool import (
+    PoolStatistics as PoolStatistics,
+    SocketPool as SocketPool,
+    open_socket_pool as open_socket_pool,
+)
+from ._stream import RecyclingStream as RecyclingStream
+
+__all__ = [
+    "PoolStatistics",
+    "RecyclingStream",
+    "SocketPool",
+    "can_recycle",
+    "disconnect",
+    "open_socket_pool",
+]
+
+__version__ = "0.1.0"

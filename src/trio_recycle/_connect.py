@@ -1,0 +1,229 @@
+"""Address resolution and happy eyeballs over sockets taken from a pool."""
+
+# This follows trio.open_tcp_stream (trio/_highlevel_open_tcp_stream.py)
+# step for step, so that swapping one for the other changes nothing but
+# where the sockets come from:
+#
+# * getaddrinfo(host, port, type=SOCK_STREAM), then RFC 6555 section 5.4
+#   ordering: the first address, then the first address of the other
+#   family, then the rest in resolver order.
+# * RFC 6555 "happy eyeballs": start the first attempt; whenever an attempt
+#   fails, or `happy_eyeballs_delay` seconds pass without one succeeding,
+#   start the next; the first to connect wins and the others are cancelled.
+# * When every attempt fails, one OSError names each address and its error,
+#   chained from an ExceptionGroup of the individual errors.
+#
+# Two differences, both about the pool:
+#
+# * Each attempt takes its socket from the pool, so an attempt may wait for
+#   capacity like any other open. A losing attempt that connected anyway is
+#   closed (never recycled: its peer sent no FIN).
+# * A numeric host (an IP literal) is resolved synchronously with
+#   AI_NUMERICHOST, which never touches DNS, and the answer is cached; with
+#   a single address there is no nursery, no thread and no Event, which is
+#   what keeps the pool's hot path close to a raw socket loop.
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
+
+if TYPE_CHECKING:
+    from ._pooled_socket import PooledSocket
+
+__all__ = ["connect_pooled", "validate_endpoint"]
+
+Target = tuple[int, int, int, object]  # family, type, proto, sockaddr
+
+_NUMERIC_CACHE_SIZE = 512
+_numeric_cache: dict[tuple[str | bytes, int, int], list[Target]] = {}
+
+
+class SocketSource(Protocol):
+    """The part of the pool the connection logic uses."""
+
+    async def acquire_socket(self, family: int, type: int, proto: int, local_address: str | None, peer: object) -> PooledSocket: ...
+
+    def discard_socket(self, psock: PooledSocket) -> None: ...
+
+
+def validate_endpoint(host: object, port: object) -> None:
+    """Check ``host``/``port`` like trio.open_tcp_stream, naming the argument.
+
+    Raises:
+      TypeError: host is not str or bytes, or port is not an int.
+      ValueError: port is outside 1-65535.
+    """
+    if not isinstance(host, (str, bytes)):
+        raise TypeError(f"host must be str or bytes, not {host!r}")
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise TypeError(f"port must be int, not {port!r}")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be in range 1-65535, not {port!r}")
+
+
+def validate_delay(happy_eyeballs_delay: object) -> None:
+    """Check ``happy_eyeballs_delay``: None, or a number >= 0 that is not NaN."""
+    if happy_eyeballs_delay is None:
+        return
+    if not isinstance(happy_eyeballs_delay, (int, float)) or isinstance(happy_eyeballs_delay, bool):
+        raise TypeError(f"happy_eyeballs_delay must be a number or None, not {happy_eyeballs_delay!r}")
+    if math.isnan(happy_eyeballs_delay) or happy_eyeballs_delay < 0:
+        raise ValueError(f"happy_eyeballs_delay must be >= 0, not {happy_eyeballs_delay!r}")
+
+
+def _format_host_port(host: str | bytes, port: int) -> str:
+    text = host.decode() if isinstance(host, bytes) else host
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+def _numeric_targets(host: str | bytes, port: int, type: int) -> list[Target] | None:
+    key = (host, port, type)
+    cached = _numeric_cache.get(key)
+    if cached is not None:
+        return cached
+    try:
+        infos = socket.getaddrinfo(host, port, type=type, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        return None
+    targets = _unique([(f, t, p, addr) for f, t, p, _, addr in infos])
+    if len(_numeric_cache) >= _NUMERIC_CACHE_SIZE:
+        _numeric_cache.clear()
+    _numeric_cache[key] = targets
+    return targets
+
+
+def _unique(targets: list[Target]) -> list[Target]:
+    seen: set[Target] = set()
+    result = []
+    for target in targets:
+        if target not in seen:
+            seen.add(target)
+            result.append(target)
+    return result
+
+
+def _reorder_for_rfc_6555(targets: list[Target]) -> None:
+    # Same as trio's reorder_for_rfc_6555_section_5_4.
+    for i in range(1, len(targets)):
+        if targets[i][0] != targets[0][0]:
+            if i != 1:
+                targets.insert(1, targets.pop(i))
+            break
+
+
+async def resolve(host: str | bytes, port: int, type: int) -> list[Target]:
+    """Resolve like trio.open_tcp_stream; raise OSError when nothing is found."""
+    targets = _numeric_targets(host, port, type)
+    if targets is None:
+        infos = await trio.socket.getaddrinfo(host, port, type=type)
+        targets = _unique([(f, t, p, addr) for f, t, p, _, addr in infos])
+        _reorder_for_rfc_6555(targets)
+    else:
+        targets = list(targets)
+        _reorder_for_rfc_6555(targets)
+    if not targets:
+        raise OSError(f"no results found for hostname lookup: {_format_host_port(host, port)}")
+    return targets
+
+
+async def connect_socket(sock: socket.socket, sockaddr: object) -> None:
+    """Non-blocking connect with trio's checkpoint pattern.
+
+    Raises:
+      OSError: the connection failed; the message names ``sockaddr``.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        sock.connect(sockaddr)  # type: ignore[arg-type]
+    except BlockingIOError:
+        pass
+    except OSError as exc:
+        raise OSError(exc.errno, f"Error connecting to {sockaddr!r}: {exc.strerror}") from None
+    else:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return
+    await trio.lowlevel.wait_writable(sock)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, f"Error connecting to {sockaddr!r}: {os.strerror(err)}")
+
+
+async def _attempt(source: SocketSource, target: Target, local_address: str | None) -> PooledSocket:
+    family, type, proto, sockaddr = target
+    psock = await source.acquire_socket(family, type, proto, local_address, sockaddr)
+    try:
+        await connect_socket(psock.sock, sockaddr)
+    except BaseException:
+        source.discard_socket(psock)
+        raise
+    return psock
+
+
+def _all_failed(host: str | bytes, port: int, errors: list[tuple[object, OSError]]) -> OSError:
+    details = "; ".join(f"{addr!r}: {exc}" for addr, exc in errors)
+    message = f"all attempts to connect to {_format_host_port(host, port)} failed: {details}"
+    codes = {exc.errno for _, exc in errors}
+    if len(codes) == 1 and None not in codes:
+        return OSError(codes.pop(), message)
+    return OSError(message)
+
+
+async def connect_pooled(
+    source: SocketSource,
+    host: str | bytes,
+    port: int,
+    *,
+    happy_eyeballs_delay: float | None,
+    local_address: str | None,
+) -> PooledSocket:
+    """Connect a pooled TCP socket to ``host:port``; see SocketPool.open_tcp_stream."""
+    targets = await resolve(host, port, socket.SOCK_STREAM)
+    if len(targets) == 1:
+        try:
+            return await _attempt(source, targets[0], local_address)
+        except OSError as exc:
+            raise _all_failed(host, port, [(targets[0][3], exc)]) from exc
+
+    delay = math.inf if happy_eyeballs_delay is None else happy_eyeballs_delay
+    winner: PooledSocket | None = None
+    errors: list[tuple[object, OSError]] = []
+
+    async def attempt(target: Target, failed: trio.Event, nursery: trio.Nursery) -> None:
+        nonlocal winner
+        try:
+            psock = await _attempt(source, target, local_address)
+        except OSError as exc:
+            errors.append((target[3], exc))
+            failed.set()
+            return
+        if winner is None:
+            winner = psock
+            nursery.cancel_scope.cancel()
+        else:
+            source.discard_socket(psock)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for target in targets:
+                failed = trio.Event()
+                nursery.start_soon(attempt, target, failed, nursery)
+                with trio.move_on_after(delay):
+                    await failed.wait()
+    except BaseException:
+        if winner is not None:
+            source.discard_socket(winner)
+        raise
+    if winner is None:
+        group = ExceptionGroup("every connection attempt failed", [exc for _, exc in errors])
+        raise _all_failed(host, port, errors) from group
+    return winner
+

@@ -1,0 +1,139 @@
+"""The AF_UNSPEC disconnect system call and the platform probe."""
+
+# On Linux, connect(2) with an address whose family is AF_UNSPEC "dissolves
+# the association" of a connected socket (connect(2), NOTES). For TCP the
+# kernel runs tcp_disconnect(): an RST to the peer if the connection is still
+# synchronised, queues purged, an auto-bound local port released, state back
+# to CLOSE, and sk_err set to ECONNRESET (read once through SO_ERROR). The
+# descriptor stays open and can be connect()ed again.
+#
+# Python's socket.connect() refuses AF_UNSPEC, so we call libc's connect()
+# with a zeroed `struct sockaddr` through ctypes.
+#
+# Other platforms do not give us this: macOS' disconnectx() sends a FIN
+# instead of a reset, BSD TCP answers a second connect() with EISCONN, and
+# Windows has no equivalent. can_recycle() therefore probes the real kernel
+# once, with a full connect / peer-close / disconnect / reconnect cycle on
+# loopback, and the pool falls back to plain close() where it fails.
+#
+# https://man7.org/linux/man-pages/man2/connect.2.html
+# https://elixir.bootlin.com/linux/v6.6/source/net/ipv4/tcp.c (tcp_disconnect)
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import sys
+from typing import Callable, Protocol
+
+__all__ = ["can_recycle", "disconnect"]
+
+#: Set to a non-empty value other than ``0`` to make :func:`can_recycle`
+#: return False, forcing every pool into its close-instead fallback.
+DISABLE_ENV_VAR = "TRIO_RECYCLE_DISABLE"
+
+_TCP_CLOSE = 7  # include/net/tcp_states.h
+
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+# A zeroed struct sockaddr (16 bytes) has sa_family == AF_UNSPEC == 0. The
+# kernel only reads it, so one buffer serves every call.
+_UNSPEC_SOCKADDR = ctypes.create_string_buffer(16)
+_libc_connect: Callable[[int, object, int], int] | None = None
+
+
+def _load_connect() -> Callable[[int, object, int], int]:
+    global _libc_connect
+    if _libc_connect is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.connect
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32]
+        fn.restype = ctypes.c_int
+        _libc_connect = fn
+    return _libc_connect
+
+
+def disconnect(sock: _HasFileno) -> None:
+    """Disconnect a socket with ``connect(fd, {AF_UNSPEC}, ...)``, keeping it open.
+
+    This is the bare system call: no checks of the connection's state, no
+    politeness. A TCP socket that is still connected sends an RST to its peer
+    and loses whatever was queued in either direction. Use it on a socket
+    whose peer has already sent its FIN, or accept the reset.
+
+    Args:
+      sock: A :class:`socket.socket`, a :mod:`trio.socket` socket, or any
+          object with a ``fileno()`` method.
+
+    Raises:
+      OSError: The call failed; ``errno`` is the kernel's (for example
+          ``EBADF`` for a closed socket, ``EOPNOTSUPP`` for a kTLS socket,
+          ``EBUSY`` on some 6.4-6.6 kernels while another thread blocks on
+          the socket).
+    """
+    fd = sock.fileno()
+    if fd < 0:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    if _load_connect()(fd, _UNSPEC_SOCKADDR, 16) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_probe_result: bool | None = None
+
+
+def _probe() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with socket.socket() as listener, socket.socket() as client:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(2)
+            for _ in range(2):
+                client.settimeout(2.0)
+                client.connect(listener.getsockname())
+                server_side, _ = listener.accept()
+                server_side.close()
+                if client.recv(1) != b"":
+                    return False
+                disconnect(client)
+                info = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+                if info[0] != _TCP_CLOSE:
+                    return False
+                client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                try:
+                    client.getpeername()
+                except OSError as exc:
+                    if exc.errno != errno.ENOTCONN:
+                        return False
+                else:
+                    return False
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def can_recycle() -> bool:
+    """Whether this platform can disconnect and reconnect a socket.
+
+    The first call probes the kernel with a real connection on loopback
+    (connect, peer close, :func:`disconnect`, reconnect); later calls return
+    the cached answer. Setting the environment variable
+    ``TRIO_RECYCLE_DISABLE=1`` makes it return False without probing, which
+    forces every pool into its close-instead fallback.
+
+    Returns:
+      True on Linux kernels where ``connect(AF_UNSPEC)`` works as described;
+      False elsewhere (macOS, the BSDs, Windows) or when disabled.
+    """
+    global _probe_result
+    if os.environ.get(DISABLE_ENV_VAR, "") not in ("", "0"):
+        return False
+    if _probe_result is None:
+        _probe_result = _probe()
+    return _probe_result

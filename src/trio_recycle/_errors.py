@@ -1,0 +1,23 @@
+"""Turning OSError from a socket call into trio's stream exceptions."""
+
+from __future__ import annotations
+
+import errno
+
+import trio
+
+# trio's SocketStream does the same: a descriptor that is gone means the
+# resource was closed under us; anything else means the connection broke.
+_CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+
+def translate_oserror(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    """Return the trio exception that stands for ``exc`` (raise it ``from exc``)."""
+    if exc.errno in _CLOSED_ERRNOS:
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+def closed_stream_error() -> trio.ClosedResourceError:
+    """The error for any call on a stream or socket after its ``aclose``."""
+    return trio.ClosedResourceError("this stream was already closed")

@@ -1,0 +1,543 @@
+"""SocketPool and open_socket_pool: capacity, idle sockets, the drain nursery, statistics."""
+
+# Bookkeeping. Every descriptor the pool owns is in exactly one of three
+# places: `_idle` (disconnected, waiting), `_in_use` (handed to a caller,
+# connecting or wrapped in a stream), `_draining` (a background task waits
+# for the peer's FIN). Their sizes add up to the descriptors open, which is
+# at most `capacity` (invariant I4). `created - discarded` equals the same
+# sum at every checkpoint.
+#
+# Waiting is FIFO and hand-off is direct, like trio.CapacityLimiter: a task
+# that finds the pool full parks in `_waiters`; whoever frees a socket or a
+# slot gives it straight to the first waiter (re-created for the waiter's
+# peer if it does not match) before anybody else can take it. So a task
+# arriving later can never overtake one that is waiting, and while anyone
+# waits there is nothing idle: an arriving task that finds the pool full but
+# some socket idle (for another peer) closes the least recently used idle
+# socket and takes its place instead of waiting.
+
+from __future__ import annotations
+
+import math
+import socket
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Final, Protocol, final
+
+import attrs
+import outcome
+import trio
+
+from ._connect import connect_pooled, validate_delay, validate_endpoint
+from ._disconnect import can_recycle
+from ._pooled_socket import OptionValue, PooledSocket, PoolKey, SocketOption
+from ._stream import RecyclingStream
+
+__all__ = ["PoolStatistics", "SocketPool", "open_socket_pool"]
+
+#: Default for ``open_socket_pool(capacity=...)``.
+DEFAULT_CAPACITY: Final = 64
+#: Default for ``open_socket_pool(eof_timeout=...)``, in seconds.
+DEFAULT_EOF_TIMEOUT: Final = 5.0
+#: Default for ``open_socket_pool(drain_limit=...)``, in bytes.
+DEFAULT_DRAIN_LIMIT: Final = 65536
+
+_DRAIN_CHUNK: Final = 65536
+
+# TCP defaults, the same as trio.SocketStream's (trio issue #72); both
+# survive a disconnect, so they are set once per socket, not per use.
+_TCP_DEFAULTS: Final[tuple[SocketOption, ...]] = tuple(
+    (socket.IPPROTO_TCP, option, value)
+    for option, value in (
+        (socket.TCP_NODELAY, 1),
+        (getattr(socket, "TCP_NOTSENT_LOWAT", None), 2**14),
+    )
+    if option is not None
+)
+
+
+@final
+@attrs.frozen
+class PoolStatistics:
+    """A snapshot of a `SocketPool`, from `SocketPool.statistics`.
+
+    The first five fields are the state now; the last four are counts over
+    the pool's life.
+
+    Attributes:
+      capacity: The most sockets the pool may own at once.
+      idle: Disconnected sockets waiting to be reused.
+      in_use: Sockets handed out: connecting, or behind an open stream.
+      draining: Closed streams whose socket waits for the peer's FIN.
+      tasks_waiting: Tasks blocked because ``capacity`` sockets are owned.
+      created: ``socket()`` calls made.
+      reused: Opens served by an idle socket instead of a new one.
+      recycled: Disconnects that put a socket back idle.
+      discarded: Sockets closed instead of recycled (failed connects,
+          peers that sent no FIN in time, evictions, the pool's exit).
+    """
+
+    capacity: int
+    idle: int
+    in_use: int
+    draining: int
+    tasks_waiting: int
+    created: int
+    reused: int
+    recycled: int
+    discarded: int
+
+
+@attrs.frozen
+class _Request:
+    family: int
+    type: int
+    proto: int
+    local_address: str | None
+    key: PoolKey
+
+
+class _Owner(Protocol):
+    """What the pool needs from a stream to close it at exit."""
+
+    def _force_close(self) -> None: ...
+
+
+@final
+@attrs.define(eq=False)
+class SocketPool:
+    """A capacity-limited set of sockets that are disconnected and reused.
+
+    Create one with `open_socket_pool`; see there for the options. The pool
+    is bound to the ``async with`` block that created it: its background
+    drain tasks run in a nursery of that block, and when the block exits
+    every socket it owns is closed.
+    """
+
+    _capacity: int
+    _eof_timeout: float
+    _drain_limit: int
+    _peer_affinity: bool
+    _recycle: bool
+    _socket_options: tuple[SocketOption, ...]
+    _nursery: trio.Nursery
+    _idle: dict[PoolKey, list[PooledSocket]] = attrs.field(factory=dict)
+    _idle_lru: dict[PooledSocket, None] = attrs.field(factory=dict)
+    _in_use: dict[PooledSocket, _Owner | None] = attrs.field(factory=dict)
+    _draining: set[PooledSocket] = attrs.field(factory=set)
+    _waiters: dict[trio.lowlevel.Task, _Request] = attrs.field(factory=dict)
+    _closed: bool = False
+    _created: int = 0
+    _reused: int = 0
+    _recycled: int = 0
+    _discarded: int = 0
+
+    # ------------------------------------------------------------------
+    # Public API
+
+    async def open_tcp_stream(
+        self,
+        host: str | bytes,
+        port: int,
+        *,
+        happy_eyeballs_delay: float | None = 0.25,
+        local_address: str | None = None,
+    ) -> RecyclingStream:
+        """Connect to ``host:port`` over TCP with a socket from this pool.
+
+        The same signature and semantics as `trio.open_tcp_stream`: the host
+        is resolved with :func:`trio.socket.getaddrinfo`, the addresses are
+        ordered as RFC 6555 section 5.4 says, and attempts are staggered by
+        ``happy_eyeballs_delay``; the first to connect wins. Each attempt
+        takes a socket from the pool: an idle one connected to the same
+        address before (or any idle one of the right family when the pool
+        was opened with ``peer_affinity=False``), otherwise a new one. When
+        ``capacity`` sockets are owned, it waits, first come first served.
+
+        Args:
+          host: The host to connect to: an IPv4 or IPv6 literal (resolved
+              without DNS and without a thread) or a name.
+          port: The port, an int from 1 to 65535.
+          happy_eyeballs_delay: Seconds to wait for one attempt before
+              starting the next in parallel; None means wait for each
+              attempt to fail. trio's default.
+          local_address: Local IP address to bind the socket to before
+              connecting, as in `trio.open_tcp_stream`; sockets bound to
+              different local addresses are kept apart in the pool.
+
+        Returns:
+          RecyclingStream: the connected stream. Close it (``async with``)
+          to give the socket back.
+
+        Raises:
+          TypeError: ``host`` is not str/bytes or ``port`` is not an int.
+          ValueError: ``port`` or ``happy_eyeballs_delay`` is out of range.
+          socket.gaierror: the host name cannot be resolved.
+          OSError: every connection attempt failed; the message names each
+              address with its error.
+          trio.ClosedResourceError: the pool's block has exited.
+        """
+        validate_endpoint(host, port)
+        validate_delay(happy_eyeballs_delay)
+        if local_address is not None and not isinstance(local_address, str):
+            raise TypeError(f"local_address must be str or None, not {local_address!r}")
+        self._check_open()
+        psock = await connect_pooled(
+            self,
+            host,
+            port,
+            happy_eyeballs_delay=happy_eyeballs_delay,
+            local_address=local_address,
+        )
+        stream = RecyclingStream(self, psock, psock.sock)
+        if psock in self._in_use:
+            self._in_use[psock] = stream
+        else:  # pragma: no cover - the pool closed in the last instant
+            stream._force_close()
+        return stream
+
+    def statistics(self) -> PoolStatistics:
+        """Return a `PoolStatistics` snapshot of this pool."""
+        return PoolStatistics(
+            capacity=self._capacity,
+            idle=len(self._idle_lru),
+            in_use=len(self._in_use),
+            draining=len(self._draining),
+            tasks_waiting=len(self._waiters),
+            created=self._created,
+            reused=self._reused,
+            recycled=self._recycled,
+            discarded=self._discarded,
+        )
+
+    @property
+    def recycling(self) -> bool:
+        """Whether closed sockets are disconnected and reused (False: the fallback)."""
+        return self._recycle
+
+    # ------------------------------------------------------------------
+    # Taking sockets (SocketSource protocol of _connect)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this SocketPool is closed: the `async with open_socket_pool()` block has exited")
+
+    async def acquire_socket(
+        self,
+        family: int,
+        type: int,
+        proto: int,
+        local_address: str | None,
+        peer: object,
+    ) -> PooledSocket:
+        """Take an idle socket for ``peer`` or a new one, waiting for capacity."""
+        self._check_open()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        request = _Request(family, type, proto, local_address, (family, type, proto, local_address, peer if self._peer_affinity else None))
+        if not self._waiters:
+            psock = self._take_idle(request.key)
+            if psock is not None:
+                self._reused += 1
+                self._in_use[psock] = None
+                return psock
+            if self._owned() >= self._capacity and self._idle_lru:
+                self._discard(next(iter(self._idle_lru)))
+            if self._owned() < self._capacity:
+                psock = self._create(request)
+                self._in_use[psock] = None
+                return psock
+        task = trio.lowlevel.current_task()
+        self._waiters[task] = request
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            del self._waiters[task]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        psock = await trio.lowlevel.wait_task_rescheduled(abort)
+        assert isinstance(psock, PooledSocket)
+        return psock
+
+    def discard_socket(self, psock: PooledSocket) -> None:
+        """Close a socket that was taken but never became an open stream."""
+        if self._in_use.pop(psock, _GONE) is _GONE:
+            return
+        self._close_psock(psock)
+        self._free_slot()
+
+    # ------------------------------------------------------------------
+    # Giving sockets back (the _Home protocol of _stream)
+
+    def return_socket(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None:
+        """A stream was closed: recycle, drain or close its socket."""
+        if self._in_use.pop(psock, _GONE) is _GONE:
+            return  # the pool's exit closed it already
+        if not (self._recycle and healthy) or psock.tainted:
+            self._close_psock(psock)
+            self._free_slot()
+        elif eof_seen:
+            self._recycle_or_close(psock)
+        else:
+            self._draining.add(psock)
+            self._nursery.start_soon(self._drain, psock, eof_sent)
+
+    async def _drain(self, psock: PooledSocket, eof_sent: bool) -> None:
+        sock = psock.sock
+        done = False
+        try:
+            with trio.move_on_after(self._eof_timeout):
+                if not eof_sent:
+                    sock.shutdown(socket.SHUT_WR)
+                received = 0
+                while received <= self._drain_limit:
+                    try:
+                        data = sock.recv(_DRAIN_CHUNK)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(sock)
+                        continue
+                    if not data:
+                        self._draining.discard(psock)
+                        done = True
+                        self._recycle_or_close(psock)
+                        return
+                    received += len(data)
+        except OSError:
+            pass
+        finally:
+            if not done and psock in self._draining:
+                self._draining.discard(psock)
+                self._close_psock(psock)
+                self._free_slot()
+
+    def _recycle_or_close(self, psock: PooledSocket) -> None:
+        if psock.reset_for_reuse():
+            self._recycled += 1
+            self._put_idle(psock)
+        else:
+            self._close_psock(psock)
+            self._free_slot()
+
+    # ------------------------------------------------------------------
+    # Internals
+
+    def _owned(self) -> int:
+        return len(self._idle_lru) + len(self._in_use) + len(self._draining)
+
+    def _create(self, request: _Request) -> PooledSocket:
+        options = self._socket_options
+        if request.type == socket.SOCK_STREAM:
+            options = _TCP_DEFAULTS + options
+        psock = PooledSocket.create(
+            request.family,
+            request.type,
+            request.proto,
+            request.local_address,
+            options,
+            request.key,
+        )
+        self._created += 1
+        return psock
+
+    def _take_idle(self, key: PoolKey) -> PooledSocket | None:
+        stack = self._idle.get(key)
+        if not stack:
+            return None
+        psock = stack.pop()
+        if not stack:
+            del self._idle[key]
+        del self._idle_lru[psock]
+        return psock
+
+    def _put_idle(self, psock: PooledSocket) -> None:
+        if self._waiters:
+            self._hand_off(psock)
+        else:
+            self._idle.setdefault(psock.key, []).append(psock)
+            self._idle_lru[psock] = None
+
+    def _discard(self, psock: PooledSocket) -> None:
+        """Close an idle socket (eviction)."""
+        stack = self._idle[psock.key]
+        stack.remove(psock)
+        if not stack:
+            del self._idle[psock.key]
+        del self._idle_lru[psock]
+        self._close_psock(psock)
+
+    def _close_psock(self, psock: PooledSocket) -> None:
+        psock.close()
+        self._discarded += 1
+
+    def _free_slot(self) -> None:
+        if self._waiters and not self._closed:
+            self._hand_off(None)
+
+    def _hand_off(self, psock: PooledSocket | None) -> None:
+        """Give a recycled socket, or a freed slot, to the first waiter."""
+        while self._waiters:
+            task = next(iter(self._waiters))
+            request = self._waiters.pop(task)
+            if psock is not None and psock.key == request.key:
+                self._reused += 1
+                self._in_use[psock] = None
+                trio.lowlevel.reschedule(task, outcome.Value(psock))
+                return
+            if psock is not None:
+                self._close_psock(psock)
+                psock = None
+            try:
+                new = self._create(request)
+            except OSError as exc:
+                trio.lowlevel.reschedule(task, outcome.Error(exc))
+                continue  # the slot is still free: next waiter
+            self._in_use[new] = None
+            trio.lowlevel.reschedule(task, outcome.Value(new))
+            return
+        if psock is not None:
+            self._put_idle(psock)
+
+    def _close(self) -> None:
+        """The pool's block exited: close everything, fail every waiter."""
+        if self._closed:
+            return
+        self._closed = True
+        error = trio.ClosedResourceError("this SocketPool is closed: the `async with open_socket_pool()` block has exited")
+        for task in list(self._waiters):
+            del self._waiters[task]
+            trio.lowlevel.reschedule(task, outcome.Error(error))
+        for psock, owner in list(self._in_use.items()):
+            if owner is not None:
+                owner._force_close()
+            trio.lowlevel.notify_closing(psock.sock)
+            self._close_psock(psock)
+        self._in_use.clear()
+        for psock in list(self._idle_lru):
+            self._close_psock(psock)
+        self._idle.clear()
+        self._idle_lru.clear()
+        self._nursery.cancel_scope.cancel()
+
+
+_GONE: Final = object()
+
+
+def _check_options(socket_options: Iterable[SocketOption]) -> tuple[SocketOption, ...]:
+    try:
+        options = tuple(socket_options)
+    except TypeError:
+        raise TypeError(f"socket_options must be an iterable of (level, option, value) triples, not {socket_options!r}") from None
+    for item in options:
+        if (
+            not isinstance(item, tuple)
+            or len(item) != 3
+            or not all(isinstance(part, int) for part in item[:2])
+            or not isinstance(item[2], (int, bytes))
+        ):
+            raise TypeError(f"socket_options entries must be (level: int, option: int, value: int | bytes), not {item!r}")
+    return options
+
+
+def _check_number(name: str, value: object, *, integer: bool) -> None:
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, not {value!r}")
+    assert isinstance(value, (int, float))
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be >= 0, not {value!r}")
+
+
+@asynccontextmanager
+async def open_socket_pool(
+    *,
+    capacity: int = DEFAULT_CAPACITY,
+    eof_timeout: float = DEFAULT_EOF_TIMEOUT,
+    drain_limit: int = DEFAULT_DRAIN_LIMIT,
+    peer_affinity: bool = True,
+    recycle: bool = True,
+    socket_options: Iterable[tuple[int, int, OptionValue]] = (),
+) -> AsyncIterator[SocketPool]:
+    """Open a `SocketPool` for the duration of an ``async with`` block.
+
+    ::
+
+        async with trio_recycle.open_socket_pool(capacity=32) as pool:
+            async with await pool.open_tcp_stream("127.0.0.1", 8080) as stream:
+                await stream.send_all(b"ping")
+                async for chunk in stream:
+                    ...
+
+    The pool owns a nursery, where streams closed before the peer's FIN wait
+    for it, and every socket it creates. When the block exits, every socket
+    is closed, every stream still open is closed with it, every background
+    task is cancelled, and tasks waiting for capacity get
+    `trio.ClosedResourceError`.
+
+    Args:
+      capacity: The most sockets the pool owns at once, idle, in use and
+          draining together. Opens beyond it wait, first come first served.
+          64 by default: enough concurrency for a busy upstream, far below
+          the usual 1024-descriptor limit.
+      eof_timeout: Seconds a closed stream's socket waits for the peer's FIN
+          before it is closed instead of recycled. 5 by default: a peer that
+          closes after answering does so within milliseconds, and a socket
+          that waits longer holds a place in ``capacity``.
+      drain_limit: Bytes read and discarded while waiting for that FIN;
+          past it the socket is closed. 64 KiB by default: reading more of
+          an unwanted answer costs more than a new socket.
+      peer_affinity: When True (the default), an idle socket is reconnected
+          only to the address it last talked to. A reconnected socket's
+          initial sequence number follows from the previous connection's,
+          so the previous peer could predict it; set False only when every
+          peer is trusted alike.
+      recycle: False closes sockets instead of recycling them, the same
+          fallback the pool uses when `can_recycle` is False. Use it for
+          protocols where the peer half-closes and keeps reading: recycling
+          answers its FIN with an RST.
+      socket_options: ``(level, option, value)`` triples set on every socket
+          the pool creates, after the defaults (``TCP_NODELAY`` on and
+          ``TCP_NOTSENT_LOWAT`` 16 KiB for TCP, as in `trio.SocketStream`).
+          Options the kernel resets on disconnect (``TCP_MAXSEG``,
+          ``TCP_WINDOW_CLAMP``) are set again after every recycle.
+
+    Yields:
+      SocketPool: the open pool.
+
+    Raises:
+      TypeError: an argument has the wrong type (the message names it).
+      ValueError: ``capacity`` < 1, or a negative or NaN ``eof_timeout`` or
+          ``drain_limit``.
+    """
+    if not isinstance(capacity, int) or isinstance(capacity, bool):
+        raise TypeError(f"capacity must be an int, not {capacity!r}")
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, not {capacity!r}")
+    _check_number("eof_timeout", eof_timeout, integer=False)
+    _check_number("drain_limit", drain_limit, integer=True)
+    if not isinstance(peer_affinity, bool):
+        raise TypeError(f"peer_affinity must be a bool, not {peer_affinity!r}")
+    if not isinstance(recycle, bool):
+        raise TypeError(f"recycle must be a bool, not {recycle!r}")
+    options = _check_options(socket_options)
+    body_error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        pool = SocketPool(
+            capacity,
+            float(eof_timeout),
+            drain_limit,
+            peer_affinity,
+            recycle and can_recycle(),
+            options,
+            nursery,
+        )
+        try:
+            yield pool
+        except BaseException as exc:
+            # Re-raised below, outside the nursery, so that the caller sees
+            # its own exception and not an ExceptionGroup around it.
+            body_error = exc
+        finally:
+            pool._close()
+    if body_error is not None:
+        try:
+            raise body_error
+        finally:
+            body_error = None

@@ -1,0 +1,185 @@
+"""PooledSocket: one descriptor the pool owns, and how it is made, reset and closed."""
+
+# Everything here is synchronous on purpose. Recycling a socket whose peer
+# has already sent its FIN is a handful of system calls with no await in
+# between, so no cancellation can ever stop it half way: that is a stronger
+# guarantee than running the same calls under a shielded cancel scope.
+#
+# Socket options and disconnect (checked on Linux 6.x, see
+# tests/test_pooled_socket.py): TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE,
+# TCP_USER_TIMEOUT, TCP_NOTSENT_LOWAT, SO_RCVBUF, SO_LINGER survive
+# tcp_disconnect(); TCP_MAXSEG (tp->rx_opt.user_mss) and TCP_WINDOW_CLAMP
+# (tp->window_clamp) are reset to 0. The pool re-applies its own options of
+# the second kind after every disconnect.
+#
+# An option that a user sets through one stream must not reach the socket's
+# next user. We restore the options we know to round-trip exactly through
+# getsockopt()/setsockopt() (small integers with no kernel-side scaling) and
+# refuse to recycle a socket on which anything else was set: SO_RCVBUF and
+# SO_SNDBUF read back doubled and lock autotuning once set, SO_LINGER and
+# SO_BINDTODEVICE are structures or strings, and unknown options are unknown.
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import TYPE_CHECKING, Final, Union
+
+import attrs
+
+from ._disconnect import disconnect
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+__all__ = ["OptionValue", "PoolKey", "PooledSocket", "SocketOption"]
+
+#: A value accepted by ``setsockopt``: an integer or a bytes-like buffer.
+OptionValue = Union[int, bytes]
+#: ``(level, option, value)`` as given to ``setsockopt``.
+SocketOption = tuple[int, int, OptionValue]
+#: What an idle socket must match to be reused: (family, type, proto,
+#: local address or None, peer address or None when affinity is off).
+PoolKey = tuple[int, int, int, object, object]
+
+_TCP_CLOSE: Final = 7  # include/net/tcp_states.h
+
+
+def _opt(level_name: str, option_name: str) -> tuple[int, int] | None:
+    level = getattr(socket, level_name, None)
+    option = getattr(socket, option_name, None)
+    if level is None or option is None:
+        return None
+    return (level, option)
+
+
+def _opts(*pairs: tuple[str, str]) -> frozenset[tuple[int, int]]:
+    found = (_opt(level, name) for level, name in pairs)
+    return frozenset(pair for pair in found if pair is not None)
+
+
+#: Integer options that read back exactly what was set and that we can
+#: therefore put back before the socket's next use.
+RESTORABLE_OPTIONS: Final = _opts(
+    ("SOL_SOCKET", "SO_KEEPALIVE"),
+    ("SOL_SOCKET", "SO_OOBINLINE"),
+    ("SOL_SOCKET", "SO_PRIORITY"),
+    ("SOL_SOCKET", "SO_MARK"),
+    ("IPPROTO_TCP", "TCP_NODELAY"),
+    ("IPPROTO_TCP", "TCP_CORK"),
+    ("IPPROTO_TCP", "TCP_KEEPIDLE"),
+    ("IPPROTO_TCP", "TCP_KEEPINTVL"),
+    ("IPPROTO_TCP", "TCP_KEEPCNT"),
+    ("IPPROTO_TCP", "TCP_USER_TIMEOUT"),
+    ("IPPROTO_TCP", "TCP_NOTSENT_LOWAT"),
+    ("IPPROTO_TCP", "TCP_QUICKACK"),
+    ("IPPROTO_IP", "IP_TOS"),
+    ("IPPROTO_IP", "IP_TTL"),
+    ("IPPROTO_IPV6", "IPV6_TCLASS"),
+    ("IPPROTO_IPV6", "IPV6_UNICAST_HOPS"),
+)
+
+#: Options that tcp_disconnect() / the UDP disconnect reset by themselves.
+#: A user's value dies with the connection; the pool's is re-applied.
+RESET_BY_DISCONNECT: Final = _opts(
+    ("IPPROTO_TCP", "TCP_MAXSEG"),
+    ("IPPROTO_TCP", "TCP_WINDOW_CLAMP"),
+    ("SOL_SOCKET", "SO_BINDTODEVICE"),
+)
+
+
+@attrs.define(eq=False)
+class PooledSocket:
+    """A stdlib socket owned by a pool, with what recycling it needs to know."""
+
+    sock: socket.socket
+    key: PoolKey
+    #: The pool's options of the RESET_BY_DISCONNECT kind, re-applied after
+    #: every disconnect.
+    reapply: tuple[SocketOption, ...]
+    #: Original values of options a user changed through the current stream.
+    saved_options: dict[tuple[int, int], int] = attrs.field(factory=dict)
+    #: A user set an option we cannot restore: close instead of recycling.
+    tainted: bool = False
+    uses: int = 0
+
+    @classmethod
+    def create(
+        cls,
+        family: int,
+        type: int,
+        proto: int,
+        local_address: str | None,
+        options: Iterable[SocketOption],
+        key: PoolKey,
+    ) -> PooledSocket:
+        """Make a non-blocking socket with the pool's options, bound if asked.
+
+        Raises:
+          OSError: from ``socket()``, ``setsockopt()`` or ``bind()``; the
+              socket is closed before the error propagates.
+        """
+        sock = socket.socket(family, type, proto)
+        try:
+            sock.setblocking(False)
+            options = tuple(options)
+            for level, option, value in options:
+                sock.setsockopt(level, option, value)
+            if local_address is not None:
+                # Same as trio.open_tcp_stream: defer the port choice to
+                # connect() so that the 4-tuple, not the 2-tuple, must be
+                # unique (https://github.com/python-trio/trio/issues/275).
+                with contextlib.suppress(OSError, AttributeError):
+                    sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((local_address, 0))
+        except BaseException:
+            sock.close()
+            raise
+        reapply = tuple(o for o in options if (o[0], o[1]) in RESET_BY_DISCONNECT)
+        return cls(sock, key, reapply)
+
+    def note_user_option(self, level: int, option: int, value: object) -> None:
+        """Remember how to undo a user's ``setsockopt`` before it happens."""
+        pair = (level, option)
+        if pair in self.saved_options or pair in RESET_BY_DISCONNECT:
+            return
+        if pair in RESTORABLE_OPTIONS and isinstance(value, int):
+            try:
+                self.saved_options[pair] = self.sock.getsockopt(level, option)
+            except OSError:
+                self.tainted = True
+        else:
+            self.tainted = True
+
+    def reset_for_reuse(self) -> bool:
+        """Disconnect, verify and restore the socket; True if it may go idle.
+
+        On False the caller must close the socket. Call this only once the
+        peer's FIN has arrived (or the socket was never connected): a
+        connected TCP socket sends an RST here.
+        """
+        if self.tainted:
+            return False
+        sock = self.sock
+        try:
+            disconnect(sock)
+            if sock.type == socket.SOCK_STREAM:
+                state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                if state != _TCP_CLOSE:
+                    return False
+            # Reading SO_ERROR clears the ECONNRESET that tcp_disconnect()
+            # leaves behind; what the next user sees is then its own.
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if self.saved_options:
+                for (level, option), value in self.saved_options.items():
+                    sock.setsockopt(level, option, value)
+                self.saved_options.clear()
+            for level, option, value in self.reapply:
+                sock.setsockopt(level, option, value)
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent)."""
+        self.sock.close()

@@ -1,0 +1,261 @@
+"""RecyclingStream: a trio.abc.HalfCloseableStream over a pooled TCP socket."""
+
+# The stream works on the pool's stdlib socket directly, with
+# trio.lowlevel.wait_readable / wait_writable, instead of wrapping it in a
+# trio socket object. That keeps no per-connection state (trio's wrapper
+# remembers did_shutdown_SHUT_WR forever) and makes the stale-handle rule
+# easy to keep: after every wait, and before every system call, we check
+# our own `_closed` flag, because by the time a woken task runs the
+# descriptor may already be connected for somebody else.
+#
+# The checkpoint pattern is trio's own (_socket.py, _nonblocking_helper):
+# checkpoint_if_cancelled() first, then the system call, then either a
+# wait (a full checkpoint) or cancel_shielded_checkpoint() on success, so
+# every call is exactly one checkpoint when it does not block.
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Final, Protocol, final, overload
+
+import attrs
+import trio
+
+from ._errors import closed_stream_error, translate_oserror
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+    from ._pooled_socket import PooledSocket
+
+__all__ = ["RecyclingStream"]
+
+DEFAULT_RECEIVE_SIZE: Final = 65536
+
+
+class _Home(Protocol):
+    """What a stream needs from its pool (the pool implements it)."""
+
+    def return_socket(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None: ...
+
+
+@attrs.define(eq=False)
+class _SendGuard:
+    """trio's ConflictDetector: one task at a time on the send side."""
+
+    _held: bool = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError("another task is currently sending data on this RecyclingStream")
+        self._held = True
+
+    def __exit__(self, *exc: object) -> None:
+        self._held = False
+
+
+@final
+@attrs.define(eq=False)
+class RecyclingStream(trio.abc.HalfCloseableStream):
+    """A TCP connection whose socket came from, and goes back to, a `SocketPool`.
+
+    It implements the full `trio.abc.HalfCloseableStream` interface with the
+    semantics of `trio.SocketStream`. You do not construct it yourself:
+    `SocketPool.open_tcp_stream` returns it.
+
+    Closing it (`aclose`, or leaving ``async with stream:``) is where the
+    recycling happens:
+
+    * If a `receive_some` call has already returned ``b""`` (the peer's FIN
+      arrived), the socket is disconnected with ``connect(AF_UNSPEC)`` at
+      once, checked, and put back in the pool idle. This is synchronous, so
+      no cancellation can interrupt it.
+    * Otherwise the pool sends our FIN (if `send_eof` has not already) and
+      drains the connection in the background, discarding up to the pool's
+      ``drain_limit`` bytes for up to ``eof_timeout`` seconds. If the
+      peer's FIN arrives in time the socket is recycled; if not, it is
+      closed like any other socket. `aclose` never waits for this.
+
+    Either way the stream is closed the moment `aclose` is called: every
+    later call raises `trio.ClosedResourceError` and can never reach the
+    socket's next owner, and tasks blocked in this stream are woken with
+    `trio.ClosedResourceError`.
+    """
+
+    _home: _Home
+    _psock: PooledSocket
+    _sock: socket.socket
+    _send_guard: _SendGuard = attrs.field(factory=_SendGuard)
+    _closed: bool = False
+    _eof_seen: bool = False
+    _eof_sent: bool = False
+    _healthy: bool = True
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """See `trio.abc.SendStream.send_all`."""
+        with self._send_guard:
+            if self._closed:
+                raise closed_stream_error()
+            if self._eof_sent:
+                raise trio.ClosedResourceError("can't send data after sending EOF")
+            with memoryview(data) as view:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                sock = self._sock
+                total = 0
+                length = len(view)
+                while total < length:
+                    if self._closed:
+                        raise closed_stream_error()
+                    try:
+                        total += sock.send(view[total:] if total else view)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(sock)
+                    except OSError as exc:
+                        self._healthy = False
+                        raise translate_oserror(exc) from exc
+                await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """See `trio.abc.SendStream.wait_send_all_might_not_block`."""
+        with self._send_guard:
+            if self._closed:
+                raise closed_stream_error()
+            await trio.lowlevel.wait_writable(self._sock)
+
+    async def send_eof(self) -> None:
+        """See `trio.abc.HalfCloseableStream.send_eof`.
+
+        Sends our FIN; idempotent. The socket is still recycled when the
+        stream is closed, once the peer's FIN has arrived too.
+        """
+        with self._send_guard:
+            await trio.lowlevel.checkpoint()
+            if self._closed:
+                raise closed_stream_error()
+            if self._eof_sent:
+                return
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                self._healthy = False
+                raise translate_oserror(exc) from exc
+            self._eof_sent = True
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """See `trio.abc.ReceiveStream.receive_some`."""
+        if max_bytes is None:
+            max_bytes = DEFAULT_RECEIVE_SIZE
+        elif not isinstance(max_bytes, int):
+            raise TypeError(f"max_bytes must be an int or None, not {type(max_bytes).__name__}")
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sock = self._sock
+        while True:
+            if self._closed:
+                raise closed_stream_error()
+            try:
+                data = sock.recv(max_bytes)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+            except OSError as exc:
+                self._healthy = False
+                raise translate_oserror(exc) from exc
+            else:
+                if not data:
+                    self._eof_seen = True
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+
+    async def aclose(self) -> None:
+        """Close the stream and hand its socket back to the pool.
+
+        See the class description for what happens to the socket. Like every
+        trio ``aclose``, it closes even when cancelled.
+        """
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self._sock)
+            self._home.return_socket(
+                self._psock,
+                eof_seen=self._eof_seen,
+                eof_sent=self._eof_sent,
+                healthy=self._healthy,
+            )
+        await trio.lowlevel.checkpoint()
+
+    def _force_close(self) -> None:
+        """Mark closed and wake blocked tasks; the pool closes the socket."""
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self._sock)
+
+    @overload
+    def setsockopt(self, level: int, option: int, value: int | Buffer) -> None: ...
+
+    @overload
+    def setsockopt(self, level: int, option: int, value: None, length: int) -> None: ...
+
+    def setsockopt(self, level: int, option: int, value: int | Buffer | None, length: int | None = None) -> None:
+        """Set an option on the underlying socket, for this connection only.
+
+        See :meth:`socket.socket.setsockopt`. The pool undoes the change
+        before the socket's next use: integer options that read back exactly
+        (``TCP_NODELAY``, ``SO_KEEPALIVE``, the keepalive timers,
+        ``TCP_USER_TIMEOUT``, ``IP_TOS``, ...) are restored; ``TCP_MAXSEG``
+        and ``TCP_WINDOW_CLAMP`` are reset by the kernel's disconnect; after
+        any other option the socket is closed instead of recycled.
+
+        Raises:
+          trio.ClosedResourceError: the stream is closed.
+          OSError: from the system call.
+        """
+        if self._closed:
+            raise closed_stream_error()
+        self._psock.note_user_option(level, option, value)
+        if length is None:
+            if value is None:
+                raise TypeError("invalid value for argument 'value', must not be None when specifying length")
+            self._sock.setsockopt(level, option, value)
+        else:
+            if value is not None:
+                raise TypeError(f"invalid value for argument 'value': {value!r}, must be None when specifying optlen")
+            self._sock.setsockopt(level, option, None, length)
+
+    @overload
+    def getsockopt(self, level: int, option: int) -> int: ...
+
+    @overload
+    def getsockopt(self, level: int, option: int, buffersize: int) -> bytes: ...
+
+    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> int | bytes:
+        """Read an option of the underlying socket; see :meth:`socket.socket.getsockopt`.
+
+        Raises:
+          trio.ClosedResourceError: the stream is closed.
+        """
+        if self._closed:
+            raise closed_stream_error()
+        if buffersize == 0:
+            return self._sock.getsockopt(level, option)
+        return self._sock.getsockopt(level, option, buffersize)
+
+    def getpeername(self) -> object:
+        """The peer's address, as :meth:`socket.socket.getpeername` gives it.
+
+        Raises:
+          trio.ClosedResourceError: the stream is closed.
+        """
+        if self._closed:
+            raise closed_stream_error()
+        return self._sock.getpeername()
+
+    def getsockname(self) -> object:
+        """Our local address, as :meth:`socket.socket.getsockname` gives it.
+
+        Raises:
+          trio.ClosedResourceError: the stream is closed.
+        """
+        if self._closed:
+            raise closed_stream_error()
+        return self._sock.getsockname()
