@@ -50,7 +50,9 @@ _numeric_cache: dict[tuple[str | bytes, int, int], list[Target]] = {}
 class SocketSource(Protocol):
     """The part of the pool the connection logic uses."""
 
-    async def acquire_socket(self, family: int, type: int, proto: int, local_address: str | None, peer: object) -> PooledSocket: ...
+    async def acquire_socket(
+        self, family: int, type: int, proto: int, local_address: str | None, peer: object
+    ) -> PooledSocket: ...
 
     def discard_socket(self, psock: PooledSocket) -> None: ...
 
@@ -226,4 +228,3 @@ async def connect_pooled(
         group = ExceptionGroup("every connection attempt failed", [exc for _, exc in errors])
         raise _all_failed(host, port, errors) from group
     return winner
-

@@ -26,7 +26,10 @@ import errno
 import os
 import socket
 import sys
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["can_recycle", "disconnect"]
 

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Final, Protocol, final
+from typing import TYPE_CHECKING, Final, Protocol, final
 
 import attrs
 import outcome
@@ -32,6 +31,9 @@ from ._connect import connect_pooled, validate_delay, validate_endpoint
 from ._disconnect import can_recycle
 from ._pooled_socket import OptionValue, PooledSocket, PoolKey, SocketOption
 from ._stream import RecyclingStream
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterable
 
 __all__ = ["PoolStatistics", "SocketPool", "open_socket_pool"]
 
@@ -220,7 +222,9 @@ class SocketPool:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise trio.ClosedResourceError("this SocketPool is closed: the `async with open_socket_pool()` block has exited")
+            raise trio.ClosedResourceError(
+                "this SocketPool is closed: the `async with open_socket_pool()` block has exited"
+            )
 
     async def acquire_socket(
         self,
@@ -233,7 +237,13 @@ class SocketPool:
         """Take an idle socket for ``peer`` or a new one, waiting for capacity."""
         self._check_open()
         await trio.lowlevel.checkpoint_if_cancelled()
-        request = _Request(family, type, proto, local_address, (family, type, proto, local_address, peer if self._peer_affinity else None))
+        request = _Request(
+            family,
+            type,
+            proto,
+            local_address,
+            (family, type, proto, local_address, peer if self._peer_affinity else None),
+        )
         if not self._waiters:
             psock = self._take_idle(request.key)
             if psock is not None:
@@ -400,7 +410,9 @@ class SocketPool:
         if self._closed:
             return
         self._closed = True
-        error = trio.ClosedResourceError("this SocketPool is closed: the `async with open_socket_pool()` block has exited")
+        error = trio.ClosedResourceError(
+            "this SocketPool is closed: the `async with open_socket_pool()` block has exited"
+        )
         for task in list(self._waiters):
             del self._waiters[task]
             trio.lowlevel.reschedule(task, outcome.Error(error))
@@ -424,7 +436,9 @@ def _check_options(socket_options: Iterable[SocketOption]) -> tuple[SocketOption
     try:
         options = tuple(socket_options)
     except TypeError:
-        raise TypeError(f"socket_options must be an iterable of (level, option, value) triples, not {socket_options!r}") from None
+        raise TypeError(
+            f"socket_options must be an iterable of (level, option, value) triples, not {socket_options!r}"
+        ) from None
     for item in options:
         if (
             not isinstance(item, tuple)
@@ -432,7 +446,9 @@ def _check_options(socket_options: Iterable[SocketOption]) -> tuple[SocketOption
             or not all(isinstance(part, int) for part in item[:2])
             or not isinstance(item[2], (int, bytes))
         ):
-            raise TypeError(f"socket_options entries must be (level: int, option: int, value: int | bytes), not {item!r}")
+            raise TypeError(
+                f"socket_options entries must be (level: int, option: int, value: int | bytes), not {item!r}"
+            )
     return options
 
 

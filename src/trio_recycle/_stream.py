@@ -240,7 +240,7 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
             return self._sock.getsockopt(level, option)
         return self._sock.getsockopt(level, option, buffersize)
 
-    def getpeername(self) -> object:
+    def getpeername(self) -> tuple[str, int] | tuple[str, int, int, int]:
         """The peer's address, as :meth:`socket.socket.getpeername` gives it.
 
         Raises:
@@ -248,9 +248,10 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
         """
         if self._closed:
             raise closed_stream_error()
-        return self._sock.getpeername()
+        address: tuple[str, int] | tuple[str, int, int, int] = self._sock.getpeername()
+        return address
 
-    def getsockname(self) -> object:
+    def getsockname(self) -> tuple[str, int] | tuple[str, int, int, int]:
         """Our local address, as :meth:`socket.socket.getsockname` gives it.
 
         Raises:
@@ -258,4 +259,5 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
         """
         if self._closed:
             raise closed_stream_error()
-        return self._sock.getsockname()
+        address: tuple[str, int] | tuple[str, int, int, int] = self._sock.getsockname()
+        return address

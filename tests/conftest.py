@@ -1,0 +1,345 @@
+"""Real loopback servers, kernel probes and Hypothesis profiles for the tests."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import attrs
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, settings
+
+if TYPE_CHECKING:
+    from trio_recycle._pool import SocketPool
+
+
+settings.register_profile("default", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+TCP_CLOSE = 7
+TCP_TIME_WAIT = 6
+
+
+def has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+LOOPBACKS = ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(not has_ipv6(), reason="no IPv6 loopback"))]
+
+
+@pytest.fixture(params=LOOPBACKS)
+def loopback(request: pytest.FixtureRequest) -> str:
+    """Each loopback address this machine has."""
+    host: str = request.param
+    return host
+
+
+# ----------------------------------------------------------------------
+# Servers: real listening sockets served by tasks in the test's nursery.
+
+Handler = Callable[[trio.SocketStream, "Server"], Awaitable[None]]
+
+
+@attrs.define(eq=False)
+class Server:
+    """A listening loopback server and what it saw."""
+
+    host: str
+    port: int
+    accepted: int = 0
+    received: list[bytes] = attrs.field(factory=list)
+    #: Errors the server's side of a connection saw (e.g. a reset).
+    errors: list[BaseException] = attrs.field(factory=list)
+    finished: int = 0
+    last_id: int = 0
+    finished_event: trio.Event = attrs.field(factory=trio.Event)
+
+    def new_id(self) -> int:
+        """A number unique to one connection of this server."""
+        self.last_id += 1
+        return self.last_id
+
+    def note_finished(self) -> None:
+        self.finished += 1
+        self.finished_event.set()
+        self.finished_event = trio.Event()
+
+
+StartServer = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+async def start_server(nursery: trio.Nursery) -> StartServer:
+    """Start a server running ``handler(stream, server)`` per connection."""
+
+    async def start(handler: Handler, host: str = "127.0.0.1") -> Server:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        await sock.bind((host, 0))
+        sock.listen(1024)
+        server = Server(host, sock.getsockname()[1])
+        listener = trio.SocketListener(sock)
+
+        async def run_one(stream: trio.SocketStream) -> None:
+            try:
+                await handler(stream, server)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                server.errors.append(exc)
+            finally:
+                await trio.aclose_forcefully(stream)
+                server.note_finished()
+
+        async def accept_loop() -> None:
+            async with listener:
+                while True:
+                    stream = await listener.accept()
+                    server.accepted += 1
+                    nursery.start_soon(run_one, stream)
+
+        nursery.start_soon(accept_loop)
+        return server
+
+    return start
+
+
+async def read_until_eof(stream: trio.abc.ReceiveStream, limit: int = 1 << 22) -> bytes:
+    """Read everything up to EOF (at most ``limit`` bytes)."""
+    chunks = bytearray()
+    while len(chunks) < limit:
+        chunk = await stream.receive_some()
+        if not chunk:
+            break
+        chunks += chunk
+    return bytes(chunks)
+
+
+async def answer_then_close(stream: trio.SocketStream, server: Server) -> None:
+    """Read one request, answer ``ok:<request>``, close first (the common case)."""
+    data = await stream.receive_some()
+    server.received.append(data)
+    await stream.send_all(b"ok:" + data)
+    await stream.aclose()
+
+
+async def echo_tagged(stream: trio.SocketStream, server: Server) -> None:
+    """Prefix the connection with its number, echo until EOF, then close."""
+    tag = b"<%d>" % server.new_id()
+    await stream.send_all(tag)
+    while data := await stream.receive_some():
+        await stream.send_all(data)
+    await stream.aclose()
+
+
+async def answer_then_reset(stream: trio.SocketStream, server: Server) -> None:
+    """Answer, then close with SO_LINGER 0: the client gets an RST."""
+    await stream.receive_some()
+    await stream.send_all(b"bye")
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+
+
+async def never_close(stream: trio.SocketStream, server: Server) -> None:
+    """Answer, then keep the connection open and read (recording EOF) forever."""
+    data = await stream.receive_some()
+    await stream.send_all(b"ok:" + data)
+    while True:
+        chunk = await stream.receive_some()
+        server.received.append(chunk)
+        if not chunk:
+            await trio.sleep_forever()
+
+
+async def flood(stream: trio.SocketStream, server: Server) -> None:
+    """Answer with far more than any drain_limit, never close."""
+    await stream.receive_some()
+    block = b"f" * 65536
+    while True:
+        await stream.send_all(block)
+
+
+async def half_close(stream: trio.SocketStream, server: Server) -> None:
+    """Answer, send FIN, keep reading: such a peer sees the recycle's RST."""
+    data = await stream.receive_some()
+    await stream.send_all(b"ok:" + data)
+    await stream.send_eof()
+    while await stream.receive_some():
+        pass
+    server.received.append(b"<eof>")
+
+
+# ----------------------------------------------------------------------
+# Names: trio's official resolver hook, so that a name can resolve to
+# several loopback addresses without touching /etc/hosts or DNS.
+
+AddrInfo = tuple[int, int, int, str, tuple[object, ...]]
+
+
+@attrs.define
+class LocalResolver(trio.abc.HostnameResolver):
+    """Resolves the names in ``table``; anything else is unknown."""
+
+    table: dict[str, list[tuple[str, int]]]
+
+    async def getaddrinfo(  # type: ignore[override]  # trio's per-family literal types
+        self,
+        host: bytes | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[AddrInfo]:
+        await trio.lowlevel.checkpoint()
+        name = host.decode() if host is not None else ""
+        if name not in self.table:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        assert isinstance(port, (bytes, str, int))
+        result: list[AddrInfo] = []
+        for address, address_family in self.table[name]:
+            sockaddr: tuple[object, ...] = (
+                (address, int(port), 0, 0) if address_family == socket.AF_INET6 else (address, int(port))
+            )
+            result.append((address_family, type or socket.SOCK_STREAM, 6, "", sockaddr))
+        return result
+
+    async def getnameinfo(self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int) -> tuple[str, str]:
+        raise NotImplementedError  # pragma: no cover
+
+
+ResolveNames = Callable[[dict[str, list[tuple[str, int]]]], None]
+
+
+@pytest.fixture
+def resolve_names() -> ResolveNames:
+    """Install a LocalResolver for this test's trio run (it ends with the test)."""
+
+    def install(table: dict[str, list[tuple[str, int]]]) -> None:
+        trio.socket.set_custom_hostname_resolver(LocalResolver(table))
+
+    return install
+
+
+# ----------------------------------------------------------------------
+# Kernel probes
+
+
+def fd_inodes() -> dict[int, str]:
+    """Map every open descriptor of this process to what it points at."""
+    result = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            result[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+    return result
+
+
+def socket_inode(sock: socket.socket) -> str:
+    return f"socket:[{os.fstat(sock.fileno()).st_ino}]"
+
+
+def time_wait_count(port: int) -> int:
+    """TIME_WAIT entries whose local or remote port is ``port`` (tcp + tcp6)."""
+    count = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                    remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                    if int(fields[3], 16) == TCP_TIME_WAIT and port in (local_port, remote_port):
+                        count += 1
+        except FileNotFoundError:
+            continue
+    return count
+
+
+def tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+def bytes_queued(sock: socket.socket) -> int:
+    import fcntl
+    import termios
+
+    buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", buf)[0])
+
+
+# ----------------------------------------------------------------------
+# Test-only accessors to the pool's private state (I3, I4)
+
+
+def idle_sockets(pool: SocketPool) -> list[socket.socket]:
+    return [psock.sock for psock in pool._idle_lru]
+
+
+def owned_sockets(pool: SocketPool) -> list[socket.socket]:
+    return [p.sock for p in (*pool._idle_lru, *pool._in_use, *pool._draining)]
+
+
+def assert_idle_disconnected(pool: SocketPool) -> None:
+    """I3: every idle socket is disconnected, CLOSE, SO_ERROR 0, empty."""
+    for sock in idle_sockets(pool):
+        with pytest.raises(OSError) as info:
+            sock.getpeername()
+        assert info.value.errno == errno.ENOTCONN
+        if sock.type == socket.SOCK_STREAM:
+            assert tcp_state(sock) == TCP_CLOSE
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        assert bytes_queued(sock) == 0
+
+
+def assert_capacity(pool: SocketPool) -> None:
+    """I4: idle + in_use + draining <= capacity, each an open descriptor we own."""
+    stats = pool.statistics()
+    owned = stats.idle + stats.in_use + stats.draining
+    assert owned <= stats.capacity
+    assert stats.created - stats.discarded == owned
+    open_fds = fd_inodes()
+    socks = owned_sockets(pool)
+    assert len(socks) == owned
+    for sock in socks:
+        assert sock.fileno() in open_fds
+        assert open_fds[sock.fileno()] == socket_inode(sock)
+
+
+@pytest.fixture
+def fd_baseline() -> set[str]:
+    """The socket inodes open before the test."""
+    return {v for v in fd_inodes().values() if v.startswith("socket:")}
+
+
+@pytest.fixture(params=[True, False], ids=["recycle", "fallback"])
+def recycle(request: pytest.FixtureRequest) -> bool:
+    """Run a test with recycling on and in the close-instead fallback."""
+    value: bool = request.param
+    return value
+
+
+async def drained(pool: SocketPool) -> None:
+    """Wait until no socket of ``pool`` is draining (bounded)."""
+    with trio.fail_after(10):
+        while pool.statistics().draining:
+            await trio.testing.wait_all_tasks_blocked()
+
+
+async def cycle(pool: SocketPool, server: Server, payload: bytes = b"ping") -> bytes:
+    """One request/response/close cycle through the pool."""
+    async with await pool.open_tcp_stream(server.host, server.port) as stream:
+        await stream.send_all(payload)
+        return await read_until_eof(stream)

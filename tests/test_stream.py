@@ -1,0 +1,141 @@
+"""RecyclingStream: trio's conformance suite and the stream's own rules."""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+import trio_recycle
+from trio_recycle import RecyclingStream, SocketPool
+
+from .conftest import StartServer, answer_then_close, read_until_eof
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[SocketPool]:
+    async with trio_recycle.open_socket_pool(capacity=8, eof_timeout=2.0) as pool:
+        yield pool
+
+
+async def _listener(host: str) -> trio.socket.SocketType:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family)
+    await sock.bind((host, 0))
+    sock.listen(16)
+    return sock
+
+
+def _clog(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    try:
+        while True:
+            sock.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+
+
+async def _check(pool: SocketPool, host: str) -> None:
+    listener = await _listener(host)
+    port = listener.getsockname()[1]
+
+    async def stream_maker() -> tuple[RecyclingStream, trio.SocketStream]:
+        client = await pool.open_tcp_stream(host, port)
+        server_sock, _ = await listener.accept()
+        return client, trio.SocketStream(server_sock)
+
+    async def clogged_stream_maker() -> tuple[RecyclingStream, trio.SocketStream]:
+        client, server = await stream_maker()
+        _clog(client._sock)
+        _clog(server.socket._sock)  # type: ignore[attr-defined]
+        return client, server
+
+    with listener:
+        await trio.testing.check_half_closeable_stream(stream_maker, clogged_stream_maker)
+
+
+async def test_conformance_fresh_sockets(pool: SocketPool, loopback: str) -> None:
+    """trio.testing.check_half_closeable_stream passes with new pool sockets."""
+    await _check(pool, loopback)
+
+
+async def test_conformance_recycled_sockets(loopback: str, start_server: StartServer) -> None:
+    """The same suite passes when every stream runs on a recycled socket."""
+    server = await start_server(answer_then_close, loopback)
+    async with trio_recycle.open_socket_pool(capacity=4, eof_timeout=2.0, peer_affinity=False) as pool:
+        # Warm the pool: four sockets, each used and recycled once.
+        streams = [await pool.open_tcp_stream(loopback, server.port) for _ in range(4)]
+        for stream in streams:
+            await stream.send_all(b"warm")
+            assert await read_until_eof(stream) == b"ok:warm"
+            await stream.aclose()
+        assert pool.statistics().idle == 4
+        await _check(pool, loopback)
+        # Each stream the suite opened took one of the four recycled sockets.
+        assert pool.statistics().reused >= 4
+
+
+async def test_send_after_send_eof_raises(pool: SocketPool, start_server: StartServer) -> None:
+    """send_all after send_eof raises ClosedResourceError; send_eof is idempotent."""
+    server = await start_server(answer_then_close)
+    async with await pool.open_tcp_stream("127.0.0.1", server.port) as stream:
+        await stream.send_all(b"x")
+        await stream.send_eof()
+        await stream.send_eof()
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.send_all(b"y")
+        assert await read_until_eof(stream) == b"ok:x"
+
+
+async def test_receive_some_validates_max_bytes(pool: SocketPool, start_server: StartServer) -> None:
+    """max_bytes must be a positive int or None."""
+    server = await start_server(answer_then_close)
+    async with await pool.open_tcp_stream("127.0.0.1", server.port) as stream:
+        with pytest.raises(ValueError, match="max_bytes"):
+            await stream.receive_some(0)
+        with pytest.raises(TypeError, match="max_bytes"):
+            await stream.receive_some(1.5)  # type: ignore[arg-type]
+
+
+async def test_every_call_checkpoints(pool: SocketPool, start_server: StartServer) -> None:
+    """open, send_all, receive_some, send_eof and aclose are each a checkpoint."""
+    server = await start_server(answer_then_close)
+    with trio.testing.assert_checkpoints():
+        stream = await pool.open_tcp_stream("127.0.0.1", server.port)
+    with trio.testing.assert_checkpoints():
+        await stream.send_all(b"x")
+    with trio.testing.assert_checkpoints():
+        await stream.receive_some()
+    with trio.testing.assert_checkpoints():
+        await stream.send_eof()
+    with trio.testing.assert_checkpoints():
+        await stream.aclose()
+    with trio.testing.assert_checkpoints():
+        await stream.aclose()
+
+
+async def test_socket_options_through_the_stream(pool: SocketPool, start_server: StartServer) -> None:
+    """getsockopt/setsockopt reach the socket; both fail once closed."""
+    server = await start_server(answer_then_close)
+    stream = await pool.open_tcp_stream("127.0.0.1", server.port)
+    assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+    assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+    assert len(stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)) == 8
+    assert stream.getpeername() == ("127.0.0.1", server.port)
+    assert stream.getsockname()[0] == "127.0.0.1"
+    with pytest.raises(TypeError):
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, None)  # type: ignore[call-overload]
+    await stream.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    with pytest.raises(trio.ClosedResourceError):
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with pytest.raises(trio.ClosedResourceError):
+        stream.getpeername()
