@@ -1,0 +1,515 @@
+"""An HTTP/1.1 reverse proxy whose upstream connections come from a trio-recycle pool.
+
+What it shows: the upstream side of a reverse proxy, the case trio-recycle
+is for. Every request is forwarded over its own `RecyclingStream` from
+``pool.open_tcp_stream`` with ``Connection: close``; the upstream answers
+and closes, the proxy streams the answer back and reads on to the
+upstream's FIN, and leaving ``async with`` disconnects the socket and puts
+it back in the pool: no ``socket()``/``close()`` per request, and no
+TIME_WAIT entry left on the upstream. Clients may keep their connection
+alive. A malformed request gets 400, an unreachable or broken upstream 502,
+an upstream slower than ``--timeout`` 504; whatever happens, leaving
+``async with`` gives the upstream socket back, so none leaks.
+
+Run it (h11 comes with the ``examples`` extra: ``pip install '.[examples]'``)::
+
+    python -m http.server 8000 --bind 127.0.0.1 &
+    python examples/reverse_proxy.py --listen 127.0.0.1:8080 --upstream 127.0.0.1:8000
+    curl -v http://127.0.0.1:8080/
+    wrk -c 32 -d 10 http://127.0.0.1:8080/      # apt-get install wrk
+
+It prints ``listening on HOST:PORT`` when ready (``--listen 127.0.0.1:0``
+picks a free port) and, on Ctrl-C, the pool's statistics. Two baselines
+for comparison (``demo.py`` runs them): ``--no-recycle`` opens the pool
+with ``recycle=False`` (sockets are closed, not reused), ``--plain`` uses
+`trio.open_tcp_stream` with no pool at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import socket
+import struct
+from collections import Counter
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Final, Protocol, final
+
+import attrs
+import h11
+import trio
+
+import trio_recycle
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterable
+
+#: Seconds a client may stay idle between requests on a kept-alive connection.
+KEEPALIVE_TIMEOUT: Final = 30.0
+#: Seconds a client gets for each read or write of ours before we hang up.
+CLIENT_TIMEOUT: Final = 30.0
+#: Bytes asked for per receive.
+RECEIVE_SIZE: Final = 65536
+
+# RFC 9110 section 7.6.1: these describe one connection, not the message, so
+# a proxy must not forward them. Transfer-Encoding is among them because h11
+# re-frames each side's body on its own.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Expect: 100-continue is answered by the proxy itself (h11 tells us when the
+# client waits for it), so the upstream never sees it.
+NOT_FORWARDED: Final = HOP_BY_HOP | {b"expect"}
+
+
+# ---------------------------------------------------------------------------
+# Upstream connections: from the pool, or from trio.open_tcp_stream
+
+
+class Upstream(Protocol):
+    """Where the proxy gets a fresh connection to the upstream for each request."""
+
+    async def connect(self) -> trio.abc.HalfCloseableStream: ...
+
+    def report(self) -> list[str]: ...
+
+
+@final
+@attrs.define(eq=False)
+class PooledUpstream:
+    """Upstream connections from a `trio_recycle.SocketPool`."""
+
+    pool: trio_recycle.SocketPool
+    host: str
+    port: int
+
+    async def connect(self) -> trio.abc.HalfCloseableStream:
+        return await self.pool.open_tcp_stream(self.host, self.port)
+
+    def report(self) -> list[str]:
+        stats = self.pool.statistics()
+        mode = "recycle" if self.pool.recycling else "no-recycle"
+        return [f"upstream ({mode}): {stats}", f"upstream socket() calls: {stats.created}"]
+
+
+@final
+class CountingSocketFactory(trio.abc.SocketFactory):
+    """Makes trio's sockets exactly as trio does, counting the ``socket()`` calls."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def socket(
+        self,
+        family: socket.AddressFamily | int = socket.AF_INET,
+        type: socket.SocketKind | int = socket.SOCK_STREAM,
+        proto: int = 0,
+    ) -> trio.socket.SocketType:
+        self.count += 1
+        return trio.socket.from_stdlib_socket(socket.socket(family, type, proto))
+
+
+@final
+@attrs.define(eq=False)
+class PlainUpstream:
+    """Upstream connections from `trio.open_tcp_stream`: the baseline."""
+
+    host: str
+    port: int
+    sockets: CountingSocketFactory
+
+    async def connect(self) -> trio.abc.HalfCloseableStream:
+        return await trio.open_tcp_stream(self.host, self.port)
+
+    def report(self) -> list[str]:
+        return ["upstream (plain): trio.open_tcp_stream", f"upstream socket() calls: {self.sockets.count}"]
+
+
+@asynccontextmanager
+async def open_upstream(host: str, port: int, *, mode: str, capacity: int) -> AsyncIterator[Upstream]:
+    """Yield an `Upstream` for ``mode`` "recycle", "no-recycle" or "plain".
+
+    Open it after the proxy's listeners: in "plain" mode every trio socket
+    made from here on is counted as an upstream ``socket()`` call.
+    """
+    if mode == "plain":
+        factory = CountingSocketFactory()
+        trio.socket.set_custom_socket_factory(factory)
+        try:
+            yield PlainUpstream(host, port, factory)
+        finally:
+            trio.socket.set_custom_socket_factory(None)
+        return
+    async with trio_recycle.open_socket_pool(capacity=capacity, recycle=mode == "recycle") as pool:
+        yield PooledUpstream(pool, host, port)
+
+
+# ---------------------------------------------------------------------------
+# The proxy
+
+
+class UpstreamError(Exception):
+    """The upstream failed before a response was started: answer ``status``."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class Abort(Exception):
+    """A response was started and cannot be finished: reset the client connection."""
+
+
+@attrs.define
+class ProxyStats:
+    requests: int = 0
+    statuses: Counter[int] = attrs.field(factory=Counter)
+    aborted: int = 0
+
+    def report(self) -> str:
+        statuses = " ".join(f"{status}={count}" for status, count in sorted(self.statuses.items()))
+        return f"proxy: {self.requests} requests, responses {statuses or 'none'}, {self.aborted} aborted"
+
+
+def forward_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop headers, including those the Connection header names."""
+    pairs = list(headers)
+    drop = set(NOT_FORWARDED)
+    for name, value in pairs:
+        if name == b"connection":
+            drop.update(token.strip().lower() for token in value.split(b","))
+    return [(name, value) for name, value in pairs if name not in drop]
+
+
+def as_bytes(data: bytes | bytearray) -> bytes:
+    # trio's streams may return a bytearray; h11 is typed for bytes only.
+    return data if isinstance(data, bytes) else bytes(data)
+
+
+async def next_event(conn: h11.Connection, stream: trio.abc.ReceiveStream) -> h11.Event:
+    """The next h11 event, reading from ``stream`` as needed."""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(as_bytes(await stream.receive_some(RECEIVE_SIZE)))
+        elif isinstance(event, h11.Event):
+            return event
+        else:
+            raise RuntimeError(f"h11 paused in state {conn.states}")
+
+
+@attrs.define(eq=False)
+class Proxy:
+    """Forwards the requests of each client connection to the upstream.
+
+    Attributes:
+      upstream: Where upstream connections come from.
+      authority: The Host header for clients that sent none (HTTP/1.0).
+      timeout: Seconds the upstream gets to connect, take the request and
+          start its answer (504 after), and then for each read of the body.
+    """
+
+    upstream: Upstream
+    authority: bytes
+    timeout: float
+    stats: ProxyStats = attrs.field(factory=ProxyStats)
+
+    async def handle(self, client: trio.abc.Stream) -> None:
+        """Serve one client connection: its requests, one after the other."""
+        conn = h11.Connection(h11.SERVER)
+        graceful = True
+        try:
+            try:
+                await self.serve_requests(conn, client)
+            except h11.RemoteProtocolError as exc:
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    await self.send_error(conn, client, exc.error_status_hint, str(exc))
+        except (Abort, h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            self.stats.aborted += 1
+            graceful = False
+        finally:
+            if graceful:
+                await close_gracefully(client)
+            else:
+                await reset(client)
+
+    async def serve_requests(self, conn: h11.Connection, client: trio.abc.Stream) -> None:
+        while True:
+            with trio.move_on_after(KEEPALIVE_TIMEOUT) as idle:
+                event = await next_event(conn, client)
+            if idle.cancelled_caught or not isinstance(event, h11.Request):
+                return
+            await self.forward(conn, client, event)
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+
+    async def forward(self, conn: h11.Connection, client: trio.abc.Stream, request: h11.Request) -> None:
+        """Forward ``request`` and stream the upstream's response back."""
+        self.stats.requests += 1
+        try:
+            upstream = await self.connect()
+        except UpstreamError as exc:
+            await self.send_error(conn, client, exc.status, str(exc))
+            return
+        async with upstream:
+            try:
+                response, up = await self.exchange(conn, client, request, upstream)
+            except UpstreamError as exc:
+                await self.send_error(conn, client, exc.status, str(exc))
+                return
+            self.stats.statuses[response.status_code] += 1
+            await self.relay(conn, client, response, up, upstream)
+
+    async def connect(self) -> trio.abc.HalfCloseableStream:
+        try:
+            with trio.fail_after(self.timeout):
+                return await self.upstream.connect()
+        except trio.TooSlowError as exc:
+            raise UpstreamError(504, f"upstream did not accept a connection within {self.timeout} s") from exc
+        except OSError as exc:
+            raise UpstreamError(502, f"upstream unreachable: {exc}") from exc
+
+    async def exchange(
+        self,
+        conn: h11.Connection,
+        client: trio.abc.Stream,
+        request: h11.Request,
+        upstream: trio.abc.HalfCloseableStream,
+    ) -> tuple[h11.Response, h11.Connection]:
+        """Send the request, head and body, upstream and read the response head.
+
+        Bytes for the upstream are collected and sent only when the next
+        step needs data from the client: a request without a body goes out
+        in a single ``send_all``.
+        """
+        up = h11.Connection(h11.CLIENT)
+        headers = forward_headers(request.headers)
+        if not any(name == b"host" for name, _ in headers):
+            headers.append((b"host", self.authority))
+        if any(name == b"transfer-encoding" for name, _ in request.headers):
+            headers.append((b"transfer-encoding", b"chunked"))
+        headers.append((b"connection", b"close"))
+        pending = bytearray(up.send(h11.Request(method=request.method, target=request.target, headers=headers)))
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                await self.send_upstream(upstream, pending)
+                pending.clear()
+                if conn.they_are_waiting_for_100_continue:
+                    await send_client(client, conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+                with trio.fail_after(CLIENT_TIMEOUT):
+                    event = await next_event(conn, client)
+            if isinstance(event, h11.Data):
+                pending += up.send(h11.Data(data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                pending += up.send(h11.EndOfMessage())
+                break
+        await self.send_upstream(upstream, pending)
+        try:
+            with trio.fail_after(self.timeout):
+                while True:
+                    event = await next_event(up, upstream)
+                    if isinstance(event, h11.Response):
+                        return event, up
+                    if not isinstance(event, h11.InformationalResponse):
+                        raise UpstreamError(502, f"upstream sent {type(event).__name__} instead of a response")
+        except trio.TooSlowError as exc:
+            raise UpstreamError(504, f"upstream did not answer within {self.timeout} s") from exc
+        except (h11.RemoteProtocolError, trio.BrokenResourceError) as exc:
+            raise UpstreamError(502, f"upstream failed: {exc}") from exc
+
+    async def send_upstream(self, upstream: trio.abc.HalfCloseableStream, data: bytearray) -> None:
+        try:
+            with trio.fail_after(self.timeout):
+                await upstream.send_all(data)
+        except trio.TooSlowError as exc:
+            raise UpstreamError(504, f"upstream did not take the request within {self.timeout} s") from exc
+        except trio.BrokenResourceError as exc:
+            raise UpstreamError(502, f"upstream failed: {exc}") from exc
+
+    async def relay(
+        self,
+        conn: h11.Connection,
+        client: trio.abc.Stream,
+        response: h11.Response,
+        up: h11.Connection,
+        upstream: trio.abc.HalfCloseableStream,
+    ) -> None:
+        """Stream the response to the client, then read on to the upstream's FIN.
+
+        As in `exchange`, bytes for the client are sent only when the next
+        event needs data from the upstream: a small response goes out in a
+        single ``send_all``.
+        """
+        head = h11.Response(
+            status_code=response.status_code, headers=forward_headers(response.headers), reason=response.reason
+        )
+        out = bytearray(conn.send(head))
+        eof = False
+        while True:
+            try:
+                event = up.next_event()
+                if event is h11.NEED_DATA:
+                    if out:
+                        await send_client(client, out)
+                        out.clear()
+                    with trio.fail_after(self.timeout):
+                        data = await upstream.receive_some(RECEIVE_SIZE)
+                    eof = not data
+                    up.receive_data(as_bytes(data))
+                    continue
+            except (h11.RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                raise Abort(f"upstream failed during the response: {exc}") from exc
+            if isinstance(event, h11.Data):
+                out += conn.send(h11.Data(data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                out += conn.send(h11.EndOfMessage())
+                break
+            else:
+                raise Abort(f"upstream sent {type(event).__name__} in a response body")
+        await send_client(client, out)
+        if not eof:
+            # The upstream got "Connection: close" and closes next. Reading its
+            # FIN here means that leaving `async with upstream` recycles the
+            # socket at once, in this task, instead of in a background drain.
+            # Anything else (bytes after the response, a reset, silence) is
+            # left to the pool, which closes instead of recycling.
+            with trio.move_on_after(self.timeout), contextlib.suppress(trio.BrokenResourceError):
+                await upstream.receive_some(RECEIVE_SIZE)
+
+    async def send_error(self, conn: h11.Connection, client: trio.abc.Stream, status: int, message: str) -> None:
+        """Answer with a short text/plain error page."""
+        self.stats.statuses[status] += 1
+        # Discard what is left of a request body already received, so that
+        # a client whose request is complete keeps its connection.
+        while conn.their_state is h11.SEND_BODY and conn.next_event() is not h11.NEED_DATA:
+            pass
+        phrase = status_phrase(status)
+        body = f"{status} {phrase}: {message}\n".encode()
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        if conn.their_state is not h11.DONE:
+            headers.append((b"connection", b"close"))
+        data = conn.send(h11.Response(status_code=status, headers=headers, reason=phrase.encode()))
+        data += conn.send(h11.Data(data=body))
+        data += conn.send(h11.EndOfMessage())
+        await send_client(client, data)
+
+
+def status_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+async def send_client(client: trio.abc.Stream, data: bytes | bytearray) -> None:
+    with trio.fail_after(CLIENT_TIMEOUT):
+        await client.send_all(data)
+
+
+async def close_gracefully(stream: trio.abc.Stream) -> None:
+    """Close a client connection without resetting it while it still sends.
+
+    Closing a socket with unread input makes the kernel send an RST, which
+    can destroy an error response the client has not read yet; so we send
+    our FIN first and read what is left for a moment (Apache's lingering
+    close).
+    """
+    try:
+        with trio.move_on_after(1.0), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            for _ in range(16):
+                if not await stream.receive_some(RECEIVE_SIZE):
+                    break
+    finally:
+        await stream.aclose()
+
+
+async def reset(stream: trio.abc.Stream) -> None:
+    """Close a client connection with an RST, so that a cut response looks cut."""
+    if isinstance(stream, trio.SocketStream):
+        with contextlib.suppress(OSError, trio.ClosedResourceError):
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await stream.aclose()
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+@attrs.frozen
+class Args:
+    listen_host: str
+    listen_port: int
+    upstream_host: str
+    upstream_port: int
+    capacity: int
+    timeout: float
+    mode: str
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` or ``[V6HOST]:PORT``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def format_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    parser = argparse.ArgumentParser(description="An HTTP/1.1 reverse proxy with recycled upstream sockets.")
+    parser.add_argument("--listen", type=split_host_port, default=("127.0.0.1", 8080), help="HOST:PORT to serve on")
+    parser.add_argument("--upstream", type=split_host_port, required=True, help="HOST:PORT of the upstream server")
+    parser.add_argument("--capacity", type=int, default=64, help="most upstream sockets at once (default 64)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds the upstream gets to answer (504 after)")
+    baseline = parser.add_mutually_exclusive_group()
+    baseline.add_argument("--no-recycle", action="store_true", help="close upstream sockets instead of recycling them")
+    baseline.add_argument("--plain", action="store_true", help="use trio.open_tcp_stream instead of a pool")
+    args = parser.parse_args(argv)
+    if args.capacity < 1 or not args.timeout > 0:
+        parser.error("--capacity must be >= 1 and --timeout > 0")
+    mode = "plain" if args.plain else "no-recycle" if args.no_recycle else "recycle"
+    (listen_host, listen_port), (upstream_host, upstream_port) = args.listen, args.upstream
+    return Args(listen_host, listen_port, upstream_host, upstream_port, args.capacity, args.timeout, mode)
+
+
+async def main(args: Args) -> None:
+    listeners = await trio.open_tcp_listeners(args.listen_port, host=args.listen_host)
+    async with open_upstream(
+        args.upstream_host, args.upstream_port, mode=args.mode, capacity=args.capacity
+    ) as upstream:
+        proxy = Proxy(upstream, format_host_port(args.upstream_host, args.upstream_port).encode(), args.timeout)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.serve_listeners, proxy.handle, listeners)
+                for listener in listeners:
+                    host, port = listener.socket.getsockname()[:2]
+                    print(f"listening on {format_host_port(host, port)}", flush=True)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+        print(proxy.stats.report())
+        for line in upstream.report():
+            print(line)
+
+
+if __name__ == "__main__":
+    trio.run(main, parse_args())

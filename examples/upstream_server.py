@@ -1,0 +1,189 @@
+"""A tiny HTTP upstream that closes the connection after every response.
+
+What it shows: the kind of backend trio-recycle is for. Like an HTTP/1.0
+server, it answers one request per connection with ``Connection: close``
+and closes first, so a client that reads the response to its end (the
+server's FIN) can recycle its socket, and nobody is left with a TIME_WAIT
+entry. The other examples (``reverse_proxy.py``, ``fetcher.py``,
+``demo.py``) run against it; it needs nothing but trio.
+
+Each response body is ``"<METHOD> <target>\\n"`` followed by the request
+body, padded with ``.`` to ``--size`` bytes, so a client can check that it
+got the answer to its own request.
+
+Run it::
+
+    python examples/upstream_server.py --listen 127.0.0.1:8000
+    curl -i http://127.0.0.1:8000/hello
+
+``--delay 5`` makes it a slow upstream (it waits before answering);
+``--listen 127.0.0.1:0`` picks a free port. It prints
+``listening on HOST:PORT`` once it accepts connections and, on Ctrl-C,
+how many requests it served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+from typing import Final
+
+import attrs
+import trio
+
+#: Longest request head accepted; bigger ones get 431.
+MAX_HEAD: Final = 65536
+#: Longest request body accepted; bigger ones get 413.
+MAX_BODY: Final = 1 << 20
+#: Seconds a client gets to send its whole request.
+REQUEST_TIMEOUT: Final = 10.0
+
+
+@attrs.define
+class Config:
+    host: str
+    port: int
+    size: int
+    delay: float
+
+
+@attrs.define
+class Counters:
+    served: int = 0
+    rejected: int = 0
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT to listen on (port 0: any free port)")
+    parser.add_argument("--size", type=int, default=0, help="pad each response body to this many bytes")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before answering")
+    args = parser.parse_args(argv)
+    host, port = split_host_port(args.listen)
+    if args.size < 0 or args.size > MAX_BODY or args.delay < 0:
+        parser.error("--size must be in 0..1048576 and --delay >= 0")
+    return Config(host=host, port=port, size=args.size, delay=args.delay)
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` or ``[V6HOST]:PORT``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise SystemExit(f"expected HOST:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def format_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def response(status: str, body: bytes, *, head_only: bool = False) -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    return head if head_only else head + body
+
+
+async def receive(sock: trio.socket.SocketType, buffer: bytearray) -> bool:
+    """Append what arrives to ``buffer``; False at the client's EOF."""
+    data = await sock.recv(65536)
+    buffer += data
+    return bool(data)
+
+
+async def read_request(sock: trio.socket.SocketType) -> tuple[bytes, bytes] | bytes | None:
+    """Return (request line, body), an error response, or None if the client left."""
+    buffer = bytearray()
+    while (end := buffer.find(b"\r\n\r\n")) < 0:
+        if len(buffer) > MAX_HEAD:
+            return response("431 Request Header Fields Too Large", b"request head too large\n")
+        if not await receive(sock, buffer):
+            return None
+    line, *fields = bytes(buffer[:end]).split(b"\r\n")
+    length = 0
+    for field in fields:
+        name, _, value = field.partition(b":")
+        name = name.strip().lower()
+        if name == b"transfer-encoding":
+            return response("411 Length Required", b"send a Content-Length\n")
+        if name == b"content-length":
+            if not value.strip().isdigit():
+                return response("400 Bad Request", b"bad Content-Length\n")
+            length = int(value)
+    if length > MAX_BODY:
+        return response("413 Content Too Large", b"request body too large\n")
+    del buffer[: end + 4]
+    while len(buffer) < length:
+        if not await receive(sock, buffer):
+            return None
+    return line, bytes(buffer[:length])
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    with memoryview(data) as view:
+        sent = 0
+        while sent < len(view):
+            sent += await sock.send(view[sent:])
+
+
+async def handle(sock: trio.socket.SocketType, config: Config, counters: Counters) -> None:
+    with sock:
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                request = await read_request(sock)
+            if request is None:
+                return
+            if isinstance(request, bytes):
+                counters.rejected += 1
+                await send_all(sock, request)
+                return
+            line, body = request
+            method, _, rest = line.partition(b" ")
+            target = rest.rpartition(b" ")[0] or rest
+            payload = method + b" " + target + b"\n" + body
+            payload += b"." * (config.size - len(payload))
+            if config.delay:
+                await trio.sleep(config.delay)
+            await send_all(sock, response("200 OK", payload, head_only=method == b"HEAD"))
+            counters.served += 1
+        except (OSError, trio.TooSlowError):
+            # The client reset or stalled: nothing to answer.
+            return
+
+
+async def serve(
+    config: Config,
+    counters: Counters,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections forever; report the bound (host, port) when ready."""
+    info = await trio.socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)
+    family, type, proto, _, address = info[0]
+    with trio.socket.socket(family, type, proto) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await listener.bind(address)
+        listener.listen(4096)
+        host, port = listener.getsockname()[:2]
+        async with trio.open_nursery() as nursery:
+            task_status.started((host, port))
+            while True:
+                sock, _ = await listener.accept()
+                nursery.start_soon(handle, sock, config, counters)
+
+
+async def main(config: Config) -> None:
+    counters = Counters()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(serve, config, counters)
+            print(f"listening on {format_host_port(host, port)}", flush=True)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+    print(f"served {counters.served} requests, rejected {counters.rejected}", flush=True)
+
+
+if __name__ == "__main__":
+    trio.run(main, parse_args())
