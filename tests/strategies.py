@@ -1,0 +1,167 @@
+"""Hypothesis strategies: programs of pool operations, several tasks each, as plain data.
+
+A `Program` is a pool configuration and a few tasks, each a short list of
+`Step` values. tests/test_interleavings.py interprets it inside one trio run
+against real hostile loopback servers (tests/hostile.py). Its ``repr`` is
+the program in readable form, so a shrunk failing example reads like a
+script.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+from hypothesis import strategies as st
+
+from .hostile import ALL_KINDS
+
+__all__ = [
+    "OPS",
+    "POKES",
+    "Config",
+    "Program",
+    "Step",
+    "configs",
+    "pattern",
+    "programs",
+    "steps",
+]
+
+#: What a step does; see `Step`.
+OPS: Final = ("open", "send", "recv", "read_eof", "send_eof", "close", "poke", "sleep")
+#: What a "poke" does with the task's most recently closed (stale) handle.
+POKES: Final = ("send_all", "receive_some", "send_eof", "wait_send", "getsockopt", "aclose")
+
+
+@attrs.frozen
+class Step:
+    """One operation of a task.
+
+    ``arg`` depends on ``op``: open -> index into `ALL_KINDS` (the server);
+    send -> bytes to send; recv -> ``max_bytes``; poke -> index into `POKES`;
+    sleep -> milliseconds (0: a bare checkpoint); otherwise unused.
+    ``cancel_at``: None runs the step to completion (or its timeout); k
+    cancels it at its (k+1)-th checkpoint: 0 means already cancelled.
+    """
+
+    op: str
+    arg: int = 0
+    cancel_at: int | None = None
+
+    def __str__(self) -> str:
+        if self.op == "open":
+            text = f"open {ALL_KINDS[self.arg]}"
+        elif self.op in ("send", "recv"):
+            text = f"{self.op} {self.arg}"
+        elif self.op == "poke":
+            text = f"poke stale.{POKES[self.arg]}"
+        elif self.op == "sleep":
+            text = f"sleep {self.arg}ms"
+        else:
+            text = self.op
+        if self.cancel_at is not None:
+            text += f"  [cancel at checkpoint {self.cancel_at + 1}]"
+        return text
+
+
+@attrs.frozen
+class Config:
+    """The pool's options for one program."""
+
+    capacity: int = 2
+    recycle: bool = True
+    peer_affinity: bool = True
+    drain_limit: int = 65536
+    eof_timeout: float = 5.0
+
+    def __str__(self) -> str:
+        return (
+            f"open_socket_pool(capacity={self.capacity}, recycle={self.recycle}, "
+            f"peer_affinity={self.peer_affinity}, drain_limit={self.drain_limit}, "
+            f"eof_timeout={self.eof_timeout})"
+        )
+
+
+@attrs.frozen(repr=False)
+class Program:
+    """A pool configuration and the steps of each task, run concurrently."""
+
+    config: Config
+    tasks: tuple[tuple[Step, ...], ...]
+
+    def __repr__(self) -> str:
+        lines = [str(self.config)]
+        for number, task in enumerate(self.tasks):
+            lines.append(f"  task {number}:")
+            lines.extend(f"    {step}" for step in task)
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+
+def pattern(stream_number: int, start: int, stop: int) -> bytes:
+    """Bytes ``start:stop`` of what stream ``stream_number`` sends: ``c<n>;`` repeated.
+
+    Each stream sends its own pattern, continued across sends, so a peer can
+    tell from any prefix which stream the bytes came from (I1, I2).
+    """
+    unit = b"c%d;" % stream_number
+    repeats = stop // len(unit) + 1
+    return (unit * repeats)[start:stop]
+
+
+_CANCEL: Final = st.sampled_from([None, None, None, None, 0, 1, 2, 3, 5])
+#: Mostly the two servers whose sockets come back (so that reuse is common),
+#: often any of them.
+_SERVER: Final = st.one_of(st.integers(0, 1), st.integers(0, len(ALL_KINDS) - 1))
+
+
+def _step(op: str, arg: st.SearchStrategy[int]) -> st.SearchStrategy[Step]:
+    return st.builds(Step, st.just(op), arg, _CANCEL)
+
+
+def steps() -> st.SearchStrategy[Step]:
+    """Any single step, the simplest first (so that failures shrink to them)."""
+    return st.one_of(
+        _step("send", st.integers(1, 48)),
+        _step("recv", st.integers(1, 64)),
+        _step("read_eof", st.just(0)),
+        _step("close", st.just(0)),
+        _step("open", _SERVER),
+        _step("send", st.integers(1, 48)),
+        _step("read_eof", st.just(0)),
+        _step("close", st.just(0)),
+        _step("open", _SERVER),
+        _step("send_eof", st.just(0)),
+        _step("poke", st.integers(0, len(POKES) - 1)),
+        _step("sleep", st.sampled_from([0, 10, 700, 3000])),
+    )
+
+
+def configs() -> st.SearchStrategy[Config]:
+    """Pool options: small capacities, so tasks wait and hand-off is exercised."""
+    return st.builds(
+        Config,
+        capacity=st.integers(1, 4),
+        recycle=st.sampled_from([True, True, False]),
+        peer_affinity=st.booleans(),
+        # Above anything an echo sends back (I7 relies on that); the flood
+        # always exceeds it.
+        drain_limit=st.sampled_from([65536, 4096]),
+        eof_timeout=st.sampled_from([5.0, 0.5, 30.0]),
+    )
+
+
+def programs(max_tasks: int = 4, max_steps: int = 8) -> st.SearchStrategy[Program]:
+    """A configuration and 1..max_tasks tasks; each starts with an open, then up to max_steps steps."""
+    task = st.builds(
+        lambda first, rest: (first, *rest),
+        _step("open", _SERVER),
+        st.lists(steps(), max_size=max_steps),
+    )
+    return st.builds(
+        Program,
+        configs(),
+        st.lists(task, min_size=1, max_size=max_tasks).map(tuple),
+    )

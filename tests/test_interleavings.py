@@ -1,0 +1,596 @@
+"""Randomized interleavings: Hypothesis programs against hostile servers keep I1-I8 after every step.
+
+Each example is a `Program` (tests/strategies.py): a pool configuration and
+a few tasks, each a list of steps. It runs in a fresh ``trio.run`` with a
+MockClock (autojump), a real pool and real loopback servers of every
+hostile kind (tests/hostile.py). After every step the interpreter checks:
+
+* I1: each stream received its own server's tag and then exactly a prefix
+  of its own bytes (or of its flood); each server connection received a
+  prefix of exactly one stream's bytes; no tag reaches two streams.
+* I2: a closed handle raises ClosedResourceError at once; stale handles are
+  poked later, after their socket may serve somebody else, and their bytes
+  would show up as foreign bytes at the next owner's server.
+* I3/I4: through the test-only accessors of conftest; I4's counts are also
+  checked by an instrument after every task step.
+* I7: no polite server saw a reset before its own FIN, and every disconnect
+  the pool makes happens in a TCP state where the peer's FIN has arrived.
+
+After the pool's block: I5 (every socket the pool created is closed, no
+task of the pool is left, every handle is dead), and after the run the
+process holds exactly the sockets it held before.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import traceback
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import pytest
+import trio
+import trio.testing
+from hypothesis import event, given
+
+import trio_recycle
+from trio_recycle._pooled_socket import PooledSocket
+
+from .conftest import assert_capacity, assert_idle_disconnected, fd_inodes, socket_inode, tcp_state
+from .hostile import ALL_KINDS, POLITE_KINDS, HostileServer, dead_address, start_hostile_server
+from .strategies import POKES, Config, Program, Step, pattern, programs
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from trio_recycle import RecyclingStream, SocketPool
+
+#: Virtual seconds one step may take before it is cancelled like any other.
+STEP_TIMEOUT: Final = 20.0
+#: Virtual seconds the whole program may take: beyond it, a deadlock.
+PROGRAM_LIMIT: Final = 5000.0
+#: read_eof stops after this many bytes (the flood never ends).
+READ_LIMIT: Final = 16384
+#: Servers that may reset the client on their own (they close with unread
+#: data, or on purpose): a BrokenResourceError from them is not a bug.
+RESETTING_KINDS: Final = frozenset({"answer_close", "answer_reset", "accept_close", "close_later"})
+#: TCP states in which the peer's FIN has not arrived: a disconnect there
+#: would reset a peer that had not finished (I7).
+NO_FIN_STATES: Final = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2"}
+
+
+# ----------------------------------------------------------------------
+# Cancelling a step at its k-th checkpoint
+
+
+class Canceller(trio.abc.Instrument):
+    """Cancel a task's scope once that task has passed k schedule points (one instrument, any tasks)."""
+
+    def __init__(self) -> None:
+        self.armed: dict[trio.lowlevel.Task, tuple[trio.CancelScope, list[int]]] = {}
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        entry = self.armed.get(task)
+        if entry is not None:
+            scope, left = entry
+            left[0] -= 1
+            if left[0] <= 0:
+                scope.cancel()
+                del self.armed[task]
+
+    @contextmanager
+    def cancel_at(self, checkpoint: int | None) -> Iterator[trio.CancelScope]:
+        """A scope cancelled at the (checkpoint+1)-th schedule point of this task; None: never."""
+        task = trio.lowlevel.current_task()
+        with trio.CancelScope() as scope:
+            if checkpoint == 0:
+                scope.cancel()
+            elif checkpoint is not None:
+                self.armed[task] = (scope, [checkpoint])
+            try:
+                yield scope
+            finally:
+                self.armed.pop(task, None)
+
+
+# ----------------------------------------------------------------------
+# The interpreter's model of the world
+
+
+@attrs.define(eq=False)
+class StreamModel:
+    """What the program knows about one stream it opened."""
+
+    number: int
+    task: int
+    server: HostileServer
+    stream: RecyclingStream
+    #: Bytes of `pattern` handed to send_all so far (the peer got a prefix).
+    attempted: int = 0
+    #: A send was cancelled or broke: how much went out is unknown, so stop sending.
+    send_unknown: bool = False
+    received: bytearray = attrs.field(factory=bytearray)
+    eof_sent: bool = False
+    closed: bool = False
+    broken: bool = False
+    tag: bytes | None = None
+
+
+@attrs.define(eq=False)
+class TaskState:
+    number: int
+    current: StreamModel | None = None
+    stale: list[StreamModel] = attrs.field(factory=list)
+
+
+@attrs.define(eq=False)
+class World:
+    program: Program
+    servers: list[HostileServer]
+    canceller: Canceller = attrs.field(factory=Canceller)
+    pool: SocketPool | None = None
+    streams: dict[int, StreamModel] = attrs.field(factory=dict)
+    tags: dict[bytes, int] = attrs.field(factory=dict)
+    conn_of: dict[int, object] = attrs.field(factory=dict)
+    opened: int = 0
+    created_inodes: set[str] = attrs.field(factory=set)
+    violations: list[str] = attrs.field(factory=list)
+    log: list[str] = attrs.field(factory=list)
+    stop: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+
+    def violate(self, message: str) -> None:
+        if not self.violations:
+            self.log.append(f"!! {message}")
+        self.violations.append(message)
+        self.stop.cancel()
+
+    def report(self) -> str:
+        return (
+            f"{self.violations[0]}\n"
+            f"(+{len(self.violations) - 1} more)\n"
+            f"program:\n{self.program!r}\n"
+            "what happened:\n  " + "\n  ".join(self.log[-60:])
+        )
+
+
+# ----------------------------------------------------------------------
+# Checks
+
+
+def _check_stream(world: World, m: StreamModel) -> None:
+    data = bytes(m.received)
+    name = f"stream #{m.number} (task {m.task}, {m.server})"
+    if m.server.kind == "accept_close":
+        if data:
+            world.violate(f"I1: {name} received {data[:40]!r} from a server that sends nothing")
+        return
+    if not data:
+        return
+    end = data.find(b">")
+    if end < 0:
+        if not re.fullmatch(rb"<\d*", data):
+            world.violate(f"I1: {name} received {data[:40]!r}, not a tag")
+        return
+    tag = data[: end + 1]
+    if not re.fullmatch(rb"<\d+>", tag):
+        world.violate(f"I1: {name} received {data[:40]!r}, not a tag")
+        return
+    if m.tag is None:
+        owner = world.tags.setdefault(tag, m.number)
+        if owner != m.number:
+            world.violate(f"I1: tag {tag!r} reached stream #{m.number} and stream #{owner}")
+        if all(conn.tag != tag for conn in m.server.conns):
+            world.violate(f"I1: {name} received tag {tag!r} of a connection of another server")
+        m.tag = tag
+    elif m.tag != tag:  # pragma: no cover - received only grows
+        world.violate(f"I1: {name} changed tag")
+    rest = data[end + 1 :]
+    if m.server.kind == "flood":
+        expected = (tag * (len(rest) // len(tag) + 1))[: len(rest)]
+    else:
+        expected = pattern(m.number, 0, len(rest))
+        if len(rest) > m.attempted:
+            world.violate(f"I1: {name} received {len(rest)} echoed bytes but sent at most {m.attempted}")
+    if rest != expected:
+        world.violate(f"I1: {name} received foreign bytes: {rest[:60]!r}, expected {expected[:60]!r}")
+
+
+def _check_server(world: World, server: HostileServer) -> None:
+    for conn in server.conns:
+        if conn.reset and server.kind in POLITE_KINDS and world.program.config.recycle:
+            # recycle=False is trio's SocketStream: closing with unread data
+            # resets, by the kernel's rule. With recycling on, every close
+            # before EOF drains first, so a reset is the pool's doing.
+            m = next((m for m in world.streams.values() if world.conn_of.get(m.number) is conn), None)
+            if m is None or not m.broken:
+                world.violate(f"I7: {server} connection {conn.tag!r} got a reset before it had sent its FIN")
+        if conn.errors:
+            world.violate(f"{server} connection {conn.tag!r} failed: {conn.errors!r}")
+        data = bytes(conn.received)
+        if not data:
+            continue
+        match = re.match(rb"c(\d+);", data)
+        if match is None:
+            if not re.fullmatch(rb"c\d*", data):
+                world.violate(f"I1/I2: {server} connection {conn.tag!r} received foreign bytes {data[:60]!r}")
+            continue
+        number = int(match.group(1))
+        if data != pattern(number, 0, len(data)):
+            world.violate(f"I1/I2: {server} connection {conn.tag!r} received foreign bytes {data[:80]!r}")
+            continue
+        m = world.streams.get(number)
+        if m is None or m.server is not server:
+            world.violate(f"I1: {server} connection {conn.tag!r} got the bytes of stream #{number} of another server")
+            continue
+        if world.conn_of.setdefault(number, conn) is not conn:
+            world.violate(f"I1: the bytes of stream #{number} reached two connections of {server}")
+        if m.tag is not None and m.tag != conn.tag:
+            world.violate(f"I1: stream #{number} reads {m.tag!r} but writes to {conn.tag!r}")
+        if len(data) > m.attempted:
+            world.violate(f"I1: {server} got {len(data)} bytes of stream #{number}, which sent {m.attempted}")
+
+
+def check(world: World) -> None:
+    """Every invariant that can be checked between two steps."""
+    for m in world.streams.values():
+        _check_stream(world, m)
+    for server in world.servers:
+        _check_server(world, server)
+    assert world.pool is not None
+    try:
+        assert_idle_disconnected(world.pool)
+    except (AssertionError, pytest.fail.Exception) as exc:
+        world.violate(f"I3: an idle socket is not disconnected: {exc}")
+    try:
+        assert_capacity(world.pool)
+    except AssertionError as exc:
+        world.violate(f"I4: {world.pool.statistics()}: {exc}")
+    for psock in world.pool._idle_lru:
+        world.created_inodes.add(socket_inode(psock.sock))
+
+
+class CapacityWatch(trio.abc.Instrument):
+    """I4 at every checkpoint: the counts add up after each task step."""
+
+    def __init__(self, world: World, pool: SocketPool) -> None:
+        self.world = world
+        self.pool = pool
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        stats = self.pool.statistics()
+        owned = stats.idle + stats.in_use + stats.draining
+        if owned > stats.capacity or stats.created - stats.discarded != owned:
+            self.world.violate(f"I4 after a step of {task.name}: {stats}")
+
+
+@contextmanager
+def watching_the_pool(world: World) -> Iterator[None]:
+    """Record every socket the pool creates (I5) and the TCP state of every disconnect (I7)."""
+    create = PooledSocket.__dict__["create"]
+    reset_for_reuse = PooledSocket.reset_for_reuse
+
+    def spy_create(*args: object, **kwargs: object) -> PooledSocket:
+        psock: PooledSocket = create.__get__(None, PooledSocket)(*args, **kwargs)
+        world.created_inodes.add(socket_inode(psock.sock))
+        return psock
+
+    def spy_reset(self: PooledSocket) -> bool:
+        if not self.tainted and self.sock.type == socket.SOCK_STREAM:
+            state = tcp_state(self.sock)
+            if state in NO_FIN_STATES:
+                world.violate(f"I7: the pool disconnected a socket in {NO_FIN_STATES[state]}: the peer sent no FIN")
+        return reset_for_reuse(self)
+
+    setattr(PooledSocket, "create", staticmethod(spy_create))  # noqa: B010 - the attribute is a method
+    setattr(PooledSocket, "reset_for_reuse", spy_reset)  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(PooledSocket, "create", create)  # noqa: B010
+        setattr(PooledSocket, "reset_for_reuse", reset_for_reuse)  # noqa: B010
+
+
+# ----------------------------------------------------------------------
+# Steps
+
+
+async def _close(world: World, ts: TaskState, m: StreamModel) -> None:
+    m.closed = True
+    if ts.current is m:
+        ts.current = None
+    ts.stale.append(m)
+    try:
+        await m.stream.aclose()
+    finally:
+        try:
+            m.stream.getpeername()
+        except trio.ClosedResourceError:
+            pass
+        else:
+            world.violate(f"I2: stream #{m.number} still usable after aclose")
+
+
+def _broken(world: World, m: StreamModel, what: str, exc: trio.BrokenResourceError) -> None:
+    m.broken = True
+    m.send_unknown = True
+    if m.server.kind not in RESETTING_KINDS:
+        world.violate(f"{what} on stream #{m.number} to {m.server}, which never resets: {exc!r} from {exc.__cause__!r}")
+
+
+async def _open(world: World, ts: TaskState, step: Step) -> None:
+    if ts.current is not None:
+        await _close(world, ts, ts.current)
+    server = world.servers[step.arg]
+    assert world.pool is not None
+    world.opened += 1
+    number = world.opened
+    try:
+        stream = await world.pool.open_tcp_stream(server.host, server.port)
+    except OSError as exc:
+        if server.kind != "dead":
+            world.violate(f"open {server} failed: {exc!r}")
+        return
+    if server.kind == "dead":
+        world.violate("connected to an address where nothing listens")
+    m = StreamModel(number, ts.number, server, stream)
+    world.streams[number] = m
+    ts.current = m
+    world.log.append(f"   task {ts.number}: stream #{number} -> {server}")
+
+
+async def _send(world: World, m: StreamModel, n: int) -> None:
+    if m.send_unknown:
+        return
+    if m.eof_sent:
+        try:
+            await m.stream.send_all(b"after-eof")
+        except trio.ClosedResourceError:
+            return
+        world.violate(f"send_all after send_eof on stream #{m.number} did not raise ClosedResourceError")
+        return
+    data = pattern(m.number, m.attempted, m.attempted + n)
+    m.attempted += n
+    try:
+        await m.stream.send_all(data)
+    except trio.BrokenResourceError as exc:
+        _broken(world, m, "send_all", exc)
+    except BaseException:
+        m.send_unknown = True
+        raise
+
+
+async def _receive(world: World, m: StreamModel, max_bytes: int, *, to_eof: bool) -> None:
+    total = 0
+    while True:
+        try:
+            data = await m.stream.receive_some(max_bytes)
+        except trio.BrokenResourceError as exc:
+            _broken(world, m, "receive_some", exc)
+            return
+        if len(data) > max_bytes:
+            world.violate(f"receive_some({max_bytes}) returned {len(data)} bytes")
+        m.received += data
+        total += len(data)
+        if not to_eof or not data or total >= READ_LIMIT:
+            return
+
+
+async def _send_eof(world: World, m: StreamModel) -> None:
+    try:
+        await m.stream.send_eof()
+    except trio.BrokenResourceError as exc:
+        _broken(world, m, "send_eof", exc)
+    else:
+        m.eof_sent = True
+
+
+async def _poke(world: World, ts: TaskState, which: str) -> None:
+    if not ts.stale:
+        return
+    m = ts.stale[-1]
+    stream = m.stream
+    try:
+        if which == "send_all":
+            await stream.send_all(b"STALE!")
+        elif which == "receive_some":
+            await stream.receive_some()
+        elif which == "send_eof":
+            await stream.send_eof()
+        elif which == "wait_send":
+            await stream.wait_send_all_might_not_block()
+        elif which == "getsockopt":
+            stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        else:
+            await stream.aclose()  # closing twice is allowed and touches nothing
+            return
+    except trio.ClosedResourceError:
+        return
+    world.violate(f"I2: stale stream #{m.number}: {which} did not raise ClosedResourceError")
+
+
+async def perform(world: World, ts: TaskState, step: Step) -> None:
+    if step.op == "open":
+        await _open(world, ts, step)
+    elif step.op == "poke":
+        await _poke(world, ts, POKES[step.arg])
+    elif step.op == "sleep":
+        await trio.sleep(step.arg / 1000)
+    else:
+        m = ts.current
+        if m is None or m.closed:
+            await trio.lowlevel.checkpoint()
+        elif step.op == "close":
+            await _close(world, ts, m)
+        elif m.broken:
+            await trio.lowlevel.checkpoint()
+        elif step.op == "send":
+            await _send(world, m, step.arg)
+        elif step.op == "recv":
+            await _receive(world, m, step.arg, to_eof=False)
+        elif step.op == "read_eof":
+            await _receive(world, m, 65536, to_eof=True)
+        elif step.op == "send_eof":
+            await _send_eof(world, m)
+        else:  # pragma: no cover
+            raise AssertionError(step.op)
+
+
+async def run_step(world: World, ts: TaskState, step: Step) -> None:
+    world.log.append(f"task {ts.number}: {step}")
+    outcome = "ok"
+    with trio.move_on_after(STEP_TIMEOUT) as timeout:
+        with world.canceller.cancel_at(step.cancel_at) as scope:
+            try:
+                await perform(world, ts, step)
+            except trio.ClosedResourceError as exc:
+                world.violate(f"task {ts.number}: {step}: ClosedResourceError on an open stream: {exc!r}")
+            except Exception as exc:
+                world.violate(f"task {ts.number}: {step}: {''.join(traceback.format_exception(exc))}")
+        if scope.cancelled_caught:
+            outcome = "cancelled"
+    if timeout.cancelled_caught:
+        outcome = "timed out"
+    if outcome != "ok":
+        world.log.append(f"   task {ts.number}: {outcome}")
+    check(world)
+
+
+async def run_task(world: World, number: int, steps: tuple[Step, ...]) -> None:
+    ts = TaskState(number)
+    for step in steps:
+        await run_step(world, ts, step)
+
+
+def _tasks_of(task: trio.lowlevel.Task) -> Iterator[trio.lowlevel.Task]:
+    yield task
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            yield from _tasks_of(child)
+
+
+def _pool_tasks_left() -> list[str]:
+    left: list[str] = []
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    for task in _tasks_of(root):
+        code = getattr(task.coro, "cr_code", None)
+        if code is not None and "trio_recycle" in code.co_filename:
+            left.append(task.name)
+    return left
+
+
+async def run_program(program: Program, host: str = "127.0.0.1") -> World:
+    """Interpret ``program`` against fresh servers; return the world with its violations."""
+    config = program.config
+    dead, dead_port = dead_address(host)
+    async with trio.open_nursery() as servers_nursery:
+        servers = [
+            HostileServer("dead", host, dead_port)
+            if kind == "dead"
+            else await start_hostile_server(servers_nursery, kind, host)
+            for kind in ALL_KINDS
+        ]
+        world = World(program, servers)
+        with watching_the_pool(world):
+            try:
+                with trio.fail_after(PROGRAM_LIMIT):
+                    await _run_in_pool(world, config)
+            except trio.TooSlowError:
+                world.violate(f"deadlock: the program did not finish within {PROGRAM_LIMIT} virtual seconds")
+        servers_nursery.cancel_scope.cancel()
+    dead.close()
+    return world
+
+
+async def _run_in_pool(world: World, config: Config) -> None:
+    async with trio_recycle.open_socket_pool(
+        capacity=config.capacity,
+        recycle=config.recycle,
+        peer_affinity=config.peer_affinity,
+        drain_limit=config.drain_limit,
+        eof_timeout=config.eof_timeout,
+    ) as pool:
+        world.pool = pool
+        watch = CapacityWatch(world, pool)
+        trio.lowlevel.add_instrument(world.canceller)
+        trio.lowlevel.add_instrument(watch)
+        try:
+            with world.stop:
+                async with trio.open_nursery() as nursery:
+                    for number, steps in enumerate(world.program.tasks):
+                        nursery.start_soon(run_task, world, number, steps)
+                await trio.sleep(0.01)  # let the servers see what the last steps did
+                world.log.append("all tasks done")
+                check(world)
+        finally:
+            trio.lowlevel.remove_instrument(watch)
+            trio.lowlevel.remove_instrument(world.canceller)
+    if world.violations:
+        return
+    # I5: after the block nothing of the pool is open or running.
+    open_now = set(fd_inodes().values())
+    leaked = world.created_inodes & open_now
+    if leaked:
+        world.violate(f"I5: sockets of the pool still open after its block: {sorted(leaked)}")
+    left = _pool_tasks_left()
+    if left:
+        world.violate(f"I5: tasks of the pool still running after its block: {left}")
+    stats = pool.statistics()
+    if (stats.idle, stats.in_use, stats.draining, stats.tasks_waiting) != (0, 0, 0, 0) or (
+        stats.created != stats.discarded
+    ):
+        world.violate(f"I5: the pool still owns sockets after its block: {stats}")
+    for m in world.streams.values():
+        try:
+            m.stream.getsockname()
+        except trio.ClosedResourceError:
+            continue
+        world.violate(f"I5: stream #{m.number} still usable after the pool's block")
+
+
+def socket_fds() -> set[str]:
+    return {v for v in fd_inodes().values() if v.startswith("socket:")}
+
+
+def run(program: Program, host: str = "127.0.0.1") -> World:
+    """Run ``program`` in a fresh trio run with a MockClock; fail with a readable report."""
+    before = socket_fds()
+    world: World = trio.run(run_program, program, host, clock=trio.testing.MockClock(autojump_threshold=0))
+    if world.violations:
+        raise AssertionError(world.report())
+    after = socket_fds()
+    assert after <= before, f"I5: sockets left open after the run: {sorted(after - before)}"
+    return world
+
+
+# ----------------------------------------------------------------------
+# The tests
+
+
+@given(programs())
+def test_random_programs_keep_the_invariants(program: Program) -> None:
+    """I1-I8 hold after every step of any program of opens, sends, reads, EOFs, closes, pokes and cancels."""
+    world = run(program)
+    assert world.pool is not None
+    stats = world.pool.statistics()
+    event(f"reused: {'yes' if stats.reused else 'no'}")
+    event(f"recycled: {'yes' if stats.recycled else 'no'}")
+    event(f"cancelled or timed out steps: {min(3, sum('cancelled' in e or 'timed out' in e for e in world.log))}")
+
+
+def _program(config: Config, *tasks: list[Step]) -> Program:
+    return Program(config, tuple(tuple(task) for task in tasks))
+
+
+def test_every_kind_of_server_in_one_program() -> None:
+    """A hand-written program that visits every hostile server once (the interpreter itself works)."""
+    tasks = []
+    for index, _kind in enumerate(ALL_KINDS):
+        tasks.append([Step("open", index), Step("send", 10), Step("recv", 64), Step("read_eof"), Step("close")])
+    world = run(_program(Config(capacity=3), *tasks))
+    assert len(world.streams) == len(ALL_KINDS) - 1  # the dead address refuses
+    stats = world.pool.statistics() if world.pool else None
+    assert stats is not None
+    assert stats.recycled >= 2
