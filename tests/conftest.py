@@ -6,7 +6,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -177,6 +177,25 @@ async def half_close(stream: trio.SocketStream, server: Server) -> None:
     while await stream.receive_some():
         pass
     server.received.append(b"<eof>")
+
+
+UDPPeer = Callable[..., Awaitable[trio.socket.SocketType]]
+
+
+@pytest.fixture
+async def udp_peer() -> AsyncIterator[UDPPeer]:
+    """Make UDP sockets bound to port 0 on a loopback (``await udp_peer(host)``), closed after the test."""
+    opened: list[trio.socket.SocketType] = []
+
+    async def make(host: str = "127.0.0.1") -> trio.socket.SocketType:
+        sock = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        opened.append(sock)
+        await sock.bind((host, 0))
+        return sock
+
+    yield make
+    for sock in opened:
+        sock.close()
 
 
 # ----------------------------------------------------------------------

@@ -7,10 +7,12 @@ from ._pool import (
     open_socket_pool as open_socket_pool,
 )
 from ._stream import RecyclingStream as RecyclingStream
+from ._udp import RecyclingUDPSocket as RecyclingUDPSocket
 
 __all__ = [
     "PoolStatistics",
     "RecyclingStream",
+    "RecyclingUDPSocket",
     "SocketPool",
     "can_recycle",
     "disconnect",

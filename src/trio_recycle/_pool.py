@@ -27,10 +27,11 @@ import attrs
 import outcome
 import trio
 
-from ._connect import connect_pooled, validate_delay, validate_endpoint
+from ._connect import connect_pooled, connect_socket, resolve, validate_delay, validate_endpoint
 from ._disconnect import can_recycle
-from ._pooled_socket import OptionValue, PooledSocket, PoolKey, SocketOption
+from ._pooled_socket import OptionValue, PooledSocket, PoolKey, SocketOption, drain_datagrams
 from ._stream import RecyclingStream
+from ._udp import RecyclingUDPSocket
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
@@ -197,6 +198,82 @@ class SocketPool:
         else:  # pragma: no cover - the pool closed in the last instant
             stream._force_close()
         return stream
+
+    async def open_udp_socket(
+        self,
+        host: str | bytes,
+        port: int,
+        *,
+        local_address: str | None = None,
+    ) -> RecyclingUDPSocket:
+        """Connect a UDP socket from this pool to ``host:port``.
+
+        The host is resolved like in `open_tcp_stream` (``SOCK_DGRAM``); the
+        socket is connected to the first address that ``connect()`` accepts
+        (a UDP connect sends nothing, so there is nothing to race). The
+        socket comes from the same pool, under the same ``capacity``, as
+        TCP streams: an idle UDP socket last connected to the same address
+        (any address when the pool was opened with ``peer_affinity=False``)
+        or a new one, waiting first come first served when the pool is full.
+
+        Args:
+          host: The host: an IPv4 or IPv6 literal (resolved without DNS and
+              without a thread) or a name.
+          port: The port, an int from 1 to 65535.
+          local_address: Local IP address to bind the socket to, as in
+              `open_tcp_stream`; None lets the kernel choose. The local port
+              is always the kernel's choice, a new one for every owner.
+
+        Returns:
+          RecyclingUDPSocket: the connected socket. Close it (``async
+          with``) to give it back.
+
+        Raises:
+          TypeError: ``host`` is not str/bytes, ``port`` is not an int, or
+              ``local_address`` is not a str.
+          ValueError: ``port`` is out of range.
+          socket.gaierror: the host name cannot be resolved.
+          OSError: no address could be connected to (for example no route);
+              the message names each address with its error.
+          trio.ClosedResourceError: the pool's block has exited.
+        """
+        validate_endpoint(host, port)
+        if local_address is not None and not isinstance(local_address, str):
+            raise TypeError(f"local_address must be str or None, not {local_address!r}")
+        self._check_open()
+        targets = await resolve(host, port, socket.SOCK_DGRAM)
+        errors: list[tuple[object, OSError]] = []
+        for family, type, proto, sockaddr in targets:
+            try:
+                psock = await self.acquire_socket(family, type, proto, local_address, sockaddr)
+            except OSError as exc:
+                errors.append((sockaddr, exc))
+                continue
+            try:
+                await connect_socket(psock.sock, sockaddr)
+                psock.uses += 1
+                # A reused socket: see "One gap remains" in _udp.py.
+                if psock.uses > 1 and not drain_datagrams(psock.sock):
+                    raise OSError(f"datagrams keep arriving at a new port connected to {sockaddr!r}")
+            except OSError as exc:
+                self.discard_socket(psock)
+                errors.append((sockaddr, exc))
+                continue
+            except BaseException:
+                self.discard_socket(psock)
+                raise
+            udp = RecyclingUDPSocket(self, psock, psock.sock)
+            if psock in self._in_use:
+                self._in_use[psock] = udp
+            else:  # pragma: no cover - the pool closed in the last instant
+                udp._force_close()
+            return udp
+        details = "; ".join(f"{addr!r}: {exc}" for addr, exc in errors)
+        codes = {exc.errno for _, exc in errors}
+        message = f"could not connect a UDP socket to {host!r} port {port}: {details}"
+        if len(codes) == 1 and None not in codes:
+            raise OSError(codes.pop(), message) from errors[-1][1]
+        raise OSError(message) from errors[-1][1]
 
     def statistics(self) -> PoolStatistics:
         """Return a `PoolStatistics` snapshot of this pool."""

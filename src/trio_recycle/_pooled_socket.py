@@ -18,6 +18,24 @@
 # refuse to recycle a socket on which anything else was set: SO_RCVBUF and
 # SO_SNDBUF read back doubled and lock autotuning once set, SO_LINGER and
 # SO_BINDTODEVICE are structures or strings, and unknown options are unknown.
+#
+# UDP (udp_disconnect() -> __udp_disconnect(), checked on Linux 6.18, see
+# tests/test_udp.py) differs in three ways. It drops the peer and, unless
+# the address was bound explicitly, the local address; unless the *port*
+# was bound explicitly (the pool never does that) it unhashes the socket
+# and forgets its port, so from then on no datagram can reach it: a
+# datagram sent to the old port finds no socket, and the next connect()
+# picks a new ephemeral port. It does NOT purge the receive queue:
+# datagrams that arrived before the disconnect are still there and a
+# recv() after the next connect() would return them. So we drain the queue
+# right after every disconnect. It also resets sk_bound_dev_if, so
+# SO_BINDTODEVICE is the UDP option to re-apply (tcp_disconnect() keeps it,
+# so a user's SO_BINDTODEVICE on a TCP stream taints the socket). An ICMP
+# error pending in sk_err (ECONNREFUSED after a port unreachable) survives
+# the disconnect too; reading SO_ERROR clears it, as for TCP.
+#
+# https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/udp.c (__udp_disconnect)
+# https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp.c (tcp_disconnect)
 
 from __future__ import annotations
 
@@ -79,13 +97,62 @@ RESTORABLE_OPTIONS: Final = _opts(
     ("IPPROTO_IPV6", "IPV6_UNICAST_HOPS"),
 )
 
-#: Options that tcp_disconnect() / the UDP disconnect reset by themselves.
-#: A user's value dies with the connection; the pool's is re-applied.
-RESET_BY_DISCONNECT: Final = _opts(
+#: Options that tcp_disconnect() resets by itself.
+RESET_BY_TCP_DISCONNECT: Final = _opts(
     ("IPPROTO_TCP", "TCP_MAXSEG"),
     ("IPPROTO_TCP", "TCP_WINDOW_CLAMP"),
+)
+#: Options that the UDP disconnect resets by itself.
+RESET_BY_UDP_DISCONNECT: Final = _opts(
     ("SOL_SOCKET", "SO_BINDTODEVICE"),
 )
+#: Options that the disconnect of one socket type or the other resets. A
+#: user's value dies with the connection; the pool's is re-applied.
+RESET_BY_DISCONNECT: Final = RESET_BY_TCP_DISCONNECT | RESET_BY_UDP_DISCONNECT
+
+#: Option levels that do not apply to a socket type, or to a family.
+_FOREIGN_LEVELS_BY_TYPE: Final[dict[int, frozenset[int]]] = {
+    socket.SOCK_STREAM: frozenset({socket.IPPROTO_UDP}),
+    socket.SOCK_DGRAM: frozenset({socket.IPPROTO_TCP}),
+}
+_FOREIGN_LEVELS_BY_FAMILY: Final[dict[int, frozenset[int]]] = {
+    socket.AF_INET: frozenset({socket.IPPROTO_IPV6}),
+}
+
+
+def reset_by_disconnect(type: int) -> frozenset[tuple[int, int]]:
+    """The options that the disconnect of a socket of this type resets."""
+    if type == socket.SOCK_STREAM:
+        return RESET_BY_TCP_DISCONNECT
+    if type == socket.SOCK_DGRAM:
+        return RESET_BY_UDP_DISCONNECT
+    return frozenset()
+
+
+#: Upper bound on the datagrams drain_datagrams() discards in one call. The
+#: receive queue is bounded by SO_RCVBUF, and an unhashed socket receives
+#: nothing new, so this is only a guard against looping forever.
+_DRAIN_MAX_DATAGRAMS: Final = 1 << 16
+
+
+def drain_datagrams(sock: socket.socket) -> bool:
+    """Discard every datagram queued on a non-blocking socket.
+
+    Returns:
+      True once the queue is empty; False if it was still not empty after
+      ``_DRAIN_MAX_DATAGRAMS`` datagrams (somebody keeps sending).
+
+    Raises:
+      OSError: from ``recv()``, for example a pending ICMP error.
+    """
+    for _ in range(_DRAIN_MAX_DATAGRAMS):
+        try:
+            # One byte is enough: a datagram socket dequeues the whole
+            # datagram and drops what does not fit.
+            sock.recv(1)
+        except BlockingIOError:
+            return True
+    return False
 
 
 @attrs.define(eq=False)
@@ -94,8 +161,8 @@ class PooledSocket:
 
     sock: socket.socket
     key: PoolKey
-    #: The pool's options of the RESET_BY_DISCONNECT kind, re-applied after
-    #: every disconnect.
+    #: The pool's options that this socket type's disconnect resets
+    #: (`reset_by_disconnect`), re-applied after every disconnect.
     reapply: tuple[SocketOption, ...]
     #: Original values of options a user changed through the current stream.
     saved_options: dict[tuple[int, int], int] = attrs.field(factory=dict)
@@ -122,7 +189,13 @@ class PooledSocket:
         sock = socket.socket(family, type, proto)
         try:
             sock.setblocking(False)
-            options = tuple(options)
+            # One pool serves TCP and UDP, IPv4 and IPv6: its TCP options
+            # are not for UDP sockets (setsockopt would fail with
+            # ENOPROTOOPT), and back, nor its IPv6 options for IPv4 sockets.
+            # IPPROTO_IP options do apply to IPv6 sockets (v4-mapped).
+            empty: frozenset[int] = frozenset()
+            skip = _FOREIGN_LEVELS_BY_TYPE.get(type, empty) | _FOREIGN_LEVELS_BY_FAMILY.get(family, empty)
+            options = tuple(o for o in options if o[0] not in skip)
             for level, option, value in options:
                 sock.setsockopt(level, option, value)
             if local_address is not None:
@@ -135,13 +208,14 @@ class PooledSocket:
         except BaseException:
             sock.close()
             raise
-        reapply = tuple(o for o in options if (o[0], o[1]) in RESET_BY_DISCONNECT)
+        reset = reset_by_disconnect(type)
+        reapply = tuple(o for o in options if (o[0], o[1]) in reset)
         return cls(sock, key, reapply)
 
     def note_user_option(self, level: int, option: int, value: object) -> None:
         """Remember how to undo a user's ``setsockopt`` before it happens."""
         pair = (level, option)
-        if pair in self.saved_options or pair in RESET_BY_DISCONNECT:
+        if pair in self.saved_options or pair in reset_by_disconnect(self.sock.type):
             return
         if pair in RESTORABLE_OPTIONS and isinstance(value, int):
             try:
@@ -168,8 +242,11 @@ class PooledSocket:
                 if state != _TCP_CLOSE:
                     return False
             # Reading SO_ERROR clears the ECONNRESET that tcp_disconnect()
-            # leaves behind; what the next user sees is then its own.
+            # leaves behind (for UDP: an ICMP error not yet reported); what
+            # the next user sees is then its own.
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if sock.type == socket.SOCK_DGRAM and not drain_datagrams(sock):
+                return False
             if self.saved_options:
                 for (level, option), value in self.saved_options.items():
                     sock.setsockopt(level, option, value)

@@ -1,0 +1,281 @@
+"""RecyclingUDPSocket: a connected UDP socket from a pool, and its close protocol."""
+
+# What recycling a UDP socket means, from udp_disconnect() ->
+# __udp_disconnect() (net/ipv4/udp.c; IPv6 uses the same function), checked
+# on Linux 6.18 in tests/test_udp.py:
+#
+# * The peer is forgotten, and so is the local port, because the pool never
+#   binds a port explicitly: the socket is unhashed, a datagram sent to the
+#   old port finds no socket (the sender gets ICMP port unreachable), and
+#   the next connect() auto-binds a fresh ephemeral port. So no datagram can
+#   arrive while the socket is idle.
+# * The receive queue is NOT purged. Datagrams that arrived before the
+#   disconnect, from the old peer, would be returned by the next owner's
+#   recv(). PooledSocket.reset_for_reuse() therefore drains the queue right
+#   after the disconnect (invariant I3: an idle socket holds no datagram).
+# * sk_bound_dev_if is reset: a pool's SO_BINDTODEVICE is set again.
+# * A pending ICMP error (sk_err) survives; reading SO_ERROR clears it.
+#
+# One gap remains that the kernel leaves open: a softirq on another CPU
+# that looked the socket up just before the unhash can still queue its
+# datagram after our drain (the hash tables are RCU-protected; the unhash
+# does not wait for readers). So a reused socket is drained once more right
+# after its new connect(), before anyone can have learned its new port:
+# anything queued at that instant is left over from the previous owner.
+#
+# Errors: a UDP error is about one datagram (EMSGSIZE) or is an ICMP report
+# delivered once (ECONNREFUSED after a port unreachable); the socket stays
+# usable. So, like trio.socket and unlike a stream, such an OSError is
+# raised as it is; only a descriptor that is gone becomes
+# trio.ClosedResourceError.
+#
+# https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/udp.c (__udp_disconnect)
+# https://elixir.bootlin.com/linux/v6.18/source/net/ipv6/udp.c (udpv6_prot.disconnect)
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Final, Protocol, final, overload
+
+import attrs
+import trio
+
+from ._errors import closed_stream_error, translate_oserror
+
+if TYPE_CHECKING:
+    import socket
+
+    from typing_extensions import Buffer
+
+    from ._pooled_socket import PooledSocket
+
+__all__ = ["RecyclingUDPSocket"]
+
+#: Default for `RecyclingUDPSocket.receive`: the largest UDP payload fits.
+DEFAULT_RECEIVE_SIZE: Final = 65536
+
+# Errors that concern one datagram, or report an ICMP error once; the
+# socket is as good as before. Any other error closes it instead of
+# recycling it, to be safe.
+_DATAGRAM_ERRNOS: Final = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENETDOWN,
+        errno.EMSGSIZE,
+        errno.ENOBUFS,
+        errno.EPERM,
+        errno.EACCES,
+    }
+)
+_CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+
+class _Home(Protocol):
+    """What a socket needs from its pool (the pool implements it)."""
+
+    def return_socket(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None: ...
+
+
+@final
+@attrs.define(eq=False)
+class RecyclingUDPSocket(trio.abc.AsyncResource):
+    """A connected UDP socket that came from, and goes back to, a `SocketPool`.
+
+    You do not construct it yourself: `SocketPool.open_udp_socket` returns
+    it. It sends datagrams to, and receives datagrams from, the one peer it
+    is connected to; the kernel drops datagrams from anybody else.
+
+    Closing it (`aclose`, or leaving ``async with sock:``) disconnects the
+    socket with ``connect(AF_UNSPEC)`` and discards every datagram still
+    queued on it before the pool reuses it, so the next owner never
+    receives a datagram meant for this one. The port is given up too: the
+    next owner gets a new one. In the fallback (``recycle=False``, or a
+    platform without `can_recycle`) the socket is simply closed.
+
+    The socket is closed the moment `aclose` is called: every later call
+    raises `trio.ClosedResourceError` and can never reach the socket's next
+    owner, and tasks blocked in `send` or `receive` are woken with
+    `trio.ClosedResourceError`.
+
+    Errors follow `trio.socket`, not `trio.abc.Stream`, because a UDP error
+    does not break the socket: an ICMP "port unreachable" for an earlier
+    datagram is reported once as :exc:`ConnectionRefusedError` by the next
+    `send` or `receive`, a datagram too large raises :exc:`OSError`
+    ``EMSGSIZE``, and the socket can be used again afterwards.
+    """
+
+    _home: _Home
+    _psock: PooledSocket
+    _sock: socket.socket
+    _closed: bool = False
+    _healthy: bool = True
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` as one datagram to the connected peer.
+
+        A datagram is sent whole or not at all. When the socket's send
+        buffer is full this waits until it is not.
+
+        Raises:
+          trio.ClosedResourceError: the socket was closed, before or during
+              the call.
+          trio.BusyResourceError: another task is already blocked in `send`
+              on this socket.
+          OSError: the kernel refused the datagram, for example
+              :exc:`ConnectionRefusedError` (the peer's port was unreachable
+              for an earlier datagram) or ``EMSGSIZE``. The socket stays
+              usable.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sock = self._sock
+        while True:
+            if self._closed:
+                raise closed_stream_error()
+            try:
+                sock.send(data)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+            except OSError as exc:
+                if exc.errno in _CLOSED_ERRNOS:
+                    raise translate_oserror(exc) from exc
+                if exc.errno not in _DATAGRAM_ERRNOS:
+                    self._healthy = False
+                raise
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+
+    async def receive(self, max_bytes: int = DEFAULT_RECEIVE_SIZE) -> bytes:
+        """Wait for the next datagram from the connected peer and return it.
+
+        Args:
+          max_bytes: The most bytes returned; the rest of a longer datagram
+              is discarded, as with :meth:`socket.socket.recv`. 65536 by
+              default, more than any UDP payload, so nothing is cut.
+
+        Returns:
+          bytes: one datagram. ``b""`` is an empty datagram, not an end of
+          stream: UDP has none.
+
+        Raises:
+          trio.ClosedResourceError: the socket was closed, before or during
+              the call.
+          trio.BusyResourceError: another task is already blocked in
+              `receive` on this socket.
+          OSError: an ICMP error for an earlier datagram, for example
+              :exc:`ConnectionRefusedError`. The socket stays usable.
+        """
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
+            raise TypeError(f"max_bytes must be an int, not {type(max_bytes).__name__}")
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        sock = self._sock
+        while True:
+            if self._closed:
+                raise closed_stream_error()
+            try:
+                data = sock.recv(max_bytes)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+            except OSError as exc:
+                if exc.errno in _CLOSED_ERRNOS:
+                    raise translate_oserror(exc) from exc
+                if exc.errno not in _DATAGRAM_ERRNOS:
+                    self._healthy = False
+                raise
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+
+    async def aclose(self) -> None:
+        """Close the socket and hand it back to the pool.
+
+        The disconnect and the drain of queued datagrams are synchronous, so
+        they finish even when this call is cancelled (like every trio
+        ``aclose``, it closes even then).
+        """
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self._sock)
+            # UDP has no FIN to wait for: the socket is ready to recycle.
+            self._home.return_socket(self._psock, eof_seen=True, eof_sent=True, healthy=self._healthy)
+        await trio.lowlevel.checkpoint()
+
+    def _force_close(self) -> None:
+        """Mark closed and wake blocked tasks; the pool closes the socket."""
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self._sock)
+
+    @overload
+    def setsockopt(self, level: int, option: int, value: int | Buffer) -> None: ...
+
+    @overload
+    def setsockopt(self, level: int, option: int, value: None, length: int) -> None: ...
+
+    def setsockopt(self, level: int, option: int, value: int | Buffer | None, length: int | None = None) -> None:
+        """Set an option on the underlying socket, for this owner only.
+
+        See :meth:`socket.socket.setsockopt`. The pool undoes the change
+        before the socket's next use: integer options that read back exactly
+        (``IP_TOS``, ``IP_TTL``, ``SO_PRIORITY``, ...) are restored;
+        ``SO_BINDTODEVICE`` is reset by the kernel's disconnect; after any
+        other option the socket is closed instead of recycled.
+
+        Raises:
+          trio.ClosedResourceError: the socket is closed.
+          OSError: from the system call.
+        """
+        if self._closed:
+            raise closed_stream_error()
+        self._psock.note_user_option(level, option, value)
+        if length is None:
+            if value is None:
+                raise TypeError("invalid value for argument 'value', must not be None when specifying length")
+            self._sock.setsockopt(level, option, value)
+        else:
+            if value is not None:
+                raise TypeError(f"invalid value for argument 'value': {value!r}, must be None when specifying optlen")
+            self._sock.setsockopt(level, option, None, length)
+
+    @overload
+    def getsockopt(self, level: int, option: int) -> int: ...
+
+    @overload
+    def getsockopt(self, level: int, option: int, buffersize: int) -> bytes: ...
+
+    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> int | bytes:
+        """Read an option of the underlying socket; see :meth:`socket.socket.getsockopt`.
+
+        Raises:
+          trio.ClosedResourceError: the socket is closed.
+        """
+        if self._closed:
+            raise closed_stream_error()
+        if buffersize == 0:
+            return self._sock.getsockopt(level, option)
+        return self._sock.getsockopt(level, option, buffersize)
+
+    def getpeername(self) -> object:
+        """The peer's address, as :meth:`socket.socket.getpeername` gives it.
+
+        Raises:
+          trio.ClosedResourceError: the socket is closed.
+        """
+        if self._closed:
+            raise closed_stream_error()
+        return self._sock.getpeername()
+
+    def getsockname(self) -> object:
+        """Our local address, as :meth:`socket.socket.getsockname` gives it.
+
+        Raises:
+          trio.ClosedResourceError: the socket is closed.
+        """
+        if self._closed:
+            raise closed_stream_error()
+        return self._sock.getsockname()
