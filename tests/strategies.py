@@ -9,7 +9,7 @@ script.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import attrs
 from hypothesis import strategies as st
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 #: What a step does; see `Step`.
-OPS: Final = ("open", "send", "recv", "read_eof", "send_eof", "close", "poke", "sleep")
+OPS: Final = ("open", "send", "recv", "read_eof", "send_eof", "close", "close_other", "poke", "sleep")
 #: What a "poke" does with the task's most recently closed (stale) handle.
 POKES: Final = ("send_all", "receive_some", "send_eof", "wait_send", "getsockopt", "aclose")
 
@@ -40,9 +40,13 @@ class Step:
 
     ``arg`` depends on ``op``: open -> index into `ALL_KINDS` (the server);
     send -> bytes to send; recv -> ``max_bytes``; poke -> index into `POKES`;
-    sleep -> milliseconds (0: a bare checkpoint); otherwise unused.
+    sleep -> milliseconds (0: a bare checkpoint); close_other -> the task
+    whose current stream to close (the owner may be blocked in it);
+    otherwise unused.
     ``cancel_at``: None runs the step to completion (or its timeout); k
-    cancels it at its (k+1)-th checkpoint: 0 means already cancelled.
+    cancels it right after its k-th yield to the scheduler, so that the
+    k-th checkpoint (or the next unshielded one) raises Cancelled; 0 means
+    cancelled before it starts.
     """
 
     op: str
@@ -58,10 +62,12 @@ class Step:
             text = f"poke stale.{POKES[self.arg]}"
         elif self.op == "sleep":
             text = f"sleep {self.arg}ms"
+        elif self.op == "close_other":
+            text = f"close the stream of task {self.arg}"
         else:
             text = self.op
         if self.cancel_at is not None:
-            text += f"  [cancel at checkpoint {self.cancel_at + 1}]"
+            text += f"  [cancelled after {self.cancel_at} yields]"
         return text
 
 
@@ -99,6 +105,10 @@ class Program:
 
     __str__ = __repr__
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """Hypothesis prints a falsifying example with this: the readable form."""
+        printer.text(repr(self))
+
 
 def pattern(stream_number: int, start: int, stop: int) -> bytes:
     """Bytes ``start:stop`` of what stream ``stream_number`` sends: ``c<n>;`` repeated.
@@ -135,6 +145,7 @@ def steps() -> st.SearchStrategy[Step]:
         _step("open", _SERVER),
         _step("send_eof", st.just(0)),
         _step("poke", st.integers(0, len(POKES) - 1)),
+        _step("close_other", st.integers(0, 3)),
         _step("sleep", st.sampled_from([0, 10, 700, 3000])),
     )
 

@@ -66,29 +66,36 @@ NO_FIN_STATES: Final = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_
 
 
 class Canceller(trio.abc.Instrument):
-    """Cancel a task's scope once that task has passed k schedule points (one instrument, any tasks)."""
+    """Cancel a task's scope right after that task's k-th yield (one instrument serves every task).
+
+    Cancelling after the task has yielded reaches it *in* that checkpoint:
+    a task blocked there (wait_readable, waiting for capacity) is woken with
+    Cancelled; one that yielded in a shielded or already-rescheduled
+    checkpoint gets Cancelled at its next unshielded one. k = 0 cancels
+    before the step starts, which hits its first checkpoint_if_cancelled.
+    """
 
     def __init__(self) -> None:
         self.armed: dict[trio.lowlevel.Task, tuple[trio.CancelScope, list[int]]] = {}
 
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
         entry = self.armed.get(task)
         if entry is not None:
             scope, left = entry
             left[0] -= 1
             if left[0] <= 0:
-                scope.cancel()
                 del self.armed[task]
+                scope.cancel()
 
     @contextmanager
-    def cancel_at(self, checkpoint: int | None) -> Iterator[trio.CancelScope]:
-        """A scope cancelled at the (checkpoint+1)-th schedule point of this task; None: never."""
+    def cancel_at(self, yields: int | None) -> Iterator[trio.CancelScope]:
+        """A scope cancelled after this task's ``yields``-th yield; 0: at once; None: never."""
         task = trio.lowlevel.current_task()
         with trio.CancelScope() as scope:
-            if checkpoint == 0:
+            if yields == 0:
                 scope.cancel()
-            elif checkpoint is not None:
-                self.armed[task] = (scope, [checkpoint])
+            elif yields is not None:
+                self.armed[task] = (scope, [yields])
             try:
                 yield scope
             finally:
@@ -135,6 +142,9 @@ class World:
     tags: dict[bytes, int] = attrs.field(factory=dict)
     conn_of: dict[int, object] = attrs.field(factory=dict)
     opened: int = 0
+    tasks: list[TaskState] = attrs.field(factory=list)
+    #: (task, step index) -> "ok", "cancelled" or "timed out".
+    outcomes: dict[tuple[int, int], str] = attrs.field(factory=dict)
     created_inodes: set[str] = attrs.field(factory=set)
     violations: list[str] = attrs.field(factory=list)
     log: list[str] = attrs.field(factory=list)
@@ -296,9 +306,9 @@ def watching_the_pool(world: World) -> Iterator[None]:
 # Steps
 
 
-async def _close(world: World, ts: TaskState, m: StreamModel) -> None:
+async def _close(world: World, ts: TaskState, m: StreamModel, *, owner: TaskState | None = None) -> None:
     m.closed = True
-    if ts.current is m:
+    if owner is None and ts.current is m:
         ts.current = None
     ts.stale.append(m)
     try:
@@ -410,6 +420,9 @@ async def _poke(world: World, ts: TaskState, which: str) -> None:
     world.violate(f"I2: stale stream #{m.number}: {which} did not raise ClosedResourceError")
 
 
+_POKE_FOR: Final = {"send": "send_all", "recv": "receive_some", "read_eof": "receive_some", "send_eof": "send_eof"}
+
+
 async def perform(world: World, ts: TaskState, step: Step) -> None:
     if step.op == "open":
         await _open(world, ts, step)
@@ -417,9 +430,24 @@ async def perform(world: World, ts: TaskState, step: Step) -> None:
         await _poke(world, ts, POKES[step.arg])
     elif step.op == "sleep":
         await trio.sleep(step.arg / 1000)
+    elif step.op == "close_other":
+        other = world.tasks[step.arg % len(world.tasks)]
+        if other.current is not None and not other.current.closed:
+            # The owner keeps it as its current stream: its next step, or
+            # the one it is blocked in now, must get ClosedResourceError.
+            victim = other.current
+            world.log.append(f"   task {ts.number} closes stream #{victim.number} of task {other.number}")
+            await _close(world, ts, victim, owner=other)
+        else:
+            await trio.lowlevel.checkpoint()
     else:
         m = ts.current
-        if m is None or m.closed:
+        if m is not None and m.closed:
+            # Closed by another task: every call must fail, none may reach the socket.
+            ts.current = None
+            ts.stale.append(m)
+            await _poke(world, ts, _POKE_FOR.get(step.op, "aclose"))
+        elif m is None:
             await trio.lowlevel.checkpoint()
         elif step.op == "close":
             await _close(world, ts, m)
@@ -437,15 +465,22 @@ async def perform(world: World, ts: TaskState, step: Step) -> None:
             raise AssertionError(step.op)
 
 
-async def run_step(world: World, ts: TaskState, step: Step) -> None:
+async def run_step(world: World, ts: TaskState, index: int, step: Step) -> None:
     world.log.append(f"task {ts.number}: {step}")
     outcome = "ok"
+    current = ts.current
     with trio.move_on_after(STEP_TIMEOUT) as timeout:
         with world.canceller.cancel_at(step.cancel_at) as scope:
             try:
                 await perform(world, ts, step)
             except trio.ClosedResourceError as exc:
-                world.violate(f"task {ts.number}: {step}: ClosedResourceError on an open stream: {exc!r}")
+                if current is not None and current.closed:
+                    # Another task closed it while we were blocked in it (I2).
+                    world.log.append(f"   task {ts.number}: woken by the close: {exc!r}")
+                    ts.current = None
+                    ts.stale.append(current)
+                else:
+                    world.violate(f"task {ts.number}: {step}: ClosedResourceError on an open stream: {exc!r}")
             except Exception as exc:
                 world.violate(f"task {ts.number}: {step}: {''.join(traceback.format_exception(exc))}")
         if scope.cancelled_caught:
@@ -454,13 +489,13 @@ async def run_step(world: World, ts: TaskState, step: Step) -> None:
         outcome = "timed out"
     if outcome != "ok":
         world.log.append(f"   task {ts.number}: {outcome}")
+    world.outcomes[ts.number, index] = outcome
     check(world)
 
 
 async def run_task(world: World, number: int, steps: tuple[Step, ...]) -> None:
-    ts = TaskState(number)
-    for step in steps:
-        await run_step(world, ts, step)
+    for index, step in enumerate(steps):
+        await run_step(world, world.tasks[number], index, step)
 
 
 def _tasks_of(task: trio.lowlevel.Task) -> Iterator[trio.lowlevel.Task]:
@@ -518,6 +553,7 @@ async def _run_in_pool(world: World, config: Config) -> None:
         trio.lowlevel.add_instrument(watch)
         try:
             with world.stop:
+                world.tasks = [TaskState(number) for number in range(len(world.program.tasks))]
                 async with trio.open_nursery() as nursery:
                     for number, steps in enumerate(world.program.tasks):
                         nursery.start_soon(run_task, world, number, steps)
@@ -594,3 +630,73 @@ def test_every_kind_of_server_in_one_program() -> None:
     stats = world.pool.statistics() if world.pool else None
     assert stats is not None
     assert stats.recycled >= 2
+
+
+# ----------------------------------------------------------------------
+# Systematic cancellation: every checkpoint of every kind of step
+
+
+def _cycle(server: int = 0) -> list[Step]:
+    """A full cycle to an echo (default) server: the pool must still work after a cancellation."""
+    return [Step("open", server), Step("send", 2), Step("send_eof"), Step("read_eof"), Step("close")]
+
+
+ECHO, ANSWER_CLOSE, HALF_CLOSE, CLOSE_LATER, NEVER_CLOSE = (
+    ALL_KINDS.index(kind) for kind in ("echo", "answer_close", "half_close", "close_later", "never_close")
+)
+DEAD = ALL_KINDS.index("dead")
+
+#: name -> (config, tasks before the target, (task, index) of the target step).
+#: The target step is the last of task 0's setup list; `_cycle` follows it.
+SCENARIOS: Final[dict[str, tuple[Config, list[list[Step]]]]] = {
+    "open a new socket": (Config(), [[Step("open", ECHO)]]),
+    "open a reused socket": (Config(), [[*_cycle(), Step("open", ECHO)]]),
+    "open a socket of another peer (eviction)": (Config(capacity=1), [[*_cycle(ANSWER_CLOSE), Step("open", ECHO)]]),
+    "open where nothing listens": (Config(), [[Step("open", DEAD)]]),
+    "send_all that fits": (Config(), [[Step("open", ECHO), Step("send", 40)]]),
+    "send_all that blocks": (
+        Config(),
+        [[Step("open", HALF_CLOSE), Step("send", 1), Step("read_eof"), Step("send", 3_000_000)]],
+    ),
+    "receive_some with data ready": (
+        Config(),
+        [[Step("open", ECHO), Step("send", 5), Step("sleep", 1), Step("recv", 64)]],
+    ),
+    "receive_some that blocks": (Config(), [[Step("open", CLOSE_LATER), Step("recv", 64)]]),
+    "read to EOF": (Config(), [[Step("open", ECHO), Step("send", 5), Step("send_eof"), Step("read_eof")]]),
+    "send_eof": (Config(), [[Step("open", ECHO), Step("send", 5), Step("send_eof")]]),
+    "aclose after EOF (recycle)": (
+        Config(),
+        [[Step("open", ANSWER_CLOSE), Step("send", 3), Step("read_eof"), Step("close")]],
+    ),
+    "aclose before EOF (drain)": (Config(), [[Step("open", ECHO), Step("send", 3), Step("close")]]),
+    "aclose of a peer that never closes": (
+        Config(eof_timeout=0.5),
+        [[Step("open", NEVER_CLOSE), Step("send", 3), Step("recv", 64), Step("close"), Step("sleep", 1000)]],
+    ),
+    "aclose in the fallback": (Config(recycle=False), [[Step("open", ANSWER_CLOSE), Step("send", 3), Step("close")]]),
+}
+
+
+def _target_index(steps: list[Step]) -> int:
+    # A trailing sleep only lets background work finish: the target is the step before it.
+    return len(steps) - 2 if steps[-1].op == "sleep" else len(steps) - 1
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_cancel_each_checkpoint_of_a_step_until_it_completes(scenario: str) -> None:
+    """I6: cancelling a step at its 1st, 2nd, ... yield keeps every invariant, until the step completes."""
+    config, (setup, *others) = SCENARIOS[scenario]
+    target = _target_index(setup)
+    for yields in range(200):
+        steps = list(setup)
+        steps[target] = attrs.evolve(steps[target], cancel_at=yields)
+        world = run(_program(config, [*steps, *_cycle()], *others))
+        outcome = world.outcomes[0, target]
+        if outcome == "ok":
+            break
+        assert outcome == "cancelled", (yields, outcome)
+    else:  # pragma: no cover
+        pytest.fail(f"{scenario}: still cancelled after 200 yields")
+    assert yields >= 1, f"{scenario}: the step was never cancelled"
+    print(f"{scenario}: cancelled at each of its first {yields} yields, completed after")
