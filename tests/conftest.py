@@ -6,6 +6,7 @@ import errno
 import os
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -230,7 +231,9 @@ class LocalResolver(trio.abc.HostnameResolver):
             sockaddr: tuple[object, ...] = (
                 (address, int(port), 0, 0) if address_family == socket.AF_INET6 else (address, int(port))
             )
-            result.append((address_family, type or socket.SOCK_STREAM, 6, "", sockaddr))
+            kind = type or socket.SOCK_STREAM
+            protocol = socket.IPPROTO_UDP if kind == socket.SOCK_DGRAM else socket.IPPROTO_TCP
+            result.append((address_family, kind, protocol, "", sockaddr))
         return result
 
     async def getnameinfo(self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int) -> tuple[str, str]:
@@ -270,7 +273,12 @@ def socket_inode(sock: socket.socket) -> str:
 
 
 def time_wait_count(port: int) -> int:
-    """TIME_WAIT entries whose local or remote port is ``port`` (tcp + tcp6)."""
+    """TIME_WAIT entries whose local port is ``port`` (tcp + tcp6).
+
+    Only the local port: a server's TIME_WAIT entries from earlier
+    connections can carry a *remote* port that bind(0) later hands to a new
+    listener, which would count them for the wrong server.
+    """
     count = 0
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -279,12 +287,27 @@ def time_wait_count(port: int) -> int:
                 for line in f:
                     fields = line.split()
                     local_port = int(fields[1].rsplit(":", 1)[1], 16)
-                    remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-                    if int(fields[3], 16) == TCP_TIME_WAIT and port in (local_port, remote_port):
+                    if int(fields[3], 16) == TCP_TIME_WAIT and local_port == port:
                         count += 1
         except FileNotFoundError:
             continue
     return count
+
+
+def wait_for_time_wait(port: int, expected: int, timeout: float = 5.0) -> int:
+    """Poll (bounded) until ``expected`` TIME_WAIT entries for ``port`` exist.
+
+    The kernel offers no event for a state change of a socket we no longer
+    hold, and on loopback the last FIN may still be in the softirq backlog
+    when close() returns: polling /proc is the only honest way to wait.
+    Returns the last count seen, so the caller asserts on it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        count = time_wait_count(port)
+        if count >= expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.005)
 
 
 def tcp_state(sock: socket.socket) -> int:

@@ -10,7 +10,7 @@ import pytest
 import trio_recycle
 from trio_recycle import _disconnect
 
-from .conftest import TCP_CLOSE, tcp_state, time_wait_count
+from .conftest import TCP_CLOSE, tcp_state, time_wait_count, wait_for_time_wait
 
 
 def connected_pair(host: str) -> tuple[socket.socket, socket.socket, socket.socket]:
@@ -68,7 +68,7 @@ def test_plain_close_after_peer_closed_first_leaves_time_wait_on_the_peer(loopba
         server.close()
         assert client.recv(1) == b""
         client.close()
-        assert time_wait_count(port) == 1
+        assert wait_for_time_wait(port, 1) == 1
 
 
 def test_disconnect_a_closed_socket_raises_ebadf() -> None:

@@ -35,6 +35,7 @@ from .conftest import (
     read_until_eof,
     socket_inode,
     time_wait_count,
+    wait_for_time_wait,
 )
 
 # ----------------------------------------------------------------------
@@ -379,7 +380,7 @@ async def test_server_keeps_no_time_wait(start_server: StartServer, loopback: st
         async with await trio.open_tcp_stream(loopback, baseline.port) as stream:
             await stream.send_all(b"x")
             await read_until_eof(stream)
-    assert time_wait_count(baseline.port) == 5
+    assert wait_for_time_wait(baseline.port, 5) == 5
 
 
 # ----------------------------------------------------------------------

@@ -1,11 +1,10 @@
 """trio-recycle: reuse TCP and UDP sockets in trio through connect(AF_UNSPEC)."""
 
-from ._disconnect import can_recycle as can_recycle, disconnect as disconnect
-from ._pool import (
-    PoolStatistics as PoolStatistics,
-    SocketPool as SocketPool,
-    open_socket_pool as open_socket_pool,
-)
+from ._disconnect import can_recycle as can_recycle
+from ._disconnect import disconnect as disconnect
+from ._pool import PoolStatistics as PoolStatistics
+from ._pool import SocketPool as SocketPool
+from ._pool import open_socket_pool as open_socket_pool
 from ._stream import RecyclingStream as RecyclingStream
 from ._udp import RecyclingUDPSocket as RecyclingUDPSocket
 

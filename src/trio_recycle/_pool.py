@@ -342,6 +342,9 @@ class SocketPool:
 
         psock = await trio.lowlevel.wait_task_rescheduled(abort)
         assert isinstance(psock, PooledSocket)
+        # Granted, then the pool closed before this task ran: the socket
+        # is gone with the pool.
+        self._check_open()
         return psock
 
     def discard_socket(self, psock: PooledSocket) -> None:
@@ -396,7 +399,9 @@ class SocketPool:
                 self._free_slot()
 
     def _recycle_or_close(self, psock: PooledSocket) -> None:
-        if psock.reset_for_reuse():
+        # A drain can see the peer's FIN in the same scheduler round as the
+        # pool's exit, after _close() ran: then there is no idle to go to.
+        if not self._closed and psock.reset_for_reuse():
             self._recycled += 1
             self._put_idle(psock)
         else:

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 __all__ = ["OptionValue", "PoolKey", "PooledSocket", "SocketOption"]
 
 #: A value accepted by ``setsockopt``: an integer or a bytes-like buffer.
-OptionValue = Union[int, bytes]
+OptionValue = Union[int, bytes]  # noqa: UP007 - a runtime alias, `|` needs 3.10+ objects
 #: ``(level, option, value)`` as given to ``setsockopt``.
 SocketOption = tuple[int, int, OptionValue]
 #: What an idle socket must match to be reused: (family, type, proto,
@@ -204,7 +204,13 @@ class PooledSocket:
                 # unique (https://github.com/python-trio/trio/issues/275).
                 with contextlib.suppress(OSError, AttributeError):
                     sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
-                sock.bind((local_address, 0))
+                try:
+                    sock.bind((local_address, 0))
+                except (OSError, UnicodeError) as exc:
+                    code = exc.errno if isinstance(exc, OSError) else None
+                    family_name = socket.AddressFamily(family).name
+                    message = f"local_address={local_address!r} cannot be bound for {family_name}: {exc}"
+                    raise OSError(code, message) from exc
         except BaseException:
             sock.close()
             raise
@@ -248,8 +254,8 @@ class PooledSocket:
             if sock.type == socket.SOCK_DGRAM and not drain_datagrams(sock):
                 return False
             if self.saved_options:
-                for (level, option), value in self.saved_options.items():
-                    sock.setsockopt(level, option, value)
+                for (level, option), original in self.saved_options.items():
+                    sock.setsockopt(level, option, original)
                 self.saved_options.clear()
             for level, option, value in self.reapply:
                 sock.setsockopt(level, option, value)

@@ -1,0 +1,102 @@
+"""Resolution and connection: the numeric fast path, local_address, names."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+
+import trio_recycle
+
+from .conftest import ResolveNames, StartServer, answer_then_close, assert_capacity, cycle, read_until_eof
+
+
+class _SpawnCounter(trio.abc.Instrument):
+    """Count tasks spawned in nurseries of the current task (the server's don't count)."""
+
+    def __init__(self) -> None:
+        self.spawned = 0
+        self.task = trio.lowlevel.current_task()
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        nursery = task.parent_nursery
+        if nursery is not None and nursery.parent_task is self.task:
+            self.spawned += 1
+
+
+async def test_numeric_host_starts_no_task_and_no_thread(start_server: StartServer, loopback: str) -> None:
+    """An IP literal with one address: no nursery task, no worker thread."""
+    server = await start_server(answer_then_close, loopback)
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        await cycle(pool, server)  # warm: the next open reuses the idle socket
+        await trio.testing.wait_all_tasks_blocked()
+        counter = _SpawnCounter()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            stream = await pool.open_tcp_stream(loopback, server.port)
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert counter.spawned == 0
+        assert pool.statistics().reused == 1
+        async with stream:
+            await stream.send_all(b"x")
+            assert await read_until_eof(stream) == b"ok:x"
+
+
+async def test_names_go_through_trio_getaddrinfo(start_server: StartServer, resolve_names: ResolveNames) -> None:
+    """A name is resolved by trio.socket.getaddrinfo (so custom resolvers apply)."""
+    server = await start_server(answer_then_close)
+    resolve_names({"upstream.test": [("127.0.0.1", socket.AF_INET)]})
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        async with await pool.open_tcp_stream("upstream.test", server.port) as stream:
+            assert stream.getpeername() == ("127.0.0.1", server.port)
+            await stream.send_all(b"x")
+            await read_until_eof(stream)
+        async with await pool.open_tcp_stream(b"upstream.test", server.port) as stream:
+            await stream.send_all(b"y")
+            assert await read_until_eof(stream) == b"ok:y"
+        assert pool.statistics().reused == 1
+
+
+async def test_local_address_binds_and_separates_sockets(start_server: StartServer) -> None:
+    """local_address binds the source address; sockets bound differently are not mixed."""
+    server = await start_server(answer_then_close, "127.0.0.1")
+    async with trio_recycle.open_socket_pool(capacity=4) as pool:
+        for local in ("127.0.0.2", "127.0.0.3", "127.0.0.2"):
+            async with await pool.open_tcp_stream("127.0.0.1", server.port, local_address=local) as stream:
+                assert stream.getsockname()[0] == local
+                await stream.send_all(b"x")
+                await read_until_eof(stream)
+        stats = pool.statistics()
+        assert (stats.created, stats.reused, stats.idle) == (2, 1, 2)
+        assert_capacity(pool)
+
+
+async def test_local_address_of_the_wrong_family_names_it(start_server: StartServer) -> None:
+    """An IPv6 local_address for an IPv4 peer fails with an OSError naming local_address."""
+    server = await start_server(answer_then_close, "127.0.0.1")
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        with pytest.raises(OSError, match="local_address"):
+            await pool.open_tcp_stream("127.0.0.1", server.port, local_address="::1")
+        with pytest.raises(TypeError, match="local_address"):
+            await pool.open_tcp_stream("127.0.0.1", server.port, local_address=b"127.0.0.1")  # type: ignore[arg-type]
+        stats = pool.statistics()
+        assert (stats.in_use, stats.idle, stats.created) == (0, 0, 0)
+        assert await cycle(pool, server) == b"ok:ping"
+
+
+async def test_happy_eyeballs_delay_none_waits_for_each_failure(
+    resolve_names: ResolveNames, start_server: StartServer
+) -> None:
+    """happy_eyeballs_delay=None tries addresses one after another."""
+    server = await start_server(answer_then_close, "127.0.0.1")
+    with socket.socket() as refuser:
+        refuser.bind(("127.0.0.4", server.port))  # bound, not listening
+        resolve_names({"seq.test": [("127.0.0.4", socket.AF_INET), ("127.0.0.1", socket.AF_INET)]})
+        async with trio_recycle.open_socket_pool(capacity=2) as pool:
+            async with await pool.open_tcp_stream("seq.test", server.port, happy_eyeballs_delay=None) as stream:
+                await stream.send_all(b"x")
+                assert await read_until_eof(stream) == b"ok:x"
+            stats = pool.statistics()
+            assert (stats.created, stats.discarded) == (2, 1)
