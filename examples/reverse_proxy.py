@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import signal
 import socket
 import struct
@@ -168,6 +169,10 @@ class UpstreamError(Exception):
         self.status = status
 
 
+class BadRequest(Exception):
+    """The client's request body is malformed (the cause is h11's error)."""
+
+
 class Abort(Exception):
     """A response was started and cannot be finished: reset the client connection."""
 
@@ -233,9 +238,11 @@ class Proxy:
         try:
             try:
                 await self.serve_requests(conn, client)
-            except h11.RemoteProtocolError as exc:
+            except (h11.RemoteProtocolError, BadRequest) as exc:
+                error = exc.__cause__ if isinstance(exc, BadRequest) else exc
+                assert isinstance(error, h11.RemoteProtocolError)
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    await self.send_error(conn, client, exc.error_status_hint, str(exc))
+                    await self.send_error(conn, client, error.error_status_hint, str(error))
         except (Abort, h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             self.stats.aborted += 1
             graceful = False
@@ -247,7 +254,7 @@ class Proxy:
 
     async def serve_requests(self, conn: h11.Connection, client: trio.abc.Stream) -> None:
         while True:
-            with trio.move_on_after(KEEPALIVE_TIMEOUT) as idle:
+            with trio.CancelScope(deadline=trio.current_time() + KEEPALIVE_TIMEOUT) as idle:
                 event = await next_event(conn, client)
             if idle.cancelled_caught or not isinstance(event, h11.Request):
                 return
@@ -257,30 +264,35 @@ class Proxy:
             conn.start_next_cycle()
 
     async def forward(self, conn: h11.Connection, client: trio.abc.Stream, request: h11.Request) -> None:
-        """Forward ``request`` and stream the upstream's response back."""
+        """Forward ``request`` and stream the upstream's response back.
+
+        The upstream gets ``timeout`` seconds to accept the connection, take
+        the request and send the head of its response (time spent waiting
+        for the client's request body does not count); 504 after that, 502
+        if it fails or talks nonsense. Once the response has started, errors
+        can only cut the client connection.
+        """
         self.stats.requests += 1
+        upstream: trio.abc.HalfCloseableStream | None = None
         try:
-            upstream = await self.connect()
-        except UpstreamError as exc:
-            await self.send_error(conn, client, exc.status, str(exc))
-            return
-        async with upstream:
             try:
-                response, up = await self.exchange(conn, client, request, upstream)
-            except UpstreamError as exc:
-                await self.send_error(conn, client, exc.status, str(exc))
-                return
+                with trio.CancelScope(deadline=trio.current_time() + self.timeout) as deadline:
+                    upstream = await self.upstream.connect()
+                    response, up = await self.exchange(conn, client, request, upstream, deadline)
+                if deadline.cancelled_caught:
+                    raise UpstreamError(504, f"upstream did not answer within {self.timeout} s")
+            except OSError as exc:
+                raise UpstreamError(502, f"upstream unreachable: {exc}") from exc
+            except (h11.RemoteProtocolError, trio.BrokenResourceError) as exc:
+                raise UpstreamError(502, f"upstream failed: {exc}") from exc
+            assert upstream is not None
             self.stats.statuses[response.status_code] += 1
             await self.relay(conn, client, response, up, upstream)
-
-    async def connect(self) -> trio.abc.HalfCloseableStream:
-        try:
-            with trio.fail_after(self.timeout):
-                return await self.upstream.connect()
-        except trio.TooSlowError as exc:
-            raise UpstreamError(504, f"upstream did not accept a connection within {self.timeout} s") from exc
-        except OSError as exc:
-            raise UpstreamError(502, f"upstream unreachable: {exc}") from exc
+        except UpstreamError as exc:
+            await self.send_error(conn, client, exc.status, str(exc))
+        finally:
+            if upstream is not None:
+                await upstream.aclose()
 
     async def exchange(
         self,
@@ -288,12 +300,15 @@ class Proxy:
         client: trio.abc.Stream,
         request: h11.Request,
         upstream: trio.abc.HalfCloseableStream,
+        deadline: trio.CancelScope,
     ) -> tuple[h11.Response, h11.Connection]:
         """Send the request, head and body, upstream and read the response head.
 
         Bytes for the upstream are collected and sent only when the next
         step needs data from the client: a request without a body goes out
-        in a single ``send_all``.
+        in a single ``send_all``. Errors of the client come out as
+        `BadRequest` or `Abort`, so that whatever else is raised here is the
+        upstream's fault.
         """
         up = h11.Connection(h11.CLIENT)
         headers = forward_headers(request.headers)
@@ -306,39 +321,38 @@ class Proxy:
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
-                await self.send_upstream(upstream, pending)
+                await upstream.send_all(pending)
                 pending.clear()
-                if conn.they_are_waiting_for_100_continue:
-                    await send_client(client, conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-                with trio.fail_after(CLIENT_TIMEOUT):
-                    event = await next_event(conn, client)
+                # The client's slowness is not the upstream's: stop the
+                # upstream's clock while we wait for the request body.
+                remaining = deadline.deadline - trio.current_time()
+                deadline.deadline = math.inf
+                event = await self.request_body_event(conn, client)
+                deadline.deadline = trio.current_time() + remaining
             if isinstance(event, h11.Data):
                 pending += up.send(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
                 pending += up.send(h11.EndOfMessage())
                 break
-        await self.send_upstream(upstream, pending)
-        try:
-            with trio.fail_after(self.timeout):
-                while True:
-                    event = await next_event(up, upstream)
-                    if isinstance(event, h11.Response):
-                        return event, up
-                    if not isinstance(event, h11.InformationalResponse):
-                        raise UpstreamError(502, f"upstream sent {type(event).__name__} instead of a response")
-        except trio.TooSlowError as exc:
-            raise UpstreamError(504, f"upstream did not answer within {self.timeout} s") from exc
-        except (h11.RemoteProtocolError, trio.BrokenResourceError) as exc:
-            raise UpstreamError(502, f"upstream failed: {exc}") from exc
+        await upstream.send_all(pending)
+        while True:
+            event = await next_event(up, upstream)
+            if isinstance(event, h11.Response):
+                return event, up
+            if not isinstance(event, h11.InformationalResponse):
+                raise UpstreamError(502, f"upstream sent {type(event).__name__} instead of a response")
 
-    async def send_upstream(self, upstream: trio.abc.HalfCloseableStream, data: bytearray) -> None:
+    async def request_body_event(self, conn: h11.Connection, client: trio.abc.Stream) -> h11.Event:
+        """Read on in the client's request body, within ``CLIENT_TIMEOUT``."""
         try:
-            with trio.fail_after(self.timeout):
-                await upstream.send_all(data)
-        except trio.TooSlowError as exc:
-            raise UpstreamError(504, f"upstream did not take the request within {self.timeout} s") from exc
-        except trio.BrokenResourceError as exc:
-            raise UpstreamError(502, f"upstream failed: {exc}") from exc
+            with trio.fail_after(CLIENT_TIMEOUT):
+                if conn.they_are_waiting_for_100_continue:
+                    await client.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+                return await next_event(conn, client)
+        except h11.RemoteProtocolError as exc:
+            raise BadRequest from exc
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise Abort(f"client failed during its request body: {exc!r}") from exc
 
     async def relay(
         self,
@@ -352,43 +366,52 @@ class Proxy:
 
         As in `exchange`, bytes for the client are sent only when the next
         event needs data from the upstream: a small response goes out in a
-        single ``send_all``.
+        single ``send_all``. One cancel scope serves every wait; its
+        deadline is set before each: ``timeout`` for the upstream,
+        ``CLIENT_TIMEOUT`` for the client.
         """
-        head = h11.Response(
-            status_code=response.status_code, headers=forward_headers(response.headers), reason=response.reason
-        )
+        headers = forward_headers(response.headers)
+        head = h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
         out = bytearray(conn.send(head))
         eof = False
-        while True:
+        waiting_for = "upstream"
+        with trio.CancelScope() as timer:
             try:
-                event = up.next_event()
-                if event is h11.NEED_DATA:
-                    if out:
-                        await send_client(client, out)
-                        out.clear()
-                    with trio.fail_after(self.timeout):
+                while True:
+                    event = up.next_event()
+                    if event is h11.NEED_DATA:
+                        if out:
+                            waiting_for, timer.deadline = "client", trio.current_time() + CLIENT_TIMEOUT
+                            await client.send_all(out)
+                            out.clear()
+                        waiting_for, timer.deadline = "upstream", trio.current_time() + self.timeout
                         data = await upstream.receive_some(RECEIVE_SIZE)
-                    eof = not data
-                    up.receive_data(as_bytes(data))
-                    continue
-            except (h11.RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                        eof = not data
+                        up.receive_data(as_bytes(data))
+                    elif isinstance(event, h11.Data):
+                        out += conn.send(h11.Data(data=event.data))
+                    elif isinstance(event, h11.EndOfMessage):
+                        out += conn.send(h11.EndOfMessage())
+                        break
+                    else:
+                        raise Abort(f"upstream sent {type(event).__name__} in a response body")
+            except (h11.RemoteProtocolError, trio.BrokenResourceError) as exc:
+                if waiting_for == "client":
+                    raise
                 raise Abort(f"upstream failed during the response: {exc}") from exc
-            if isinstance(event, h11.Data):
-                out += conn.send(h11.Data(data=event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                out += conn.send(h11.EndOfMessage())
-                break
-            else:
-                raise Abort(f"upstream sent {type(event).__name__} in a response body")
-        await send_client(client, out)
-        if not eof:
-            # The upstream got "Connection: close" and closes next. Reading its
-            # FIN here means that leaving `async with upstream` recycles the
-            # socket at once, in this task, instead of in a background drain.
-            # Anything else (bytes after the response, a reset, silence) is
-            # left to the pool, which closes instead of recycling.
-            with trio.move_on_after(self.timeout), contextlib.suppress(trio.BrokenResourceError):
-                await upstream.receive_some(RECEIVE_SIZE)
+            waiting_for, timer.deadline = "client", trio.current_time() + CLIENT_TIMEOUT
+            await client.send_all(out)
+            if not eof:
+                # The upstream got "Connection: close" and closes next.
+                # Reading its FIN here means that closing the stream recycles
+                # the socket at once, in this task, instead of in a background
+                # drain. Anything else (bytes after the response, a reset,
+                # silence) is left to the pool, which closes instead.
+                waiting_for, timer.deadline = "upstream FIN", trio.current_time() + self.timeout
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await upstream.receive_some(RECEIVE_SIZE)
+        if timer.cancelled_caught and waiting_for != "upstream FIN":
+            raise Abort(f"{waiting_for} too slow during the response")
 
     async def send_error(self, conn: h11.Connection, client: trio.abc.Stream, status: int, message: str) -> None:
         """Answer with a short text/plain error page."""

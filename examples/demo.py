@@ -1,0 +1,500 @@
+"""The trio-recycle demo: a reverse proxy under load, with and without recycled upstream sockets.
+
+What it shows: the project's main case, measured. On 127.0.0.1 it starts
+an upstream that closes after every response (``upstream_server.py``, in
+its own process), the reverse proxy in front of it (``reverse_proxy.py``,
+in its own process), and a load generator (here) that keeps
+``--connections`` kept-alive client connections to the proxy busy. It does
+this once with the proxy's upstream sockets recycled through a trio-recycle
+pool and once with plain `trio.open_tcp_stream` (``reverse_proxy.py
+--plain``), alternating, ``--rounds`` times, and ends with a side-by-side
+table: requests per second, the proxy's CPU time per request, upstream
+``socket()`` calls, TIME_WAIT entries left on the upstream, and the proxy's
+peak number of open descriptors.
+
+Run it (the proxy needs h11, from the ``examples`` extra)::
+
+    nox -s demo
+    python examples/demo.py [--duration 3.5] [--rounds 2] [--connections 32] [--size 1024] [--pin]
+
+``--modes recycle,no-recycle,plain`` adds the pool with ``recycle=False``
+(same code path, sockets closed instead of reused); ``--json PATH`` writes
+the figures for ``benchmarks/bench_proxy.py``.
+
+Every response is checked: status 200 and a body that names its own
+request, so a byte of another connection would count as a failure. The exit
+status is 1 if a request failed, a process misbehaved, or recycling left
+TIME_WAIT entries on the upstream; the throughput target (recycling at
+least 1.3 times plain) is reported, not enforced, because it is a
+measurement on a machine that may be doing other things. The proxy's CPU
+time per request is the steadier figure when the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections import Counter
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import trio
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+HERE: Final = Path(__file__).resolve().parent
+#: The proxy's upstream connections, by mode: the command-line switch and a label.
+MODES: Final = {
+    "recycle": ([], "recycled (pool)"),
+    "no-recycle": (["--no-recycle"], "pool, recycle=False"),
+    "plain": (["--plain"], "trio.open_tcp_stream"),
+}
+#: Seconds a child process gets to start, and to stop after SIGINT.
+PROCESS_TIMEOUT: Final = 10.0
+#: Seconds one request may take before it counts as failed.
+REQUEST_TIMEOUT: Final = 10.0
+#: Seconds of load before measuring starts.
+WARMUP: Final = 0.5
+#: The throughput target of the project's issue: recycling / plain.
+TARGET_RATIO: Final = 1.3
+CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+
+
+@attrs.frozen
+class Args:
+    duration: float
+    rounds: int
+    connections: int
+    capacity: int
+    size: int
+    modes: tuple[str, ...]
+    pin: bool
+    json_path: str | None
+
+
+@attrs.define
+class Run:
+    """One run of one mode: a fresh upstream, a fresh proxy, load, counts."""
+
+    mode: str
+    seconds: float = 0.0
+    measured: int = 0
+    requests: int = 0
+    failures: Counter[str] = attrs.field(factory=Counter)
+    proxy_cpu: float = 0.0
+    socket_calls: int = 0
+    time_wait: int = 0
+    peak_fds: int = 0
+    proxy_report: list[str] = attrs.field(factory=list)
+    problems: list[str] = attrs.field(factory=list)
+
+
+class ResponseError(Exception):
+    """A response that is not the one asked for."""
+
+
+# ---------------------------------------------------------------------------
+# Child processes
+
+
+@attrs.define(eq=False)
+class Child:
+    """A child process that prints ``listening on HOST:PORT`` when ready."""
+
+    name: str
+    process: trio.Process
+    host: str = ""
+    port: int = 0
+    output: bytearray = attrs.field(factory=bytearray)
+
+    async def read_line(self) -> str:
+        assert self.process.stdout is not None
+        while b"\n" not in self.output:
+            data = await self.process.stdout.receive_some(65536)
+            if not data:
+                raise RuntimeError(f"{self.name} exited before it was ready: {self.output.decode(errors='replace')}")
+            self.output += data
+        line, _, rest = self.output.partition(b"\n")
+        self.output[:] = rest
+        return line.decode()
+
+    async def stop(self) -> str:
+        """SIGINT, then return what it printed until it exited."""
+        assert self.process.stdout is not None
+        self.process.send_signal(signal.SIGINT)
+        with trio.move_on_after(PROCESS_TIMEOUT):
+            async for data in self.process.stdout:
+                self.output += data
+            await self.process.wait()
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+            raise RuntimeError(f"{self.name} did not stop within {PROCESS_TIMEOUT} s of SIGINT")
+        if self.process.returncode:
+            raise RuntimeError(f"{self.name} exited with status {self.process.returncode}")
+        return self.output.decode(errors="replace")
+
+
+@asynccontextmanager
+async def spawn(name: str, script: str, *options: str) -> AsyncIterator[Child]:
+    """Run ``examples/<script>`` until the block exits; kill it if it is still there."""
+    argv = [sys.executable, str(HERE / script), "--listen", "127.0.0.1:0", *options]
+    process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
+    try:
+        child = Child(name, process)
+        with trio.fail_after(PROCESS_TIMEOUT):
+            line = await child.read_line()
+        match = re.fullmatch(r"listening on \[?(.*?)\]?:(\d+)", line)
+        if match is None:
+            raise RuntimeError(f"{name} said {line!r} instead of 'listening on HOST:PORT'")
+        child.host, child.port = match[1], int(match[2])
+        yield child
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+def cpu_plan(pin: bool) -> tuple[set[int], set[int]] | None:
+    """CPUs for (the proxy, everything else), or None to leave placement to the kernel.
+
+    The proxy is what is measured; on its own CPU it is not slowed down by
+    the upstream and the load generator, as it would not be in production,
+    where they run on other machines. Off by default: on a machine busy
+    with other work, a pinned process cannot move away from a busy CPU.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        return None
+    return {cpus[0]}, set(cpus[1:])
+
+
+def count_time_wait(port: int) -> int:
+    """TIME_WAIT entries (state 06) whose local port is ``port``, IPv4 and IPv6."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as lines:
+                next(lines, None)
+                for line in lines:
+                    fields = line.split(maxsplit=4)
+                    if fields[3] == "06" and int(fields[1].rpartition(":")[2], 16) == port:
+                        count += 1
+        except OSError:
+            pass
+    return count
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as file:
+        fields = file.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def open_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+# ---------------------------------------------------------------------------
+# The load generator
+
+
+async def read_response(sock: trio.socket.SocketType, buffer: bytearray) -> tuple[int, bytes, bool]:
+    """Read one Content-Length-framed response; return (status, body, server closes)."""
+    while (end := buffer.find(b"\r\n\r\n")) < 0:
+        if len(buffer) > 65536:
+            raise ResponseError("response head too long")
+        data = await sock.recv(65536)
+        if not data:
+            raise ResponseError("the proxy closed the connection")
+        buffer += data
+    head = bytes(buffer[:end]).lower()
+    start = head.find(b"\r\ncontent-length:") + 17
+    stop = head.find(b"\r\n", start)
+    try:
+        if start < 17:
+            raise ValueError
+        status = int(head[9:12])
+        length = int(head[start : stop if stop >= 0 else None])
+    except ValueError:
+        raise ResponseError(f"unexpected response head {head[:200]!r}") from None
+    total = end + 4 + length
+    while len(buffer) < total:
+        data = await sock.recv(65536)
+        if not data:
+            raise ResponseError("the proxy closed the connection in a response body")
+        buffer += data
+    body = bytes(buffer[end + 4 : total])
+    del buffer[:total]
+    return status, body, b"\r\nconnection: close" in head
+
+
+@attrs.define
+class Load:
+    done: int = 0
+    failures: Counter[str] = attrs.field(factory=Counter)
+
+
+async def load_client(host: str, port: int, number: int, load: Load, stop: trio.Event) -> None:
+    """Send requests over one kept-alive connection until ``stop`` is set."""
+    sequence = 0
+    while not stop.is_set():
+        try:
+            with trio.socket.socket() as sock:
+                await sock.connect((host, port))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                buffer = bytearray()
+                while not stop.is_set():
+                    sequence += 1
+                    path = f"/demo/{number}/{sequence}".encode()
+                    request = b"GET " + path + b" HTTP/1.1\r\nHost: proxy\r\n\r\n"
+                    with trio.fail_after(REQUEST_TIMEOUT):
+                        await sock.send(request)
+                        status, body, close = await read_response(sock, buffer)
+                    if status != 200:
+                        raise ResponseError(f"status {status}: {body[:200]!r}")
+                    if not body.startswith(b"GET " + path + b"\n"):
+                        raise ResponseError(f"the body of another request: {body[:60]!r}")
+                    load.done += 1
+                    if close:
+                        break
+        except (OSError, ResponseError, trio.TooSlowError) as exc:
+            load.failures[f"{type(exc).__name__}: {exc}"] += 1
+            await trio.sleep(0.05)
+
+
+class Progress:
+    """One status line, redrawn in place on a terminal."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty()
+
+    def show(self, text: str, *, final: bool = False) -> None:
+        if self.tty:
+            print(f"\r\x1b[K{text}", end="\n" if final else "", flush=True)
+        elif final:
+            print(text, flush=True)
+
+
+async def run_once(mode: str, args: Args, label: str, progress: Progress) -> Run:
+    run = Run(mode)
+    plan = cpu_plan(args.pin)
+    async with spawn("upstream", "upstream_server.py", "--size", str(args.size)) as upstream:
+        if plan is not None:
+            os.sched_setaffinity(upstream.process.pid, plan[1])
+        upstream_address = f"{upstream.host}:{upstream.port}"
+        options = [*MODES[mode][0], "--upstream", upstream_address, "--capacity", str(args.capacity)]
+        async with spawn(f"proxy ({mode})", "reverse_proxy.py", *options) as proxy:
+            pid = proxy.process.pid
+            if plan is not None:
+                os.sched_setaffinity(pid, plan[0])
+            load = Load()
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                for number in range(args.connections):
+                    nursery.start_soon(load_client, proxy.host, proxy.port, number, load, stop)
+                begin = trio.current_time()
+                total = WARMUP + args.duration
+
+                async def watch(until: float) -> None:
+                    while (now := trio.current_time()) < until:
+                        run.peak_fds = max(run.peak_fds, open_fds(pid))
+                        elapsed = now - begin
+                        bar = "#" * int(20 * elapsed / total)
+                        progress.show(
+                            f"  {label} [{bar:20}] {elapsed:4.1f}/{total:.1f} s  {load.done:8,} requests"
+                            f"  {load.done / max(elapsed, 0.01):7,.0f}/s  {sum(load.failures.values())} failed"
+                        )
+                        await trio.sleep(0.05)
+
+                await watch(begin + WARMUP)
+                start, done_at_start, cpu_at_start = trio.current_time(), load.done, cpu_seconds(pid)
+                await watch(begin + total)
+                run.seconds = trio.current_time() - start
+                run.measured = load.done - done_at_start
+                run.proxy_cpu = cpu_seconds(pid) - cpu_at_start
+                stop.set()
+            run.requests = load.done
+            run.failures = load.failures
+            report = await proxy.stop()
+        await upstream.stop()
+    # The upstream closed every connection before it exited; give the last
+    # FINs and RSTs a moment to cross loopback before counting.
+    await trio.sleep(0.1)
+    run.time_wait = count_time_wait(upstream.port)
+    run.proxy_report = report.strip().splitlines()
+    check_report(run)
+    progress.show(
+        f"  {label} {run.measured / run.seconds:7,.0f} requests/s, {run.requests:,} requests,"
+        f" {sum(run.failures.values())} failed, {run.socket_calls:,} socket() calls, {run.time_wait:,} TIME_WAIT",
+        final=True,
+    )
+    return run
+
+
+def check_report(run: Run) -> None:
+    """Read the proxy's exit report: socket() calls, and that nothing leaked."""
+    text = "\n".join(run.proxy_report)
+    calls = re.search(r"upstream socket\(\) calls: (\d+)", text)
+    requests = re.search(r"proxy: (\d+) requests, responses (.*), (\d+) aborted", text)
+    if calls is None or requests is None:
+        run.problems.append(f"unexpected report from the proxy: {text!r}")
+        return
+    run.socket_calls = int(calls[1])
+    if requests[2] != f"200={run.requests}" or requests[3] != "0":
+        run.problems.append(f"the proxy answered {requests[2]} with {requests[3]} aborted; want 200={run.requests}")
+    stats = re.search(r"in_use=(\d+)", text)
+    if stats is not None and stats[1] != "0":
+        run.problems.append(f"the proxy's pool still had sockets in use at exit: {text}")
+
+
+# ---------------------------------------------------------------------------
+# The table
+
+
+def combine(runs: list[Run]) -> Run:
+    total = Run(runs[0].mode)
+    for run in runs:
+        total.seconds += run.seconds
+        total.measured += run.measured
+        total.requests += run.requests
+        total.failures.update(run.failures)
+        total.proxy_cpu += run.proxy_cpu
+        total.socket_calls += run.socket_calls
+        total.time_wait += run.time_wait
+        total.peak_fds = max(total.peak_fds, run.peak_fds)
+        total.problems += run.problems
+    return total
+
+
+def rate(run: Run) -> float:
+    return run.measured / run.seconds if run.seconds else 0.0
+
+
+def print_table(totals: list[Run]) -> None:
+    def per_request_us(run: Run) -> str:
+        return f"{1e6 * run.proxy_cpu / run.measured:,.0f}" if run.measured else "-"
+
+    rows = {
+        "requests/s through the proxy": [f"{rate(r):,.0f}" for r in totals],
+        "proxy CPU per request (us)": [per_request_us(r) for r in totals],
+        "requests (failed)": [f"{r.requests:,} ({sum(r.failures.values())})" for r in totals],
+        "upstream socket() calls": [f"{r.socket_calls:,}" for r in totals],
+        "TIME_WAIT left on upstream": [f"{r.time_wait:,}" for r in totals],
+        "peak proxy descriptors": [f"{r.peak_fds:,}" for r in totals],
+    }
+    width = max(24, *(len(MODES[r.mode][1]) + 2 for r in totals))
+    print()
+    print(f"{'':30}" + "".join(f"{MODES[r.mode][1]:>{width}}" for r in totals))
+    for label, cells in rows.items():
+        print(f"{label:30}" + "".join(f"{cell:>{width}}" for cell in cells))
+
+
+def verdict(totals: dict[str, Run]) -> bool:
+    """Print the targets; return False if a correctness target failed."""
+    ok = True
+    lines = []
+    failed = sum(sum(run.failures.values()) for run in totals.values())
+    lines.append(("no failed request", failed == 0, f"{failed} failed"))
+    ok &= failed == 0
+    if "recycle" in totals:
+        time_wait = totals["recycle"].time_wait
+        lines.append(("no TIME_WAIT on the upstream with recycling", time_wait == 0, f"{time_wait} left"))
+        ok &= time_wait == 0
+    recycle, plain = totals.get("recycle"), totals.get("plain")
+    if recycle is not None and plain is not None and rate(plain) and recycle.proxy_cpu:
+        ratio = rate(recycle) / rate(plain)
+        cpu_ratio = (plain.proxy_cpu / plain.measured) / (recycle.proxy_cpu / recycle.measured)
+        text = (
+            f"{ratio:.2f}x (reported, not enforced: other load on the machine shifts it);"
+            f" per second of proxy CPU: {cpu_ratio:.2f}x"
+        )
+        lines.append((f"recycling >= {TARGET_RATIO}x the requests/s of plain", ratio >= TARGET_RATIO, text))
+    print()
+    for name, met, detail in lines:
+        print(f"  [{'ok' if met else '!!'}] {name}: {detail}")
+    for run in totals.values():
+        for problem in run.problems:
+            print(f"  [!!] {run.mode}: {problem}")
+            ok = False
+        for reason, count in run.failures.most_common(5):
+            print(f"  {run.mode}: {count} x {reason}")
+    return ok
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    parser = argparse.ArgumentParser(description="Load a reverse proxy with and without recycled upstream sockets.")
+    parser.add_argument("--duration", type=float, default=3.5, help="seconds measured per run (default 3.5)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per mode, alternating (default 2)")
+    parser.add_argument("--connections", type=int, default=32, help="client connections to the proxy (default 32)")
+    parser.add_argument("--capacity", type=int, default=64, help="the proxy's pool capacity (default 64)")
+    parser.add_argument("--size", type=int, default=1024, help="response body bytes (default 1024)")
+    parser.add_argument("--modes", default="recycle,plain", help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--pin", action="store_true", help="pin the proxy to a CPU of its own, the rest to the others")
+    parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON ('-': stdout)")
+    args = parser.parse_args(argv)
+    modes = tuple(args.modes.split(","))
+    if not set(modes) <= MODES.keys() or len(set(modes)) != len(modes):
+        parser.error(f"--modes: choose from {', '.join(MODES)}")
+    if not 0 < args.duration <= 600 or not 1 <= args.rounds <= 20 or not 1 <= args.connections <= 1000:
+        parser.error("--duration must be in (0, 600], --rounds in 1..20, --connections in 1..1000")
+    return Args(args.duration, args.rounds, args.connections, args.capacity, args.size, modes, args.pin, args.json_path)
+
+
+async def main(args: Args) -> None:
+    if importlib.util.find_spec("h11") is None:
+        sys.exit("the proxy needs h11: pip install 'trio-recycle[examples]' (or h11)")
+    print(
+        f"trio-recycle demo: a reverse proxy on 127.0.0.1 in front of an upstream that closes after every"
+        f" response;\n{args.connections} kept-alive client connections, {args.size}-byte responses,"
+        f" {args.duration} s measured per run, {args.rounds} round(s) of {', '.join(args.modes)}",
+        flush=True,
+    )
+    plan = cpu_plan(args.pin)
+    if plan is not None:
+        os.sched_setaffinity(0, plan[1])
+        print(f"the proxy runs on CPU {sorted(plan[0])}, the upstream and the load generator on {sorted(plan[1])}")
+    progress = Progress()
+    runs: dict[str, list[Run]] = {mode: [] for mode in args.modes}
+    for number in range(args.rounds):
+        # Alternate the order (ABBA) so that a drift in the machine's load
+        # does not favour one mode.
+        order = args.modes if number % 2 == 0 else args.modes[::-1]
+        for mode in order:
+            label = f"{mode:10} {number + 1}/{args.rounds}"
+            runs[mode].append(await run_once(mode, args, label, progress))
+    totals = {mode: combine(mode_runs) for mode, mode_runs in runs.items()}
+    print_table(list(totals.values()))
+    ok = verdict(totals)
+    if args.json_path is not None:
+        data = {
+            "args": attrs.asdict(args),
+            "runs": [attrs.asdict(run) for mode_runs in runs.values() for run in mode_runs],
+            "requests_per_second": {mode: rate(run) for mode, run in totals.items()},
+        }
+        text = json.dumps(data, indent=2)
+        if args.json_path == "-":
+            print(text)
+        else:
+            await trio.Path(args.json_path).write_text(text + "\n")
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    trio.run(main, parse_args())
