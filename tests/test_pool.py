@@ -670,3 +670,28 @@ async def test_body_exception_propagates_unwrapped() -> None:
     with pytest.raises(KeyError):
         async with trio_recycle.open_socket_pool(capacity=1):
             raise KeyError("mine")
+
+
+async def test_drain_finishing_as_the_pool_exits_leaks_nothing() -> None:
+    """Regression: a drain that sees the FIN in the pool's last scheduler round closes, not parks.
+
+    The peer's FIN arrives during the block's last checkpoint, so the drain
+    task and the pool's exit run in one batch; before the fix the socket was
+    put idle after _close() and stayed open.
+    """
+    leaked = 0
+    for _ in range(20):
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            async with trio_recycle.open_socket_pool(capacity=1) as pool:
+                stream = await pool.open_tcp_stream(*listener.getsockname())
+                peer, _ = listener.accept()
+                await stream.aclose()  # no EOF yet: a drain task waits for it
+                await trio.testing.wait_all_tasks_blocked()
+                assert peer.recv(100) == b""  # our FIN
+                peer.close()  # the peer's FIN arrives now
+                await trio.lowlevel.checkpoint()
+            leaked += sum(p.sock.fileno() != -1 for p in pool._idle_lru)
+            stats = pool.statistics()
+            assert (stats.idle, stats.in_use, stats.draining) == (0, 0, 0)
+            assert stats.created == stats.discarded
+    assert leaked == 0
