@@ -43,7 +43,7 @@ from .hostile import ALL_KINDS, POLITE_KINDS, HostileServer, dead_address, start
 from .strategies import POKES, Config, Program, Step, pattern, programs
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from trio_recycle import RecyclingStream, SocketPool
 
@@ -278,19 +278,26 @@ class CapacityWatch(trio.abc.Instrument):
 @contextmanager
 def watching_the_pool(world: World) -> Iterator[None]:
     """Record every socket the pool creates (I5) and the TCP state of every disconnect (I7)."""
+    with watching_pools(world.created_inodes, world.violate):
+        yield
+
+
+@contextmanager
+def watching_pools(created_inodes: set[str], violate: Callable[[str], None]) -> Iterator[None]:
+    """Add the inode of every socket a pool creates to ``created_inodes``; report disconnects without a FIN."""
     create = PooledSocket.__dict__["create"]
     reset_for_reuse = PooledSocket.reset_for_reuse
 
     def spy_create(*args: object, **kwargs: object) -> PooledSocket:
         psock: PooledSocket = create.__get__(None, PooledSocket)(*args, **kwargs)
-        world.created_inodes.add(socket_inode(psock.sock))
+        created_inodes.add(socket_inode(psock.sock))
         return psock
 
     def spy_reset(self: PooledSocket) -> bool:
         if not self.tainted and self.sock.type == socket.SOCK_STREAM:
             state = tcp_state(self.sock)
             if state in NO_FIN_STATES:
-                world.violate(f"I7: the pool disconnected a socket in {NO_FIN_STATES[state]}: the peer sent no FIN")
+                violate(f"I7: the pool disconnected a socket in {NO_FIN_STATES[state]}: the peer sent no FIN")
         return reset_for_reuse(self)
 
     setattr(PooledSocket, "create", staticmethod(spy_create))  # noqa: B010 - the attribute is a method
