@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import socket
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -38,15 +38,16 @@ from hypothesis import event, given
 import trio_recycle
 from trio_recycle._pooled_socket import PooledSocket
 
-from .conftest import assert_capacity, assert_idle_disconnected, fd_inodes, socket_inode, tcp_state
+from .conftest import assert_capacity, assert_idle_disconnected, fd_inodes, has_ipv6, socket_inode, tcp_state
 from .hostile import ALL_KINDS, POLITE_KINDS, HostileServer, dead_address, start_hostile_server
-from .strategies import POKES, Config, Program, Step, pattern, programs
+from .strategies import POKES, SERVERS, Config, Program, Step, pattern, programs
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from trio_recycle import RecyclingStream, SocketPool
 
+HAS_IPV6: Final = has_ipv6()
 #: Virtual seconds one step may take before it is cancelled like any other.
 STEP_TIMEOUT: Final = 20.0
 #: Virtual seconds the whole program may take: beyond it, a deadlock.
@@ -534,6 +535,9 @@ async def run_program(program: Program, host: str = "127.0.0.1") -> World:
             else await start_hostile_server(servers_nursery, kind, host)
             for kind in ALL_KINDS
         ]
+        for name in SERVERS[len(ALL_KINDS) :]:
+            kind, _, other_host = name.partition("@")
+            servers.append(await start_hostile_server(servers_nursery, kind, other_host if HAS_IPV6 else host))
         world = World(program, servers)
         with watching_the_pool(world):
             try:
@@ -630,10 +634,10 @@ def _program(config: Config, *tasks: list[Step]) -> Program:
 def test_every_kind_of_server_in_one_program() -> None:
     """A hand-written program that visits every hostile server once (the interpreter itself works)."""
     tasks = []
-    for index, _kind in enumerate(ALL_KINDS):
+    for index, _kind in enumerate(SERVERS):
         tasks.append([Step("open", index), Step("send", 10), Step("recv", 64), Step("read_eof"), Step("close")])
-    world = run(_program(Config(capacity=3), *tasks))
-    assert len(world.streams) == len(ALL_KINDS) - 1  # the dead address refuses
+    world = run(_program(Config(capacity=len(SERVERS)), *tasks))
+    assert len(world.streams) == len(SERVERS) - 1  # the dead address refuses
     stats = world.pool.statistics() if world.pool else None
     assert stats is not None
     assert stats.recycled >= 2
@@ -707,3 +711,40 @@ def test_cancel_each_checkpoint_of_a_step_until_it_completes(scenario: str) -> N
         pytest.fail(f"{scenario}: still cancelled after 200 yields")
     assert yields >= 1, f"{scenario}: the step was never cancelled"
     print(f"{scenario}: cancelled at each of its first {yields} yields, completed after")
+
+
+# ----------------------------------------------------------------------
+# Regressions found by the programs above
+
+
+async def test_stale_handle_says_closed_even_while_its_owner_is_mid_send(nursery: trio.Nursery) -> None:
+    """A stream closed by another task while its owner is inside send_eof raises ClosedResourceError, not Busy.
+
+    Found as: task 2 ``open echo; read_eof; send 1`` while task 3 ``close the
+    stream of task 2; poke stale.send_all``: the owner still held the send
+    guard in its last (shielded) checkpoint, so the stale send_all raised
+    BusyResourceError. trio picks which task runs first in a batch at
+    random, so the race is run 20 times (both orders come up).
+    """
+    server = await start_hostile_server(nursery, "echo")
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        for _ in range(20):
+            stream = await pool.open_tcp_stream(server.host, server.port)
+
+            async def owner(stream: RecyclingStream = stream) -> None:
+                with suppress(trio.ClosedResourceError):
+                    await stream.send_eof()
+
+            async def closer(stream: RecyclingStream = stream) -> None:
+                await stream.aclose()
+                with pytest.raises(trio.ClosedResourceError):
+                    await stream.send_all(b"stale")
+                with pytest.raises(trio.ClosedResourceError):
+                    await stream.send_eof()
+                with pytest.raises(trio.ClosedResourceError):
+                    await stream.wait_send_all_might_not_block()
+
+            async with trio.open_nursery() as tasks:
+                tasks.start_soon(owner)
+                tasks.start_soon(closer)
+            assert_capacity(pool)

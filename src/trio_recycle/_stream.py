@@ -93,6 +93,11 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """See `trio.abc.SendStream.send_all`."""
+        # Closed wins over busy: the task that was sending when another task
+        # closed the stream may still hold the guard (in its last, shielded
+        # checkpoint), and a stale handle must always say it is closed (I2).
+        if self._closed:
+            raise closed_stream_error()
         with self._send_guard:
             if self._closed:
                 raise closed_stream_error()
@@ -117,6 +122,8 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
 
     async def wait_send_all_might_not_block(self) -> None:
         """See `trio.abc.SendStream.wait_send_all_might_not_block`."""
+        if self._closed:
+            raise closed_stream_error()
         with self._send_guard:
             if self._closed:
                 raise closed_stream_error()
@@ -128,6 +135,8 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
         Sends our FIN; idempotent. The socket is still recycled when the
         stream is closed, once the peer's FIN has arrived too.
         """
+        if self._closed:
+            raise closed_stream_error()
         with self._send_guard:
             await trio.lowlevel.checkpoint()
             if self._closed:
