@@ -33,7 +33,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from hypothesis import event, given
+from hypothesis import event, given, settings
 
 import trio_recycle
 from trio_recycle._pooled_socket import PooledSocket
@@ -616,6 +616,9 @@ def run(program: Program, host: str = "127.0.0.1") -> World:
 # The tests
 
 
+# Each example is one short trio run (a few ms): four times the profile's
+# count, 100 examples (about 2 s) by default, 600 under the ci profile.
+@settings(max_examples=settings().max_examples * 4)
 @given(programs())
 def test_random_programs_keep_the_invariants(program: Program) -> None:
     """I1-I8 hold after every step of any program of opens, sends, reads, EOFs, closes, pokes and cancels."""
