@@ -1,25 +1,30 @@
 """The trio-recycle demo: a reverse proxy under load, with and without recycled upstream sockets.
 
-What it shows: the project's main case, measured. On 127.0.0.1 it starts
-an upstream that closes after every response (``upstream_server.py``, in
-its own process), the reverse proxy in front of it (``reverse_proxy.py``,
-in its own process), and a load generator (here) that keeps
-``--connections`` kept-alive client connections to the proxy busy. It does
-this once with the proxy's upstream sockets recycled through a trio-recycle
-pool and once with plain `trio.open_tcp_stream` (``reverse_proxy.py
---plain``), alternating, ``--rounds`` times, and ends with a side-by-side
-table: requests per second, the proxy's CPU time per request, upstream
-``socket()`` calls, TIME_WAIT entries left on the upstream, and the proxy's
-peak number of open descriptors.
+What it shows: the project's main case, measured. On 127.0.0.1 it starts,
+for each way of getting upstream connections, an upstream that closes
+after every response (``upstream_server.py``, its own process) and the
+reverse proxy in front of it (``reverse_proxy.py``, its own process): one
+proxy recycles its upstream sockets through a trio-recycle pool, the other
+uses plain `trio.open_tcp_stream` (``--plain``). A load generator (here)
+keeps ``--connections`` kept-alive client connections to each proxy busy,
+both at the same time, so that both see the same machine at the same
+moment: whatever else the machine does slows both alike, and the ratio of
+their rates stays a fair comparison. After ``--rounds`` rounds, each with
+fresh processes, it prints a side-by-side table: requests per second, the
+proxy's CPU time per request, upstream ``socket()`` calls, TIME_WAIT
+entries left on the upstream, the proxy's peak number of open descriptors,
+and the slowest request.
 
 Run it (the proxy needs h11, from the ``examples`` extra)::
 
     nox -s demo
-    python examples/demo.py [--duration 3.5] [--rounds 2] [--connections 32] [--size 1024] [--pin]
+    python examples/demo.py [--duration 4] [--rounds 2] [--connections 32] [--size 1024]
 
-``--modes recycle,no-recycle,plain`` adds the pool with ``recycle=False``
-(same code path, sockets closed instead of reused); ``--json PATH`` writes
-the figures for ``benchmarks/bench_proxy.py``.
+``--sequential`` runs one proxy at a time instead (alternating the order
+from round to round); ``--modes recycle,no-recycle,plain`` adds a proxy
+whose pool has ``recycle=False`` (the pool's code path, sockets closed
+instead of reused); ``--json PATH`` writes the figures for
+``benchmarks/bench_proxy.py``.
 
 Every response is checked: status 200 and a body that names its own
 request, so a byte of another connection would count as a failure. The exit
@@ -33,6 +38,7 @@ time per request is the steadier figure when the machine is shared.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -78,7 +84,7 @@ class Args:
     capacity: int
     size: int
     modes: tuple[str, ...]
-    pin: bool
+    sequential: bool
     json_path: str | None
 
 
@@ -95,6 +101,7 @@ class Run:
     socket_calls: int = 0
     time_wait: int = 0
     peak_fds: int = 0
+    slowest: float = 0.0
     proxy_report: list[str] = attrs.field(factory=list)
     problems: list[str] = attrs.field(factory=list)
 
@@ -166,20 +173,6 @@ async def spawn(name: str, script: str, *options: str) -> AsyncIterator[Child]:
                 await process.wait()
 
 
-def cpu_plan(pin: bool) -> tuple[set[int], set[int]] | None:
-    """CPUs for (the proxy, everything else), or None to leave placement to the kernel.
-
-    The proxy is what is measured; on its own CPU it is not slowed down by
-    the upstream and the load generator, as it would not be in production,
-    where they run on other machines. Off by default: on a machine busy
-    with other work, a pinned process cannot move away from a busy CPU.
-    """
-    cpus = sorted(os.sched_getaffinity(0))
-    if not pin or len(cpus) < 2:
-        return None
-    return {cpus[0]}, set(cpus[1:])
-
-
 def count_time_wait(port: int) -> int:
     """TIME_WAIT entries (state 06) whose local port is ``port``, IPv4 and IPv6."""
     count = 0
@@ -248,6 +241,7 @@ async def read_response(sock: trio.socket.SocketType, buffer: bytearray) -> tupl
 class Load:
     done: int = 0
     failures: Counter[str] = attrs.field(factory=Counter)
+    slowest: float = 0.0
 
 
 async def load_client(host: str, port: int, number: int, load: Load, stop: trio.Event) -> None:
@@ -263,6 +257,7 @@ async def load_client(host: str, port: int, number: int, load: Load, stop: trio.
                     sequence += 1
                     path = f"/demo/{number}/{sequence}".encode()
                     request = b"GET " + path + b" HTTP/1.1\r\nHost: proxy\r\n\r\n"
+                    sent = trio.current_time()
                     with trio.fail_after(REQUEST_TIMEOUT):
                         await sock.send(request)
                         status, body, close = await read_response(sock, buffer)
@@ -271,6 +266,7 @@ async def load_client(host: str, port: int, number: int, load: Load, stop: trio.
                     if not body.startswith(b"GET " + path + b"\n"):
                         raise ResponseError(f"the body of another request: {body[:60]!r}")
                     load.done += 1
+                    load.slowest = max(load.slowest, trio.current_time() - sent)
                     if close:
                         break
         except (OSError, ResponseError, trio.TooSlowError) as exc:
@@ -291,60 +287,90 @@ class Progress:
             print(text, flush=True)
 
 
-async def run_once(mode: str, args: Args, label: str, progress: Progress) -> Run:
-    run = Run(mode)
-    plan = cpu_plan(args.pin)
-    async with spawn("upstream", "upstream_server.py", "--size", str(args.size)) as upstream:
-        if plan is not None:
-            os.sched_setaffinity(upstream.process.pid, plan[1])
-        upstream_address = f"{upstream.host}:{upstream.port}"
-        options = [*MODES[mode][0], "--upstream", upstream_address, "--capacity", str(args.capacity)]
-        async with spawn(f"proxy ({mode})", "reverse_proxy.py", *options) as proxy:
-            pid = proxy.process.pid
-            if plan is not None:
-                os.sched_setaffinity(pid, plan[0])
-            load = Load()
-            stop = trio.Event()
-            async with trio.open_nursery() as nursery:
+@attrs.define(eq=False)
+class Contender:
+    """One mode in a round: its upstream, its proxy, its load and its figures."""
+
+    run: Run
+    upstream: Child
+    proxy: Child
+    load: Load = attrs.field(factory=Load)
+    done_at_start: int = 0
+    cpu_at_start: float = 0.0
+
+
+async def run_round(modes: tuple[str, ...], args: Args, label: str, progress: Progress) -> list[Run]:
+    """Load a fresh upstream and proxy for each mode, all at the same time."""
+    async with contextlib.AsyncExitStack() as stack:
+        contenders = []
+        for mode in modes:
+            upstream = await stack.enter_async_context(
+                spawn("upstream", "upstream_server.py", "--size", str(args.size))
+            )
+            options = [
+                *MODES[mode][0],
+                "--upstream",
+                f"{upstream.host}:{upstream.port}",
+                "--capacity",
+                str(args.capacity),
+            ]
+            proxy = await stack.enter_async_context(spawn(f"proxy ({mode})", "reverse_proxy.py", *options))
+            contenders.append(Contender(Run(mode), upstream, proxy))
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for contender in contenders:
                 for number in range(args.connections):
-                    nursery.start_soon(load_client, proxy.host, proxy.port, number, load, stop)
-                begin = trio.current_time()
-                total = WARMUP + args.duration
+                    proxy = contender.proxy
+                    nursery.start_soon(load_client, proxy.host, proxy.port, number, contender.load, stop)
+            begin = trio.current_time()
+            total = WARMUP + args.duration
 
-                async def watch(until: float) -> None:
-                    while (now := trio.current_time()) < until:
-                        run.peak_fds = max(run.peak_fds, open_fds(pid))
-                        elapsed = now - begin
-                        bar = "#" * int(20 * elapsed / total)
-                        progress.show(
-                            f"  {label} [{bar:20}] {elapsed:4.1f}/{total:.1f} s  {load.done:8,} requests"
-                            f"  {load.done / max(elapsed, 0.01):7,.0f}/s  {sum(load.failures.values())} failed"
-                        )
-                        await trio.sleep(0.05)
+            async def watch(until: float) -> None:
+                while (now := trio.current_time()) < until:
+                    elapsed = now - begin
+                    rates = []
+                    for c in contenders:
+                        c.run.peak_fds = max(c.run.peak_fds, open_fds(c.proxy.process.pid))
+                        rates.append(f"{c.run.mode} {c.load.done / max(elapsed, 0.01):6,.0f}/s")
+                    failed = sum(sum(c.load.failures.values()) for c in contenders)
+                    bar = "#" * int(20 * elapsed / total)
+                    progress.show(
+                        f"  {label} [{bar:20}] {elapsed:4.1f}/{total:.1f} s  {'  '.join(rates)}  {failed} failed"
+                    )
+                    await trio.sleep(0.05)
 
-                await watch(begin + WARMUP)
-                start, done_at_start, cpu_at_start = trio.current_time(), load.done, cpu_seconds(pid)
-                await watch(begin + total)
-                run.seconds = trio.current_time() - start
-                run.measured = load.done - done_at_start
-                run.proxy_cpu = cpu_seconds(pid) - cpu_at_start
-                stop.set()
-            run.requests = load.done
-            run.failures = load.failures
-            report = await proxy.stop()
-        await upstream.stop()
-    # The upstream closed every connection before it exited; give the last
+            await watch(begin + WARMUP)
+            start = trio.current_time()
+            for c in contenders:
+                c.done_at_start, c.cpu_at_start = c.load.done, cpu_seconds(c.proxy.process.pid)
+            await watch(begin + total)
+            end = trio.current_time()
+            for c in contenders:
+                c.run.seconds = end - start
+                c.run.measured = c.load.done - c.done_at_start
+                c.run.proxy_cpu = cpu_seconds(c.proxy.process.pid) - c.cpu_at_start
+            stop.set()
+        for c in contenders:
+            c.run.requests = c.load.done
+            c.run.failures = c.load.failures
+            c.run.slowest = c.load.slowest
+            c.run.proxy_report = (await c.proxy.stop()).strip().splitlines()
+        for c in contenders:
+            await c.upstream.stop()
+    # Every upstream closed its connections before it exited; give the last
     # FINs and RSTs a moment to cross loopback before counting.
     await trio.sleep(0.1)
-    run.time_wait = count_time_wait(upstream.port)
-    run.proxy_report = report.strip().splitlines()
-    check_report(run)
-    progress.show(
-        f"  {label} {run.measured / run.seconds:7,.0f} requests/s, {run.requests:,} requests,"
-        f" {sum(run.failures.values())} failed, {run.socket_calls:,} socket() calls, {run.time_wait:,} TIME_WAIT",
-        final=True,
-    )
-    return run
+    for c in contenders:
+        run = c.run
+        run.time_wait = count_time_wait(c.upstream.port)
+        check_report(run)
+        progress.show(
+            f"  {label} {run.mode:10} {run.measured / run.seconds:7,.0f} requests/s, {run.requests:,} requests,"
+            f" {sum(run.failures.values())} failed, {run.socket_calls:,} socket() calls,"
+            f" {run.time_wait:,} TIME_WAIT",
+            final=True,
+        )
+    return [c.run for c in contenders]
 
 
 def check_report(run: Run) -> None:
@@ -378,6 +404,7 @@ def combine(runs: list[Run]) -> Run:
         total.socket_calls += run.socket_calls
         total.time_wait += run.time_wait
         total.peak_fds = max(total.peak_fds, run.peak_fds)
+        total.slowest = max(total.slowest, run.slowest)
         total.problems += run.problems
     return total
 
@@ -397,6 +424,7 @@ def print_table(totals: list[Run]) -> None:
         "upstream socket() calls": [f"{r.socket_calls:,}" for r in totals],
         "TIME_WAIT left on upstream": [f"{r.time_wait:,}" for r in totals],
         "peak proxy descriptors": [f"{r.peak_fds:,}" for r in totals],
+        "slowest request (ms)": [f"{1000 * r.slowest:,.0f}" for r in totals],
     }
     width = max(24, *(len(MODES[r.mode][1]) + 2 for r in totals))
     print()
@@ -439,13 +467,15 @@ def verdict(totals: dict[str, Run]) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> Args:
     parser = argparse.ArgumentParser(description="Load a reverse proxy with and without recycled upstream sockets.")
-    parser.add_argument("--duration", type=float, default=3.5, help="seconds measured per run (default 3.5)")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per mode, alternating (default 2)")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per round (default 4)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, each with fresh processes (default 2)")
     parser.add_argument("--connections", type=int, default=32, help="client connections to the proxy (default 32)")
     parser.add_argument("--capacity", type=int, default=64, help="the proxy's pool capacity (default 64)")
     parser.add_argument("--size", type=int, default=1024, help="response body bytes (default 1024)")
     parser.add_argument("--modes", default="recycle,plain", help=f"comma-separated, of {', '.join(MODES)}")
-    parser.add_argument("--pin", action="store_true", help="pin the proxy to a CPU of its own, the rest to the others")
+    parser.add_argument(
+        "--sequential", action="store_true", help="run the modes one after the other instead of at the same time"
+    )
     parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON ('-': stdout)")
     args = parser.parse_args(argv)
     modes = tuple(args.modes.split(","))
@@ -453,7 +483,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
         parser.error(f"--modes: choose from {', '.join(MODES)}")
     if not 0 < args.duration <= 600 or not 1 <= args.rounds <= 20 or not 1 <= args.connections <= 1000:
         parser.error("--duration must be in (0, 600], --rounds in 1..20, --connections in 1..1000")
-    return Args(args.duration, args.rounds, args.connections, args.capacity, args.size, modes, args.pin, args.json_path)
+    return Args(
+        args.duration, args.rounds, args.connections, args.capacity, args.size, modes, args.sequential, args.json_path
+    )
 
 
 async def main(args: Args) -> None:
@@ -462,22 +494,23 @@ async def main(args: Args) -> None:
     print(
         f"trio-recycle demo: a reverse proxy on 127.0.0.1 in front of an upstream that closes after every"
         f" response;\n{args.connections} kept-alive client connections, {args.size}-byte responses,"
-        f" {args.duration} s measured per run, {args.rounds} round(s) of {', '.join(args.modes)}",
+        f" {args.duration:g} s measured per round, {args.rounds} round(s) of {', '.join(args.modes)}"
+        f"{', one after the other' if args.sequential else ', side by side'}",
         flush=True,
     )
-    plan = cpu_plan(args.pin)
-    if plan is not None:
-        os.sched_setaffinity(0, plan[1])
-        print(f"the proxy runs on CPU {sorted(plan[0])}, the upstream and the load generator on {sorted(plan[1])}")
     progress = Progress()
     runs: dict[str, list[Run]] = {mode: [] for mode in args.modes}
     for number in range(args.rounds):
+        label = f"round {number + 1}/{args.rounds}"
+        if not args.sequential:
+            for run in await run_round(args.modes, args, label, progress):
+                runs[run.mode].append(run)
+            continue
         # Alternate the order (ABBA) so that a drift in the machine's load
         # does not favour one mode.
-        order = args.modes if number % 2 == 0 else args.modes[::-1]
-        for mode in order:
-            label = f"{mode:10} {number + 1}/{args.rounds}"
-            runs[mode].append(await run_once(mode, args, label, progress))
+        for mode in args.modes if number % 2 == 0 else args.modes[::-1]:
+            (run,) = await run_round((mode,), args, label, progress)
+            runs[mode].append(run)
     totals = {mode: combine(mode_runs) for mode, mode_runs in runs.items()}
     print_table(list(totals.values()))
     ok = verdict(totals)

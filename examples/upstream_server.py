@@ -85,14 +85,28 @@ def response(status: str, body: bytes, *, head_only: bool = False) -> bytes:
     return head if head_only else head + body
 
 
-async def receive(sock: trio.socket.SocketType, buffer: bytearray) -> bool:
+# The server works on stdlib sockets with trio.lowlevel.wait_readable and
+# wait_writable instead of trio's socket objects, for one reason: trio's
+# `send` ends with a checkpoint, so other tasks run between the last byte of
+# a response and the close. Here the last send and the close happen in one
+# step, as in an event-loop server such as nginx, and the FIN follows the
+# response at once; a client that reads to EOF finds it without a second
+# wait. The accept loop takes every pending connection per wake-up.
+
+
+async def receive(sock: socket.socket, buffer: bytearray) -> bool:
     """Append what arrives to ``buffer``; False at the client's EOF."""
-    data = await sock.recv(65536)
-    buffer += data
-    return bool(data)
+    while True:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+        else:
+            buffer += data
+            return bool(data)
 
 
-async def read_request(sock: trio.socket.SocketType) -> tuple[bytes, bytes] | bytes | None:
+async def read_request(sock: socket.socket) -> tuple[bytes, bytes] | bytes | None:
     """Return (request line, body), an error response, or None if the client left."""
     buffer = bytearray()
     while (end := buffer.find(b"\r\n\r\n")) < 0:
@@ -120,14 +134,18 @@ async def read_request(sock: trio.socket.SocketType) -> tuple[bytes, bytes] | by
     return line, bytes(buffer[:length])
 
 
-async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    """Send everything; return without a checkpoint after the last byte."""
     with memoryview(data) as view:
         sent = 0
         while sent < len(view):
-            sent += await sock.send(view[sent:])
+            try:
+                sent += sock.send(view[sent:])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
 
 
-async def handle(sock: trio.socket.SocketType, config: Config, counters: Counters) -> None:
+async def handle(sock: socket.socket, config: Config, counters: Counters) -> None:
     with sock:
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
@@ -161,16 +179,27 @@ async def serve(
     """Accept connections forever; report the bound (host, port) when ready."""
     info = await trio.socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)
     family, type, proto, _, address = info[0]
-    with trio.socket.socket(family, type, proto) as listener:
+    with socket.socket(family, type, proto) as listener:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        await listener.bind(address)
+        listener.setblocking(False)
+        listener.bind(address)
         listener.listen(4096)
         host, port = listener.getsockname()[:2]
         async with trio.open_nursery() as nursery:
             task_status.started((host, port))
             while True:
-                sock, _ = await listener.accept()
-                nursery.start_soon(handle, sock, config, counters)
+                await trio.lowlevel.wait_readable(listener)
+                for _ in range(64):
+                    try:
+                        sock, _ = listener.accept()
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        # ECONNABORTED, EMFILE, ...: pause rather than spin.
+                        await trio.sleep(0.01)
+                        break
+                    sock.setblocking(False)
+                    nursery.start_soon(handle, sock, config, counters)
 
 
 async def main(config: Config) -> None:
