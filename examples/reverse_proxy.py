@@ -212,7 +212,9 @@ async def next_event(conn: h11.Connection, stream: trio.abc.ReceiveStream) -> h1
         elif isinstance(event, h11.Event):
             return event
         else:
-            raise RuntimeError(f"h11 paused in state {conn.states}")
+            # PAUSED: the other side switched protocols (an answer to CONNECT
+            # or Upgrade), which this proxy does not relay.
+            raise Abort(f"h11 paused in state {conn.states}")
 
 
 @attrs.define(eq=False)
@@ -273,6 +275,9 @@ class Proxy:
         can only cut the client connection.
         """
         self.stats.requests += 1
+        if request.method == b"CONNECT":
+            await self.send_error(conn, client, 405, "this reverse proxy does not open tunnels")
+            return
         upstream: trio.abc.HalfCloseableStream | None = None
         try:
             try:

@@ -114,6 +114,16 @@ async def test_malformed_request_gets_400(nursery: trio.Nursery) -> None:
     assert stats.created == 0
 
 
+async def test_connect_gets_405_without_an_upstream_connection(nursery: trio.Nursery) -> None:
+    host, port = await start_upstream(nursery)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_proxy(host, port) as proxy:
+            connect = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+            (response,) = await run_all.exchange(proxy.address, connect)
+            assert response.status == 405
+            assert proxy.pool.statistics().created == 0
+
+
 async def test_unreachable_upstream_gets_502_and_the_client_connection_lives_on() -> None:
     with socket.socket() as refusing, trio.fail_after(TEST_TIMEOUT):
         refusing.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
