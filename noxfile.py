@@ -38,6 +38,7 @@ def typecheck(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """The DESIGN.md benchmark: raw trio sockets vs trio.open_tcp_stream vs the pool."""
     session.install(".")
+    session.install("matplotlib")
     session.run("python", "benchmarks/bench_cycles.py", *session.posargs)
 
 
