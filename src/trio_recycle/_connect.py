@@ -140,10 +140,13 @@ async def resolve(host: str | bytes, port: int, type: int) -> list[Target]:
 async def connect_socket(sock: socket.socket, sockaddr: object) -> None:
     """Non-blocking connect with trio's checkpoint pattern.
 
+    The caller has just passed ``checkpoint_if_cancelled()`` (in
+    `acquire_socket`, with no await since), which is the first half of
+    trio's pattern; this does the rest: one full checkpoint either way.
+
     Raises:
       OSError: the connection failed; the message names ``sockaddr``.
     """
-    await trio.lowlevel.checkpoint_if_cancelled()
     try:
         sock.connect(sockaddr)  # type: ignore[arg-type]
     except BlockingIOError:
@@ -188,7 +191,11 @@ async def connect_pooled(
     local_address: str | None,
 ) -> PooledSocket:
     """Connect a pooled TCP socket to ``host:port``; see SocketPool.open_tcp_stream."""
-    targets = await resolve(host, port, socket.SOCK_STREAM)
+    # An IP literal resolves synchronously from the cache: no coroutine,
+    # no copy, nothing to reorder when there is one address.
+    targets = _numeric_targets(host, port, socket.SOCK_STREAM)
+    if targets is None or len(targets) != 1:
+        targets = await resolve(host, port, socket.SOCK_STREAM)
     if len(targets) == 1:
         try:
             return await _attempt(source, targets[0], local_address)

@@ -47,6 +47,8 @@ class _HasFileno(Protocol):
 # A zeroed struct sockaddr (16 bytes) has sa_family == AF_UNSPEC == 0. The
 # kernel only reads it, so one buffer serves every call.
 _UNSPEC_SOCKADDR = ctypes.create_string_buffer(16)
+# Passing the address as a plain int spares ctypes a conversion per call.
+_UNSPEC_ADDRESS = ctypes.addressof(_UNSPEC_SOCKADDR)
 _libc_connect: Callable[[int, object, int], int] | None = None
 
 
@@ -82,7 +84,7 @@ def disconnect(sock: _HasFileno) -> None:
     fd = sock.fileno()
     if fd < 0:
         raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-    if _load_connect()(fd, _UNSPEC_SOCKADDR, 16) != 0:
+    if (_libc_connect or _load_connect())(fd, _UNSPEC_ADDRESS, 16) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

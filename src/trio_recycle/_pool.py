@@ -313,16 +313,12 @@ class SocketPool:
     ) -> PooledSocket:
         """Take an idle socket for ``peer`` or a new one, waiting for capacity."""
         self._check_open()
+        # Before taking anything: a task cancelled on entry must not take an
+        # idle socket only to close it in its error path.
         await trio.lowlevel.checkpoint_if_cancelled()
-        request = _Request(
-            family,
-            type,
-            proto,
-            local_address,
-            (family, type, proto, local_address, peer if self._peer_affinity else None),
-        )
+        key = (family, type, proto, local_address, peer if self._peer_affinity else None)
         if not self._waiters:
-            psock = self._take_idle(request.key)
+            psock = self._take_idle(key)
             if psock is not None:
                 self._reused += 1
                 self._in_use[psock] = None
@@ -330,9 +326,10 @@ class SocketPool:
             if self._owned() >= self._capacity and self._idle_lru:
                 self._discard(next(iter(self._idle_lru)))
             if self._owned() < self._capacity:
-                psock = self._create(request)
+                psock = self._create(_Request(family, type, proto, local_address, key))
                 self._in_use[psock] = None
                 return psock
+        request = _Request(family, type, proto, local_address, key)
         task = trio.lowlevel.current_task()
         self._waiters[task] = request
 

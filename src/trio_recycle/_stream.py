@@ -24,6 +24,8 @@ import trio
 from ._errors import closed_stream_error, translate_oserror
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from typing_extensions import Buffer
 
     from ._pooled_socket import PooledSocket
@@ -37,21 +39,6 @@ class _Home(Protocol):
     """What a stream needs from its pool (the pool implements it)."""
 
     def return_socket(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None: ...
-
-
-@attrs.define(eq=False)
-class _SendGuard:
-    """trio's ConflictDetector: one task at a time on the send side."""
-
-    _held: bool = False
-
-    def __enter__(self) -> None:
-        if self._held:
-            raise trio.BusyResourceError("another task is currently sending data on this RecyclingStream")
-        self._held = True
-
-    def __exit__(self, *exc: object) -> None:
-        self._held = False
 
 
 @final
@@ -85,22 +72,36 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
     _home: _Home
     _psock: PooledSocket
     _sock: socket.socket
-    _send_guard: _SendGuard = attrs.field(factory=_SendGuard)
     _closed: bool = False
     _eof_seen: bool = False
     _eof_sent: bool = False
     _healthy: bool = True
+    #: trio's ConflictDetector, inlined: one task at a time on the send side.
+    _sending: bool = False
+    #: Tasks blocked in wait_readable/wait_writable on our socket right now.
+    _waiting: int = 0
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """See `trio.abc.SendStream.send_all`."""
+    def _enter_send(self) -> None:
         # Closed wins over busy: the task that was sending when another task
         # closed the stream may still hold the guard (in its last, shielded
         # checkpoint), and a stale handle must always say it is closed (I2).
         if self._closed:
             raise closed_stream_error()
-        with self._send_guard:
-            if self._closed:
-                raise closed_stream_error()
+        if self._sending:
+            raise trio.BusyResourceError("another task is currently sending data on this RecyclingStream")
+        self._sending = True
+
+    async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
+        self._waiting += 1
+        try:
+            await wait(self._sock)
+        finally:
+            self._waiting -= 1
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """See `trio.abc.SendStream.send_all`."""
+        self._enter_send()
+        try:
             if self._eof_sent:
                 raise trio.ClosedResourceError("can't send data after sending EOF")
             with memoryview(data) as view:
@@ -114,20 +115,21 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
                     try:
                         total += sock.send(view[total:] if total else view)
                     except BlockingIOError:
-                        await trio.lowlevel.wait_writable(sock)
+                        await self._wait(trio.lowlevel.wait_writable)
                     except OSError as exc:
                         self._healthy = False
                         raise translate_oserror(exc) from exc
                 await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
 
     async def wait_send_all_might_not_block(self) -> None:
         """See `trio.abc.SendStream.wait_send_all_might_not_block`."""
-        if self._closed:
-            raise closed_stream_error()
-        with self._send_guard:
-            if self._closed:
-                raise closed_stream_error()
-            await trio.lowlevel.wait_writable(self._sock)
+        self._enter_send()
+        try:
+            await self._wait(trio.lowlevel.wait_writable)
+        finally:
+            self._sending = False
 
     async def send_eof(self) -> None:
         """See `trio.abc.HalfCloseableStream.send_eof`.
@@ -135,9 +137,8 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
         Sends our FIN; idempotent. The socket is still recycled when the
         stream is closed, once the peer's FIN has arrived too.
         """
-        if self._closed:
-            raise closed_stream_error()
-        with self._send_guard:
+        self._enter_send()
+        try:
             await trio.lowlevel.checkpoint()
             if self._closed:
                 raise closed_stream_error()
@@ -149,6 +150,8 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
                 self._healthy = False
                 raise translate_oserror(exc) from exc
             self._eof_sent = True
+        finally:
+            self._sending = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """See `trio.abc.ReceiveStream.receive_some`."""
@@ -166,7 +169,7 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
             try:
                 data = sock.recv(max_bytes)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
+                await self._wait(trio.lowlevel.wait_readable)
             except OSError as exc:
                 self._healthy = False
                 raise translate_oserror(exc) from exc
@@ -184,7 +187,13 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
         """
         if not self._closed:
             self._closed = True
-            trio.lowlevel.notify_closing(self._sock)
+            # notify_closing() wakes tasks blocked on the socket and drops it
+            # from trio's epoll set. With nobody blocked there is nothing to
+            # wake, and keeping the registration saves the next owner an
+            # epoll_ctl(DEL) + a failed MOD + an ADD: the descriptor is the
+            # same open file, so its registration stays valid.
+            if self._waiting:
+                trio.lowlevel.notify_closing(self._sock)
             self._home.return_socket(
                 self._psock,
                 eof_seen=self._eof_seen,
