@@ -5,14 +5,14 @@ closes after every response (``examples/upstream_server.py``, its own
 process), the reverse proxy in front of it (``examples/reverse_proxy.py``,
 its own process), and a load generator (in the demo's process) keeping
 kept-alive client connections busy. The proxy gets its upstream
-connections three ways, the three proxies loaded at the same time in each
-round (``--sequential``: one after the other, the order alternating):
+connections three ways, one run each per round, the order alternating
+(``--side-by-side``: the three proxies loaded at the same time):
 
 * ``recycle``    -- ``pool.open_tcp_stream``, sockets recycled (the default);
 * ``no-recycle`` -- the same pool opened with ``recycle=False``;
 * ``plain``      -- `trio.open_tcp_stream`, no pool.
 
-Every round gets fresh upstreams and proxies. Per mode: requests/s
+Every run gets a fresh upstream and a fresh proxy. Per mode: requests/s
 through the proxy (median over rounds, min-max), the proxy's CPU time per
 request (user + system, from /proc; the steadier figure when the machine is
 shared), upstream ``socket()`` calls and TIME_WAIT entries left on the
@@ -64,7 +64,7 @@ class Settings:
     rounds: int
     connections: int
     size: int
-    sequential: bool
+    side_by_side: bool
     out: Path
 
 
@@ -149,9 +149,9 @@ def markdown(settings: Settings, summaries: list[Summary], meta: dict[str, objec
         f"Each run: a fresh upstream (`examples/upstream_server.py`, {settings.size}-byte bodies, closes after"
         f" every response) and a fresh proxy (`examples/reverse_proxy.py`), each its own process;"
         f" {settings.connections} kept-alive client connections from the load generator;"
-        f" {settings.duration:g} s measured per round after a 0.5 s warm-up; every response checked."
-        f" Median of {settings.rounds} round(s), each with fresh processes."
-        f"{' The modes one after the other.' if settings.sequential else ' The modes loaded at the same time.'}",
+        f" {settings.duration:g} s measured per run after a 0.5 s warm-up; every response checked."
+        f" Median of {settings.rounds} round(s), each with fresh processes, the order alternating."
+        f"{' The modes loaded at the same time.' if settings.side_by_side else ' The modes one after the other.'}",
         "",
         "| upstream connections | requests/s (median) | min-max | vs plain | proxy CPU/request (us) | vs plain"
         " | socket()/1000 | TIME_WAIT/1000 | peak fds | failed |",
@@ -178,15 +178,15 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(description="Benchmark the reverse proxy example (runs examples/demo.py).")
     parser.add_argument("--duration", type=float, help="seconds measured per run (default 8; --quick: 1)")
     parser.add_argument("--rounds", type=int, help="runs per mode (default 3; --quick: 1)")
-    parser.add_argument("--connections", type=int, default=32, help="client connections (default 32)")
+    parser.add_argument("--connections", type=int, default=64, help="client connections (default 64)")
     parser.add_argument("--size", type=int, default=1024, help="response body bytes (default 1024)")
-    parser.add_argument("--sequential", action="store_true", help="load one proxy at a time")
+    parser.add_argument("--side-by-side", action="store_true", help="load the three proxies at the same time")
     parser.add_argument("--quick", action="store_true", help="a smoke run for tests and CI")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     duration = args.duration if args.duration is not None else 1.0 if args.quick else 8.0
     rounds = args.rounds if args.rounds is not None else 1 if args.quick else 3
-    return Settings(duration, rounds, args.connections, args.size, args.sequential, args.out)
+    return Settings(duration, rounds, args.connections, args.size, args.side_by_side, args.out)
 
 
 def main(settings: Settings) -> int:
@@ -209,7 +209,7 @@ def main(settings: Settings) -> int:
             ",".join(MODES),
             "--json",
             str(json_path),
-            *(["--sequential"] if settings.sequential else []),
+            *(["--side-by-side"] if settings.side_by_side else []),
         ]
         returncode = subprocess.run(argv, check=False).returncode
         if not json_path.exists():

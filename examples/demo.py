@@ -1,29 +1,28 @@
 """The trio-recycle demo: a reverse proxy under load, with and without recycled upstream sockets.
 
-What it shows: the project's main case, measured. On 127.0.0.1 it starts,
-for each way of getting upstream connections, an upstream that closes
-after every response (``upstream_server.py``, its own process) and the
-reverse proxy in front of it (``reverse_proxy.py``, its own process): one
-proxy recycles its upstream sockets through a trio-recycle pool, the other
-uses plain `trio.open_tcp_stream` (``--plain``). A load generator (here)
-keeps ``--connections`` kept-alive client connections to each proxy busy,
-both at the same time, so that both see the same machine at the same
-moment: whatever else the machine does slows both alike, and the ratio of
-their rates stays a fair comparison. After ``--rounds`` rounds, each with
-fresh processes, it prints a side-by-side table: requests per second, the
-proxy's CPU time per request, upstream ``socket()`` calls, TIME_WAIT
-entries left on the upstream, the proxy's peak number of open descriptors,
-and the slowest request.
+What it shows: the project's main case, measured. On 127.0.0.1 it starts
+an upstream that closes after every response (``upstream_server.py``, its
+own process) and the reverse proxy in front of it (``reverse_proxy.py``,
+its own process), and a load generator (here) keeps ``--connections``
+kept-alive client connections to the proxy busy. It does this with the
+proxy's upstream sockets recycled through a trio-recycle pool, and with
+plain `trio.open_tcp_stream` (``reverse_proxy.py --plain``), each round
+with fresh processes and the order alternating, and prints a side-by-side
+table: requests per second, the proxy's CPU time per request, upstream
+``socket()`` calls, TIME_WAIT entries left on the upstream, the proxy's
+peak number of open descriptors, and the slowest request.
 
 Run it (the proxy needs h11, from the ``examples`` extra)::
 
     nox -s demo
-    python examples/demo.py [--duration 4] [--rounds 2] [--connections 32] [--size 1024]
+    python examples/demo.py [--duration 3.5] [--rounds 2] [--connections 64] [--size 1024]
 
-``--sequential`` runs one proxy at a time instead (alternating the order
-from round to round); ``--modes recycle,no-recycle,plain`` adds a proxy
-whose pool has ``recycle=False`` (the pool's code path, sockets closed
-instead of reused); ``--json PATH`` writes the figures for
+``--side-by-side`` loads both proxies at the same time instead, each with
+its own upstream, so that both see the same machine at the same moment:
+on a machine busy with other work, that keeps the comparison fair.
+``--modes recycle,no-recycle,plain`` adds a proxy whose pool has
+``recycle=False`` (the pool's code path, sockets closed instead of
+reused); ``--json PATH`` writes the figures for
 ``benchmarks/bench_proxy.py``.
 
 Every response is checked: status 200 and a body that names its own
@@ -84,7 +83,7 @@ class Args:
     capacity: int
     size: int
     modes: tuple[str, ...]
-    sequential: bool
+    side_by_side: bool
     json_path: str | None
 
 
@@ -467,14 +466,14 @@ def verdict(totals: dict[str, Run]) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> Args:
     parser = argparse.ArgumentParser(description="Load a reverse proxy with and without recycled upstream sockets.")
-    parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per round (default 4)")
+    parser.add_argument("--duration", type=float, default=3.5, help="seconds measured per run (default 3.5)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, each with fresh processes (default 2)")
-    parser.add_argument("--connections", type=int, default=32, help="client connections to the proxy (default 32)")
+    parser.add_argument("--connections", type=int, default=64, help="client connections to the proxy (default 64)")
     parser.add_argument("--capacity", type=int, default=64, help="the proxy's pool capacity (default 64)")
     parser.add_argument("--size", type=int, default=1024, help="response body bytes (default 1024)")
     parser.add_argument("--modes", default="recycle,plain", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument(
-        "--sequential", action="store_true", help="run the modes one after the other instead of at the same time"
+        "--side-by-side", action="store_true", help="load the proxies at the same time instead of one after the other"
     )
     parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write the results as JSON ('-': stdout)")
     args = parser.parse_args(argv)
@@ -484,7 +483,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     if not 0 < args.duration <= 600 or not 1 <= args.rounds <= 20 or not 1 <= args.connections <= 1000:
         parser.error("--duration must be in (0, 600], --rounds in 1..20, --connections in 1..1000")
     return Args(
-        args.duration, args.rounds, args.connections, args.capacity, args.size, modes, args.sequential, args.json_path
+        args.duration, args.rounds, args.connections, args.capacity, args.size, modes, args.side_by_side, args.json_path
     )
 
 
@@ -494,15 +493,15 @@ async def main(args: Args) -> None:
     print(
         f"trio-recycle demo: a reverse proxy on 127.0.0.1 in front of an upstream that closes after every"
         f" response;\n{args.connections} kept-alive client connections, {args.size}-byte responses,"
-        f" {args.duration:g} s measured per round, {args.rounds} round(s) of {', '.join(args.modes)}"
-        f"{', one after the other' if args.sequential else ', side by side'}",
+        f" {args.duration:g} s measured per run, {args.rounds} round(s) of {', '.join(args.modes)}"
+        f"{', side by side' if args.side_by_side else ', one after the other'}",
         flush=True,
     )
     progress = Progress()
     runs: dict[str, list[Run]] = {mode: [] for mode in args.modes}
     for number in range(args.rounds):
         label = f"round {number + 1}/{args.rounds}"
-        if not args.sequential:
+        if args.side_by_side:
             for run in await run_round(args.modes, args, label, progress):
                 runs[run.mode].append(run)
             continue
