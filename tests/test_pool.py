@@ -695,3 +695,22 @@ async def test_drain_finishing_as_the_pool_exits_leaks_nothing() -> None:
             assert (stats.idle, stats.in_use, stats.draining) == (0, 0, 0)
             assert stats.created == stats.discarded
     assert leaked == 0
+
+
+async def test_close_without_reading_the_fin_that_is_already_there(start_server: StartServer, loopback: str) -> None:
+    """Regression: a FIN already queued but unread is found at close; no FIN of ours, no TIME_WAIT.
+
+    Sending our FIN first (as the drain did) moved the closed peer from
+    FIN_WAIT2 to TIME_WAIT: one TIME_WAIT entry on the server per cycle.
+    """
+    server = await start_server(answer_then_close, loopback)
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        for i in range(10):
+            stream = await pool.open_tcp_stream(loopback, server.port)
+            await stream.send_all(b"x")
+            await server.finished_event.wait()  # answered and closed
+            await stream.aclose()  # nothing read: the answer and the FIN are queued
+            stats = pool.statistics()
+            assert (stats.draining, stats.idle, stats.recycled) == (0, 1, i + 1)
+        assert_idle_disconnected(pool)
+    assert time_wait_count(server.port) == 0

@@ -361,20 +361,32 @@ class SocketPool:
         if not (self._recycle and healthy) or psock.tainted:
             self._close_psock(psock)
             self._free_slot()
-        elif eof_seen:
+            return
+        received = 0
+        if not eof_seen:
+            # The peer's FIN may be here already, unread: look before sending
+            # ours. A FIN of ours would move a peer that has closed from
+            # FIN_WAIT2 to TIME_WAIT, which recycling exists to avoid.
+            try:
+                eof_seen, received = _read_available(psock.sock, self._drain_limit)
+                if not eof_seen and received <= self._drain_limit and not eof_sent:
+                    psock.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                received = self._drain_limit + 1
+        if eof_seen:
             self._recycle_or_close(psock)
+        elif received > self._drain_limit:
+            self._close_psock(psock)
+            self._free_slot()
         else:
             self._draining.add(psock)
-            self._nursery.start_soon(self._drain, psock, eof_sent)
+            self._nursery.start_soon(self._drain, psock, received)
 
-    async def _drain(self, psock: PooledSocket, eof_sent: bool) -> None:
+    async def _drain(self, psock: PooledSocket, received: int) -> None:
         sock = psock.sock
         done = False
         try:
             with trio.move_on_after(self._eof_timeout):
-                if not eof_sent:
-                    sock.shutdown(socket.SHUT_WR)
-                received = 0
                 while received <= self._drain_limit:
                     try:
                         data = sock.recv(_DRAIN_CHUNK)
@@ -509,6 +521,23 @@ class SocketPool:
 
 
 _GONE: Final = object()
+
+
+def _read_available(sock: socket.socket, limit: int) -> tuple[bool, int]:
+    """Read and discard what is queued, without blocking: (EOF seen, bytes read).
+
+    Stops past ``limit`` bytes. Raises OSError from recv().
+    """
+    received = 0
+    while received <= limit:
+        try:
+            data = sock.recv(_DRAIN_CHUNK)
+        except BlockingIOError:
+            return False, received
+        if not data:
+            return True, received
+        received += len(data)
+    return False, received
 
 
 def _check_options(socket_options: Iterable[SocketOption]) -> tuple[SocketOption, ...]:
