@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, typecheck, bench, demo (``nox -l`` lists them)."""
+"""Sessions: tests, lint, typecheck, docs, examples, bench, demo (``nox -l`` lists them)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ nox.options.default_venv_backend = "venv"
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite against real loopback sockets."""
-    session.install(".[tests]")
+    # The examples extra (h11) too: tests/test_examples.py runs the proxy.
+    session.install(".[tests,examples]")
     args = session.posargs or []
     session.run("pytest", *args, env={"HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "default")})
 
@@ -44,8 +45,8 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job: a local server, thousands of cycles, a side-by-side table."""
-    session.install(".")
+    """The main job: upstream, reverse proxy and load generator, a side-by-side table."""
+    session.install(".[examples]")
     session.run("python", "examples/demo.py", *session.posargs)
 
 
