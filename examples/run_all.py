@@ -313,6 +313,31 @@ async def check_demo() -> str:
 
 #: Each check, and the example scripts it runs. A new example needs a line
 #: here, or the run fails.
+async def check_udp_query() -> str:
+    """Queries against an in-process UDP echo server; every answer must match its query."""
+    async with trio.open_nursery() as nursery:
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+        async def echo() -> None:
+            with sock:
+                while True:
+                    data, address = await sock.recvfrom(2048)
+                    await sock.sendto(b"answer " + data, address)
+
+        nursery.start_soon(echo)
+        output = await run(example("udp_query.py", "--upstream", f"127.0.0.1:{port}", "--queries", "500"), 30)
+        nursery.cancel_scope.cancel()
+    answered = re.search(r"(\d+) of 500 queries answered", output)
+    sockets = re.search(r"socket\(\) calls: (\d+)", output)
+    if answered is None or sockets is None:
+        raise CheckFailed(f"unexpected output:\n{output}")
+    expect(answered[1] == "500", f"unanswered queries: {output}")
+    expect(int(sockets[1]) <= 32, f"too many socket() calls for capacity 32: {sockets[0]}")
+    return f"500 queries answered, {sockets[1]} socket() calls"
+
+
 CHECKS: Final[list[tuple[Callable[[], Awaitable[str]], tuple[str, ...]]]] = [
     (check_upstream_server, ("upstream_server.py",)),
     (check_fetcher, ("fetcher.py",)),
@@ -320,9 +345,7 @@ CHECKS: Final[list[tuple[Callable[[], Awaitable[str]], tuple[str, ...]]]] = [
     (check_reverse_proxy_errors, ("reverse_proxy.py",)),
     (check_reverse_proxy_http_server, ("reverse_proxy.py",)),
     (check_demo, ("demo.py",)),
-    # The UDP query client (udp_query.py) comes with its own check here: it
-    # starts a local UDP server (in-process, on 127.0.0.1 port 0), runs the
-    # example against it, and checks its output.
+    (check_udp_query, ("udp_query.py",)),
 ]
 #: Scripts that are not examples of their own.
 NOT_EXAMPLES: Final = frozenset({"run_all.py"})
