@@ -37,10 +37,10 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The DESIGN.md benchmark: raw trio sockets vs trio.open_tcp_stream vs the pool."""
-    session.install(".")
-    session.install("matplotlib")
+    """The benchmarks: connect/close cycles three ways with a concurrency sweep, then the proxy."""
+    session.install(".[examples]", "matplotlib")
     session.run("python", "benchmarks/bench_cycles.py", *session.posargs)
+    session.run("python", "benchmarks/bench_proxy.py")
 
 
 @nox.session
