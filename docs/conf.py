@@ -120,12 +120,8 @@ _BUILTINS = (
 # `socket.socket.setsockopt`; src/ imports ``Buffer`` from typing_extensions
 # under TYPE_CHECKING only (it is collections.abc.Buffer from Python 3.12 on),
 # so autodoc sees the bare name and there is no page to link it to.
-#
-# ``OptionValue`` (int | bytes, a private alias in _pooled_socket.py) shows up
-# unevaluated in `open_socket_pool`'s signature because _pool.py imports
-# ``Iterable`` under TYPE_CHECKING only, so autodoc cannot evaluate the
-# annotation; the docstring says what the triples hold.
-nitpick_ignore = [("py:class", "Buffer"), ("py:class", "OptionValue")]
+
+nitpick_ignore = [("py:class", "Buffer")]
 
 nitpick_ignore_regex: list[tuple[str, str]] = []
 if not INTERSPHINX:

@@ -29,7 +29,7 @@ import trio
 
 from ._connect import connect_pooled, connect_socket, resolve, validate_delay, validate_endpoint
 from ._disconnect import can_recycle
-from ._pooled_socket import OptionValue, PooledSocket, PoolKey, SocketOption, drain_datagrams
+from ._pooled_socket import PooledSocket, PoolKey, SocketOption, drain_datagrams
 from ._stream import RecyclingStream
 from ._udp import RecyclingUDPSocket
 
@@ -276,7 +276,12 @@ class SocketPool:
         raise OSError(message) from errors[-1][1]
 
     def statistics(self) -> PoolStatistics:
-        """Return a `PoolStatistics` snapshot of this pool."""
+        """Return a snapshot of this pool's state and counters.
+
+        Returns:
+          PoolStatistics: the state now (idle, in use, draining, waiting)
+          and the counts over the pool's life.
+        """
         return PoolStatistics(
             capacity=self._capacity,
             idle=len(self._idle_lru),
@@ -291,7 +296,12 @@ class SocketPool:
 
     @property
     def recycling(self) -> bool:
-        """Whether closed sockets are disconnected and reused (False: the fallback)."""
+        """Whether closed sockets are disconnected and reused.
+
+        False when the pool was opened with ``recycle=False`` or when
+        `can_recycle` is False: the pool then closes every socket instead,
+        with the same API.
+        """
         return self._recycle
 
     # ------------------------------------------------------------------
@@ -577,7 +587,7 @@ async def open_socket_pool(
     drain_limit: int = DEFAULT_DRAIN_LIMIT,
     peer_affinity: bool = True,
     recycle: bool = True,
-    socket_options: Iterable[tuple[int, int, OptionValue]] = (),
+    socket_options: Iterable[tuple[int, int, int | bytes]] = (),
 ) -> AsyncIterator[SocketPool]:
     """Open a `SocketPool` for the duration of an ``async with`` block.
 

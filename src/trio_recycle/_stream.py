@@ -57,11 +57,14 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
       arrived), the socket is disconnected with ``connect(AF_UNSPEC)`` at
       once, checked, and put back in the pool idle. This is synchronous, so
       no cancellation can interrupt it.
-    * Otherwise the pool sends our FIN (if `send_eof` has not already) and
-      drains the connection in the background, discarding up to the pool's
-      ``drain_limit`` bytes for up to ``eof_timeout`` seconds. If the
-      peer's FIN arrives in time the socket is recycled; if not, it is
-      closed like any other socket. `aclose` never waits for this.
+    * Otherwise the pool first reads, without blocking, whatever is still
+      queued (up to its ``drain_limit`` bytes): if the peer's FIN is there,
+      the socket is recycled at once as above. If not, the pool sends our
+      FIN (unless `send_eof` already did) and drains the connection in the
+      background, discarding up to ``drain_limit`` bytes for up to
+      ``eof_timeout`` seconds. If the peer's FIN arrives in time the socket
+      is recycled; if not, it is closed like any other socket. `aclose`
+      never waits for this.
 
     Either way the stream is closed the moment `aclose` is called: every
     later call raises `trio.ClosedResourceError` and can never reach the
@@ -99,7 +102,15 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
             self._waiting -= 1
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """See `trio.abc.SendStream.send_all`."""
+        """Send all of ``data``; see `trio.abc.SendStream.send_all`.
+
+        Raises:
+          trio.BusyResourceError: another task is sending on this stream.
+          trio.ClosedResourceError: the stream is closed, or `send_eof` was
+              called.
+          trio.BrokenResourceError: the connection broke (the peer reset
+              it, for example); the socket will not be recycled.
+        """
         self._enter_send()
         try:
             if self._eof_sent:
@@ -124,7 +135,12 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
             self._sending = False
 
     async def wait_send_all_might_not_block(self) -> None:
-        """See `trio.abc.SendStream.wait_send_all_might_not_block`."""
+        """Wait until the socket can take more data; see `trio.abc.SendStream.wait_send_all_might_not_block`.
+
+        Raises:
+          trio.BusyResourceError: another task is sending on this stream.
+          trio.ClosedResourceError: the stream is closed.
+        """
         self._enter_send()
         try:
             await self._wait(trio.lowlevel.wait_writable)
@@ -136,6 +152,11 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
 
         Sends our FIN; idempotent. The socket is still recycled when the
         stream is closed, once the peer's FIN has arrived too.
+
+        Raises:
+          trio.BusyResourceError: another task is sending on this stream.
+          trio.ClosedResourceError: the stream is closed.
+          trio.BrokenResourceError: the connection broke.
         """
         self._enter_send()
         try:
@@ -154,7 +175,24 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
             self._sending = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """See `trio.abc.ReceiveStream.receive_some`."""
+        """Receive some data; see `trio.abc.ReceiveStream.receive_some`.
+
+        A return of ``b""`` means the peer's FIN arrived: from then on,
+        closing the stream recycles its socket at once.
+
+        Args:
+          max_bytes: The most bytes to return; None means 65536 (trio's
+              default for `trio.SocketStream`).
+
+        Returns:
+          bytes: at least one byte, or ``b""`` at end of stream.
+
+        Raises:
+          trio.BusyResourceError: another task is receiving on this stream.
+          trio.ClosedResourceError: the stream is closed.
+          trio.BrokenResourceError: the connection broke (the socket will
+              not be recycled).
+        """
         if max_bytes is None:
             max_bytes = DEFAULT_RECEIVE_SIZE
         elif not isinstance(max_bytes, int):
