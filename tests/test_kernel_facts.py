@@ -88,6 +88,14 @@ def test_option_reset_by_disconnect(option: int, value: int) -> None:
         assert client.getsockopt(socket.IPPROTO_TCP, option) > value
 
 
+def test_ip_tos_also_sets_so_priority() -> None:
+    """Setting IP_TOS changes SO_PRIORITY too (rt_tos2priority): the pool restores them as a pair."""
+    with socket.socket() as sock:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY) == 0
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0x10)  # IPTOS_LOWDELAY
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY) == 6  # TC_PRIO_INTERACTIVE
+
+
 def test_restorable_options_round_trip() -> None:
     """Every option the pool restores reads back exactly what was written."""
     for host, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):

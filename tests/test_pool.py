@@ -589,6 +589,31 @@ async def test_unrestorable_user_option_means_no_recycle(start_server: StartServ
             assert stream.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) != 8192
 
 
+async def test_coupled_options_do_not_leak(start_server: StartServer) -> None:
+    """IP_TOS also sets SO_PRIORITY: both come back to what they were, in any order of setting."""
+    server = await start_server(answer_then_close)
+    for pool_priority in (None, 3):
+        options = [] if pool_priority is None else [(socket.SOL_SOCKET, socket.SO_PRIORITY, pool_priority)]
+        async with trio_recycle.open_socket_pool(capacity=1, socket_options=options) as pool:
+            for order in ("tos", "tos then priority", "priority then tos"):
+                async with await pool.open_tcp_stream("127.0.0.1", server.port) as stream:
+                    before = stream.getsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY)
+                    assert before == (pool_priority or 0)
+                    if order.startswith("priority"):
+                        stream.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, 2)
+                    stream.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0x10)
+                    if order == "tos then priority":
+                        stream.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, 2)
+                    await stream.send_all(b"x")
+                    await read_until_eof(stream)
+                async with await pool.open_tcp_stream("127.0.0.1", server.port) as stream:
+                    assert stream.getsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY) == before, order
+                    assert stream.getsockopt(socket.IPPROTO_IP, socket.IP_TOS) == 0, order
+                    await stream.send_all(b"x")
+                    await read_until_eof(stream)
+            assert pool.statistics().created == 1
+
+
 # ----------------------------------------------------------------------
 # Bad input: a clear error naming the argument; the pool stays intact
 

@@ -51,10 +51,20 @@ class SocketSource(Protocol):
     """The part of the pool the connection logic uses."""
 
     async def acquire_socket(
-        self, family: int, type: int, proto: int, local_address: str | None, peer: object
+        self,
+        family: int,
+        type: int,
+        proto: int,
+        local_address: str | None,
+        peer: object,
+        *,
+        replacing: PooledSocket | None = None,
     ) -> PooledSocket: ...
 
     def discard_socket(self, psock: PooledSocket) -> None: ...
+
+    @property
+    def closed(self) -> bool: ...
 
 
 def validate_endpoint(host: object, port: object) -> None:
@@ -140,13 +150,15 @@ async def resolve(host: str | bytes, port: int, type: int) -> list[Target]:
 async def connect_socket(sock: socket.socket, sockaddr: object) -> None:
     """Non-blocking connect with trio's checkpoint pattern.
 
-    The caller has just passed ``checkpoint_if_cancelled()`` (in
-    `acquire_socket`, with no await since), which is the first half of
-    trio's pattern; this does the rest: one full checkpoint either way.
-
     Raises:
       OSError: the connection failed; the message names ``sockaddr``.
+      trio.ClosedResourceError: the pool closed the socket meanwhile (its
+          exit, or a later happy-eyeballs attempt of the same open took
+          over the socket's place in a full pool).
     """
+    # Not redundant with acquire_socket's: a task that waited for capacity
+    # may have been cancelled after it was handed its socket.
+    await trio.lowlevel.checkpoint_if_cancelled()
     try:
         sock.connect(sockaddr)  # type: ignore[arg-type]
     except BlockingIOError:
@@ -157,6 +169,10 @@ async def connect_socket(sock: socket.socket, sockaddr: object) -> None:
         await trio.lowlevel.cancel_shielded_checkpoint()
         return
     await trio.lowlevel.wait_writable(sock)
+    if sock.fileno() == -1:
+        # Woken by the connect's completion, then closed by the pool before
+        # this task ran: notify_closing() no longer reached us.
+        raise trio.ClosedResourceError("the socket was closed while it was connecting")
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, f"Error connecting to {sockaddr!r}: {os.strerror(err)}")
@@ -205,14 +221,38 @@ async def connect_pooled(
     delay = math.inf if happy_eyeballs_delay is None else happy_eyeballs_delay
     winner: PooledSocket | None = None
     errors: list[tuple[object, OSError]] = []
+    closed: trio.ClosedResourceError | None = None
+    # This open's sockets still connecting, oldest first. When the pool is
+    # full, a new attempt takes over the oldest one's place instead of
+    # waiting for capacity that only that attempt's failure would free
+    # (minutes of SYN retries toward a silent address).
+    connecting: list[PooledSocket] = []
 
     async def attempt(target: Target, failed: trio.Event, nursery: trio.Nursery) -> None:
-        nonlocal winner
+        nonlocal winner, closed
+        family, type, proto, sockaddr = target
         try:
-            psock = await _attempt(source, target, local_address)
+            replacing = connecting[0] if connecting else None
+            psock = await source.acquire_socket(family, type, proto, local_address, sockaddr, replacing=replacing)
+            connecting.append(psock)
+            try:
+                await connect_socket(psock.sock, sockaddr)
+            except BaseException:
+                source.discard_socket(psock)
+                raise
+            finally:
+                connecting.remove(psock)
         except OSError as exc:
-            errors.append((target[3], exc))
+            errors.append((sockaddr, exc))
             failed.set()
+            return
+        except trio.ClosedResourceError as exc:
+            if source.closed:
+                closed = exc
+                nursery.cancel_scope.cancel()
+            else:
+                errors.append((sockaddr, OSError("abandoned for the next address: the pool had no room for both")))
+                failed.set()
             return
         if winner is None:
             winner = psock
@@ -231,6 +271,8 @@ async def connect_pooled(
         if winner is not None:
             source.discard_socket(winner)
         raise
+    if closed is not None:
+        raise closed
     if winner is None:
         group = ExceptionGroup("every connection attempt failed", [exc for _, exc in errors])
         raise _all_failed(host, port, errors) from group

@@ -75,7 +75,8 @@ class PoolStatistics:
       tasks_waiting: Tasks blocked because ``capacity`` sockets are owned.
       created: ``socket()`` calls made.
       reused: Opens served by an idle socket instead of a new one.
-      recycled: Disconnects that put a socket back idle.
+      recycled: Disconnects that put a socket back idle, or straight into
+          the hands of a task waiting for the same peer.
       discarded: Sockets closed instead of recycled (failed connects,
           peers that sent no FIN in time, evictions, the pool's exit).
     """
@@ -192,11 +193,12 @@ class SocketPool:
             happy_eyeballs_delay=happy_eyeballs_delay,
             local_address=local_address,
         )
+        # The pool's exit can come between the winning attempt and here (the
+        # happy-eyeballs nursery still had to wind down): then the socket is
+        # closed already.
+        self._check_open()
         stream = RecyclingStream(self, psock, psock.sock)
-        if psock in self._in_use:
-            self._in_use[psock] = stream
-        else:  # pragma: no cover - the pool closed in the last instant
-            stream._force_close()
+        self._in_use[psock] = stream
         return stream
 
     async def open_udp_socket(
@@ -262,11 +264,9 @@ class SocketPool:
             except BaseException:
                 self.discard_socket(psock)
                 raise
+            self._check_open()  # as in open_tcp_stream
             udp = RecyclingUDPSocket(self, psock, psock.sock)
-            if psock in self._in_use:
-                self._in_use[psock] = udp
-            else:  # pragma: no cover - the pool closed in the last instant
-                udp._force_close()
+            self._in_use[psock] = udp
             return udp
         details = "; ".join(f"{addr!r}: {exc}" for addr, exc in errors)
         codes = {exc.errno for _, exc in errors}
@@ -295,6 +295,11 @@ class SocketPool:
         )
 
     @property
+    def closed(self) -> bool:
+        """Whether the pool's ``async with`` block has exited."""
+        return self._closed
+
+    @property
     def recycling(self) -> bool:
         """Whether closed sockets are disconnected and reused.
 
@@ -320,13 +325,36 @@ class SocketPool:
         proto: int,
         local_address: str | None,
         peer: object,
+        *,
+        replacing: PooledSocket | None = None,
     ) -> PooledSocket:
-        """Take an idle socket for ``peer`` or a new one, waiting for capacity."""
+        """Take an idle socket for ``peer`` or a new one, waiting for capacity.
+
+        ``replacing``: a socket of the same open still connecting (happy
+        eyeballs). If this call would have to wait, that socket is closed
+        and the new one takes its place at once: the open keeps the
+        capacity it holds, and overtakes nobody.
+        """
         self._check_open()
         # Before taking anything: a task cancelled on entry must not take an
         # idle socket only to close it in its error path.
         await trio.lowlevel.checkpoint_if_cancelled()
         key = (family, type, proto, local_address, peer if self._peer_affinity else None)
+        if (
+            replacing is not None
+            and self._in_use.get(replacing, _GONE) is None
+            and (self._waiters or (self._owned() >= self._capacity and not self._idle_lru))
+        ):
+            del self._in_use[replacing]
+            trio.lowlevel.notify_closing(replacing.sock)
+            self._close_psock(replacing)
+            try:
+                taking_over = self._create(_Request(family, type, proto, local_address, key))
+            except BaseException:
+                self._free_slot()
+                raise
+            self._in_use[taking_over] = None
+            return taking_over
         if not self._waiters:
             psock = self._take_idle(key)
             if psock is not None:
@@ -421,7 +449,6 @@ class SocketPool:
         # A drain can see the peer's FIN in the same scheduler round as the
         # pool's exit, after _close() ran: then there is no idle to go to.
         if not self._closed and psock.reset_for_reuse():
-            self._recycled += 1
             self._put_idle(psock)
         else:
             self._close_psock(psock)
@@ -462,6 +489,7 @@ class SocketPool:
         if self._waiters:
             self._hand_off(psock)
         else:
+            self._recycled += 1
             self._idle.setdefault(psock.key, []).append(psock)
             self._idle_lru[psock] = None
 
@@ -488,6 +516,7 @@ class SocketPool:
             task = next(iter(self._waiters))
             request = self._waiters.pop(task)
             if psock is not None and psock.key == request.key:
+                self._recycled += 1
                 self._reused += 1
                 self._in_use[psock] = None
                 trio.lowlevel.reschedule(task, outcome.Value(psock))

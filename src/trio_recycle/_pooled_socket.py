@@ -6,7 +6,7 @@
 # guarantee than running the same calls under a shielded cancel scope.
 #
 # Socket options and disconnect (checked on Linux 6.x, see
-# tests/test_pooled_socket.py): TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE,
+# tests/test_kernel_facts.py): TCP_NODELAY, SO_KEEPALIVE, TCP_KEEPIDLE,
 # TCP_USER_TIMEOUT, TCP_NOTSENT_LOWAT, SO_RCVBUF, SO_LINGER survive
 # tcp_disconnect(); TCP_MAXSEG (tp->rx_opt.user_mss) and TCP_WINDOW_CLAMP
 # (tp->window_clamp) are reset to 0. The pool re-applies its own options of
@@ -92,10 +92,22 @@ RESTORABLE_OPTIONS: Final = _opts(
     ("IPPROTO_TCP", "TCP_NOTSENT_LOWAT"),
     ("IPPROTO_TCP", "TCP_QUICKACK"),
     ("IPPROTO_IP", "IP_TOS"),
-    ("IPPROTO_IP", "IP_TTL"),
     ("IPPROTO_IPV6", "IPV6_TCLASS"),
-    ("IPPROTO_IPV6", "IPV6_UNICAST_HOPS"),
 )
+# Not restorable although they are small integers: IP_TTL and
+# IPV6_UNICAST_HOPS read back 64 when unset (-1, "follow the sysctl"), so
+# writing the value read would pin them.
+
+#: Options whose setting changes another option too: Linux's IP_TOS also
+#: sets sk_priority (rt_tos2priority). Saving one saves the others first,
+#: and the first of a group is restored first, so that the last write of
+#: each option is its original value.
+_COUPLED: Final[dict[tuple[int, int], tuple[tuple[int, int], ...]]] = {
+    tos: (tos, priority)
+    for tos in _opts(("IPPROTO_IP", "IP_TOS"), ("IPPROTO_IPV6", "IPV6_TCLASS"))
+    for priority in _opts(("SOL_SOCKET", "SO_PRIORITY"))
+}
+_RESTORE_FIRST: Final = frozenset(_COUPLED)
 
 #: Options that tcp_disconnect() resets by itself.
 RESET_BY_TCP_DISCONNECT: Final = _opts(
@@ -106,9 +118,6 @@ RESET_BY_TCP_DISCONNECT: Final = _opts(
 RESET_BY_UDP_DISCONNECT: Final = _opts(
     ("SOL_SOCKET", "SO_BINDTODEVICE"),
 )
-#: Options that the disconnect of one socket type or the other resets. A
-#: user's value dies with the connection; the pool's is re-applied.
-RESET_BY_DISCONNECT: Final = RESET_BY_TCP_DISCONNECT | RESET_BY_UDP_DISCONNECT
 
 #: Option levels that do not apply to a socket type, or to a family.
 _FOREIGN_LEVELS_BY_TYPE: Final[dict[int, frozenset[int]]] = {
@@ -223,13 +232,16 @@ class PooledSocket:
         pair = (level, option)
         if pair in self.saved_options or pair in reset_by_disconnect(self.sock.type):
             return
-        if pair in RESTORABLE_OPTIONS and isinstance(value, int):
-            try:
-                self.saved_options[pair] = self.sock.getsockopt(level, option)
-            except OSError:
-                self.tainted = True
-        else:
+        if pair not in RESTORABLE_OPTIONS or not isinstance(value, int):
             self.tainted = True
+            return
+        for level, option in _COUPLED.get(pair, (pair,)):
+            if (level, option) not in self.saved_options:
+                try:
+                    self.saved_options[(level, option)] = self.sock.getsockopt(level, option)
+                except OSError:
+                    self.tainted = True
+                    return
 
     def reset_for_reuse(self) -> bool:
         """Disconnect, verify and restore the socket; True if it may go idle.
@@ -254,7 +266,8 @@ class PooledSocket:
             if sock.type == socket.SOCK_DGRAM and not drain_datagrams(sock):
                 return False
             if self.saved_options:
-                for (level, option), original in self.saved_options.items():
+                saved = sorted(self.saved_options.items(), key=lambda item: item[0] not in _RESTORE_FIRST)
+                for (level, option), original in saved:
                     sock.setsockopt(level, option, original)
                 self.saved_options.clear()
             for level, option, value in self.reapply:
