@@ -1,4 +1,4 @@
-"""Address resolution and happy eyeballs over sockets taken from a pool."""
+"""Connecting pooled sockets: address resolution, happy eyeballs (TCP), first-that-accepts (UDP)."""
 
 # This follows trio.open_tcp_stream (trio/_highlevel_open_tcp_stream.py)
 # step for step, so that swapping one for the other changes nothing but
@@ -11,13 +11,17 @@
 #   fails, or `happy_eyeballs_delay` seconds pass without one succeeding,
 #   start the next; the first to connect wins and the others are cancelled.
 # * When every attempt fails, one OSError names each address and its error,
-#   chained from an ExceptionGroup of the individual errors.
+#   chained from an ExceptionGroup of the individual errors (from the one
+#   error itself when there was a single address); its errno is theirs
+#   when they agree, so `except ConnectionRefusedError` works.
 #
-# Two differences, both about the pool:
+# Three differences, all about the pool:
 #
 # * Each attempt takes its socket from the pool, so an attempt may wait for
 #   capacity like any other open. A losing attempt that connected anyway is
 #   closed (never recycled: its peer sent no FIN).
+# * When the pool is full, a new attempt takes over the place of its own
+#   open's oldest attempt still connecting instead of waiting for it.
 # * A numeric host (an IP literal) is resolved synchronously with
 #   AI_NUMERICHOST, which never touches DNS, and the answer is cached; with
 #   a single address there is no nursery, no thread and no Event, which is
@@ -36,10 +40,12 @@ import trio
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
 
+from ._pooled_socket import drain_datagrams
+
 if TYPE_CHECKING:
     from ._pooled_socket import PooledSocket
 
-__all__ = ["connect_pooled", "validate_endpoint"]
+__all__ = ["connect_pooled", "connect_socket", "connect_udp", "resolve", "validate_delay", "validate_endpoint"]
 
 Target = tuple[int, int, int, object]  # family, type, proto, sockaddr
 
@@ -187,6 +193,37 @@ async def _attempt(source: SocketSource, target: Target, local_address: str | No
         source.discard_socket(psock)
         raise
     return psock
+
+
+async def connect_udp(source: SocketSource, host: str | bytes, port: int, *, local_address: str | None) -> PooledSocket:
+    """Connect a pooled UDP socket to the first address of ``host:port`` that accepts.
+
+    A UDP connect sends nothing, so there is nothing to race: the addresses
+    are tried in resolver order, each failure named in the final OSError.
+    """
+    targets = await resolve(host, port, socket.SOCK_DGRAM)
+    errors: list[tuple[object, OSError]] = []
+    for family, type, proto, sockaddr in targets:
+        try:
+            psock = await source.acquire_socket(family, type, proto, local_address, sockaddr)
+        except OSError as exc:
+            errors.append((sockaddr, exc))
+            continue
+        try:
+            await connect_socket(psock.sock, sockaddr)
+            psock.uses += 1
+            # A reused socket: see "One gap remains" in _udp.py.
+            if psock.uses > 1 and not drain_datagrams(psock.sock):
+                raise OSError(f"datagrams keep arriving at a new port connected to {sockaddr!r}")
+        except OSError as exc:
+            source.discard_socket(psock)
+            errors.append((sockaddr, exc))
+            continue
+        except BaseException:
+            source.discard_socket(psock)
+            raise
+        return psock
+    raise _all_failed(host, port, errors) from errors[-1][1]
 
 
 def _all_failed(host: str | bytes, port: int, errors: list[tuple[object, OSError]]) -> OSError:

@@ -37,7 +37,8 @@ __all__ = ["can_recycle", "disconnect"]
 #: return False, forcing every pool into its close-instead fallback.
 DISABLE_ENV_VAR = "TRIO_RECYCLE_DISABLE"
 
-_TCP_CLOSE = 7  # include/net/tcp_states.h
+#: TCP_INFO's tcpi_state of a closed socket (include/net/tcp_states.h).
+TCP_CLOSE = 7
 
 
 class _HasFileno(Protocol):
@@ -108,7 +109,7 @@ def _probe() -> bool:
                     return False
                 disconnect(client)
                 info = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
-                if info[0] != _TCP_CLOSE:
+                if info[0] != TCP_CLOSE:
                     return False
                 client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 try:

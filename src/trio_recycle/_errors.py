@@ -8,12 +8,12 @@ import trio
 
 # trio's SocketStream does the same: a descriptor that is gone means the
 # resource was closed under us; anything else means the connection broke.
-_CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
+CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
 
 
 def translate_oserror(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
     """Return the trio exception that stands for ``exc`` (raise it ``from exc``)."""
-    if exc.errno in _CLOSED_ERRNOS:
+    if exc.errno in CLOSED_ERRNOS:
         return trio.ClosedResourceError("this socket was already closed")
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
 

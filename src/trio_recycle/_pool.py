@@ -27,9 +27,9 @@ import attrs
 import outcome
 import trio
 
-from ._connect import connect_pooled, connect_socket, resolve, validate_delay, validate_endpoint
+from ._connect import connect_pooled, connect_udp, validate_delay, validate_endpoint
 from ._disconnect import can_recycle
-from ._pooled_socket import PooledSocket, PoolKey, SocketOption, drain_datagrams
+from ._pooled_socket import PooledSocket, PoolKey, SocketOption
 from ._stream import RecyclingStream
 from ._udp import RecyclingUDPSocket
 
@@ -243,37 +243,11 @@ class SocketPool:
         if local_address is not None and not isinstance(local_address, str):
             raise TypeError(f"local_address must be str or None, not {local_address!r}")
         self._check_open()
-        targets = await resolve(host, port, socket.SOCK_DGRAM)
-        errors: list[tuple[object, OSError]] = []
-        for family, type, proto, sockaddr in targets:
-            try:
-                psock = await self.acquire_socket(family, type, proto, local_address, sockaddr)
-            except OSError as exc:
-                errors.append((sockaddr, exc))
-                continue
-            try:
-                await connect_socket(psock.sock, sockaddr)
-                psock.uses += 1
-                # A reused socket: see "One gap remains" in _udp.py.
-                if psock.uses > 1 and not drain_datagrams(psock.sock):
-                    raise OSError(f"datagrams keep arriving at a new port connected to {sockaddr!r}")
-            except OSError as exc:
-                self.discard_socket(psock)
-                errors.append((sockaddr, exc))
-                continue
-            except BaseException:
-                self.discard_socket(psock)
-                raise
-            self._check_open()  # as in open_tcp_stream
-            udp = RecyclingUDPSocket(self, psock, psock.sock)
-            self._in_use[psock] = udp
-            return udp
-        details = "; ".join(f"{addr!r}: {exc}" for addr, exc in errors)
-        codes = {exc.errno for _, exc in errors}
-        message = f"could not connect a UDP socket to {host!r} port {port}: {details}"
-        if len(codes) == 1 and None not in codes:
-            raise OSError(codes.pop(), message) from errors[-1][1]
-        raise OSError(message) from errors[-1][1]
+        psock = await connect_udp(self, host, port, local_address=local_address)
+        self._check_open()  # as in open_tcp_stream
+        udp = RecyclingUDPSocket(self, psock, psock.sock)
+        self._in_use[psock] = udp
+        return udp
 
     def statistics(self) -> PoolStatistics:
         """Return a snapshot of this pool's state and counters.

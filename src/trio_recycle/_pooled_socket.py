@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Final, Union
 
 import attrs
 
-from ._disconnect import disconnect
+from ._disconnect import TCP_CLOSE, disconnect
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -59,8 +59,6 @@ SocketOption = tuple[int, int, OptionValue]
 #: What an idle socket must match to be reused: (family, type, proto,
 #: local address or None, peer address or None when affinity is off).
 PoolKey = tuple[int, int, int, object, object]
-
-_TCP_CLOSE: Final = 7  # include/net/tcp_states.h
 
 
 def _opt(level_name: str, option_name: str) -> tuple[int, int] | None:
@@ -257,7 +255,7 @@ class PooledSocket:
             disconnect(sock)
             if sock.type == socket.SOCK_STREAM:
                 state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-                if state != _TCP_CLOSE:
+                if state != TCP_CLOSE:
                     return False
             # Reading SO_ERROR clears the ECONNRESET that tcp_disconnect()
             # leaves behind (for UDP: an ICMP error not yet reported); what

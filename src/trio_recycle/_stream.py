@@ -16,34 +16,25 @@
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Final, Protocol, final, overload
+from typing import TYPE_CHECKING, final
 
 import attrs
 import trio
 
 from ._errors import closed_stream_error, translate_oserror
+from ._socket_access import DEFAULT_RECEIVE_SIZE, Home, SocketAccess
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
-
-    from typing_extensions import Buffer
 
     from ._pooled_socket import PooledSocket
 
 __all__ = ["RecyclingStream"]
 
-DEFAULT_RECEIVE_SIZE: Final = 65536
-
-
-class _Home(Protocol):
-    """What a stream needs from its pool (the pool implements it)."""
-
-    def return_socket(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None: ...
-
 
 @final
 @attrs.define(eq=False)
-class RecyclingStream(trio.abc.HalfCloseableStream):
+class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     """A TCP connection whose socket came from, and goes back to, a `SocketPool`.
 
     It implements the full `trio.abc.HalfCloseableStream` interface with the
@@ -72,7 +63,7 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
     `trio.ClosedResourceError`.
     """
 
-    _home: _Home
+    _home: Home
     _psock: PooledSocket
     _sock: socket.socket
     _closed: bool = False
@@ -239,81 +230,3 @@ class RecyclingStream(trio.abc.HalfCloseableStream):
                 healthy=self._healthy,
             )
         await trio.lowlevel.checkpoint()
-
-    def _force_close(self) -> None:
-        """Mark closed and wake blocked tasks; the pool closes the socket."""
-        if not self._closed:
-            self._closed = True
-            trio.lowlevel.notify_closing(self._sock)
-
-    @overload
-    def setsockopt(self, level: int, option: int, value: int | Buffer) -> None: ...
-
-    @overload
-    def setsockopt(self, level: int, option: int, value: None, length: int) -> None: ...
-
-    def setsockopt(self, level: int, option: int, value: int | Buffer | None, length: int | None = None) -> None:
-        """Set an option on the underlying socket, for this connection only.
-
-        See :meth:`socket.socket.setsockopt`. The pool undoes the change
-        before the socket's next use: integer options that read back exactly
-        (``TCP_NODELAY``, ``SO_KEEPALIVE``, the keepalive timers,
-        ``TCP_USER_TIMEOUT``, ``IP_TOS``, ...) are restored; ``TCP_MAXSEG``
-        and ``TCP_WINDOW_CLAMP`` are reset by the kernel's disconnect; after
-        any other option the socket is closed instead of recycled.
-
-        Raises:
-          trio.ClosedResourceError: the stream is closed.
-          OSError: from the system call.
-        """
-        if self._closed:
-            raise closed_stream_error()
-        self._psock.note_user_option(level, option, value)
-        if length is None:
-            if value is None:
-                raise TypeError("invalid value for argument 'value', must not be None when specifying length")
-            self._sock.setsockopt(level, option, value)
-        else:
-            if value is not None:
-                raise TypeError(f"invalid value for argument 'value': {value!r}, must be None when specifying optlen")
-            self._sock.setsockopt(level, option, None, length)
-
-    @overload
-    def getsockopt(self, level: int, option: int) -> int: ...
-
-    @overload
-    def getsockopt(self, level: int, option: int, buffersize: int) -> bytes: ...
-
-    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> int | bytes:
-        """Read an option of the underlying socket; see :meth:`socket.socket.getsockopt`.
-
-        Raises:
-          trio.ClosedResourceError: the stream is closed.
-        """
-        if self._closed:
-            raise closed_stream_error()
-        if buffersize == 0:
-            return self._sock.getsockopt(level, option)
-        return self._sock.getsockopt(level, option, buffersize)
-
-    def getpeername(self) -> tuple[str, int] | tuple[str, int, int, int]:
-        """The peer's address, as :meth:`socket.socket.getpeername` gives it.
-
-        Raises:
-          trio.ClosedResourceError: the stream is closed.
-        """
-        if self._closed:
-            raise closed_stream_error()
-        address: tuple[str, int] | tuple[str, int, int, int] = self._sock.getpeername()
-        return address
-
-    def getsockname(self) -> tuple[str, int] | tuple[str, int, int, int]:
-        """Our local address, as :meth:`socket.socket.getsockname` gives it.
-
-        Raises:
-          trio.ClosedResourceError: the stream is closed.
-        """
-        if self._closed:
-            raise closed_stream_error()
-        address: tuple[str, int] | tuple[str, int, int, int] = self._sock.getsockname()
-        return address

@@ -35,24 +35,20 @@
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Final, Protocol, final, overload
+from typing import TYPE_CHECKING, Final, final
 
 import attrs
 import trio
 
-from ._errors import closed_stream_error, translate_oserror
+from ._errors import CLOSED_ERRNOS, closed_stream_error, translate_oserror
+from ._socket_access import DEFAULT_RECEIVE_SIZE, Home, SocketAccess
 
 if TYPE_CHECKING:
     import socket
 
-    from typing_extensions import Buffer
-
     from ._pooled_socket import PooledSocket
 
 __all__ = ["RecyclingUDPSocket"]
-
-#: Default for `RecyclingUDPSocket.receive`: the largest UDP payload fits.
-DEFAULT_RECEIVE_SIZE: Final = 65536
 
 # Errors that concern one datagram, or report an ICMP error once; the
 # socket is as good as before. Any other error closes it instead of
@@ -70,18 +66,11 @@ _DATAGRAM_ERRNOS: Final = frozenset(
         errno.EACCES,
     }
 )
-_CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
-
-
-class _Home(Protocol):
-    """What a socket needs from its pool (the pool implements it)."""
-
-    def return_socket(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None: ...
 
 
 @final
 @attrs.define(eq=False)
-class RecyclingUDPSocket(trio.abc.AsyncResource):
+class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
     """A connected UDP socket that came from, and goes back to, a `SocketPool`.
 
     You do not construct it yourself: `SocketPool.open_udp_socket` returns
@@ -107,7 +96,7 @@ class RecyclingUDPSocket(trio.abc.AsyncResource):
     ``EMSGSIZE``, and the socket can be used again afterwards.
     """
 
-    _home: _Home
+    _home: Home
     _psock: PooledSocket
     _sock: socket.socket
     _closed: bool = False
@@ -139,7 +128,7 @@ class RecyclingUDPSocket(trio.abc.AsyncResource):
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(sock)
             except OSError as exc:
-                if exc.errno in _CLOSED_ERRNOS:
+                if exc.errno in CLOSED_ERRNOS:
                     raise translate_oserror(exc) from exc
                 if exc.errno not in _DATAGRAM_ERRNOS:
                     self._healthy = False
@@ -182,7 +171,7 @@ class RecyclingUDPSocket(trio.abc.AsyncResource):
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
             except OSError as exc:
-                if exc.errno in _CLOSED_ERRNOS:
+                if exc.errno in CLOSED_ERRNOS:
                     raise translate_oserror(exc) from exc
                 if exc.errno not in _DATAGRAM_ERRNOS:
                     self._healthy = False
@@ -204,78 +193,3 @@ class RecyclingUDPSocket(trio.abc.AsyncResource):
             # UDP has no FIN to wait for: the socket is ready to recycle.
             self._home.return_socket(self._psock, eof_seen=True, eof_sent=True, healthy=self._healthy)
         await trio.lowlevel.checkpoint()
-
-    def _force_close(self) -> None:
-        """Mark closed and wake blocked tasks; the pool closes the socket."""
-        if not self._closed:
-            self._closed = True
-            trio.lowlevel.notify_closing(self._sock)
-
-    @overload
-    def setsockopt(self, level: int, option: int, value: int | Buffer) -> None: ...
-
-    @overload
-    def setsockopt(self, level: int, option: int, value: None, length: int) -> None: ...
-
-    def setsockopt(self, level: int, option: int, value: int | Buffer | None, length: int | None = None) -> None:
-        """Set an option on the underlying socket, for this owner only.
-
-        See :meth:`socket.socket.setsockopt`. The pool undoes the change
-        before the socket's next use: integer options that read back exactly
-        (``IP_TOS``, ``IP_TTL``, ``SO_PRIORITY``, ...) are restored;
-        ``SO_BINDTODEVICE`` is reset by the kernel's disconnect; after any
-        other option the socket is closed instead of recycled.
-
-        Raises:
-          trio.ClosedResourceError: the socket is closed.
-          OSError: from the system call.
-        """
-        if self._closed:
-            raise closed_stream_error()
-        self._psock.note_user_option(level, option, value)
-        if length is None:
-            if value is None:
-                raise TypeError("invalid value for argument 'value', must not be None when specifying length")
-            self._sock.setsockopt(level, option, value)
-        else:
-            if value is not None:
-                raise TypeError(f"invalid value for argument 'value': {value!r}, must be None when specifying optlen")
-            self._sock.setsockopt(level, option, None, length)
-
-    @overload
-    def getsockopt(self, level: int, option: int) -> int: ...
-
-    @overload
-    def getsockopt(self, level: int, option: int, buffersize: int) -> bytes: ...
-
-    def getsockopt(self, level: int, option: int, buffersize: int = 0) -> int | bytes:
-        """Read an option of the underlying socket; see :meth:`socket.socket.getsockopt`.
-
-        Raises:
-          trio.ClosedResourceError: the socket is closed.
-        """
-        if self._closed:
-            raise closed_stream_error()
-        if buffersize == 0:
-            return self._sock.getsockopt(level, option)
-        return self._sock.getsockopt(level, option, buffersize)
-
-    def getpeername(self) -> object:
-        """The peer's address, as :meth:`socket.socket.getpeername` gives it.
-
-        Raises:
-          trio.ClosedResourceError: the socket is closed.
-        """
-        if self._closed:
-            raise closed_stream_error()
-        return self._sock.getpeername()
-
-    def getsockname(self) -> object:
-        """Our local address, as :meth:`socket.socket.getsockname` gives it.
-
-        Raises:
-          trio.ClosedResourceError: the socket is closed.
-        """
-        if self._closed:
-            raise closed_stream_error()
-        return self._sock.getsockname()
