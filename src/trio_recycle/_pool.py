@@ -29,6 +29,7 @@ import trio
 
 from ._connect import connect_pooled, connect_udp, validate_delay, validate_endpoint
 from ._disconnect import can_recycle
+from ._drain import read_available, wait_for_fin
 from ._pooled_socket import PooledSocket, PoolKey, SocketOption
 from ._stream import RecyclingStream
 from ._udp import RecyclingUDPSocket
@@ -45,7 +46,6 @@ DEFAULT_EOF_TIMEOUT: Final = 5.0
 #: Default for ``open_socket_pool(drain_limit=...)``, in bytes.
 DEFAULT_DRAIN_LIMIT: Final = 65536
 
-_DRAIN_CHUNK: Final = 65536
 
 # TCP defaults, the same as trio.SocketStream's (trio issue #72); both
 # survive a disconnect, so they are set once per socket, not per use.
@@ -380,7 +380,7 @@ class SocketPool:
             # ours. A FIN of ours would move a peer that has closed from
             # FIN_WAIT2 to TIME_WAIT, which recycling exists to avoid.
             try:
-                eof_seen, received = _read_available(psock.sock, self._drain_limit)
+                eof_seen, received = read_available(psock.sock, self._drain_limit)
                 if not eof_seen and received <= self._drain_limit and not eof_sent:
                     psock.sock.shutdown(socket.SHUT_WR)
             except OSError:
@@ -395,27 +395,18 @@ class SocketPool:
             self._nursery.start_soon(self._drain, psock, received)
 
     async def _drain(self, psock: PooledSocket, received: int) -> None:
-        sock = psock.sock
-        done = False
+        fin = False
         try:
             with trio.move_on_after(self._eof_timeout):
-                while received <= self._drain_limit:
-                    try:
-                        data = sock.recv(_DRAIN_CHUNK)
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_readable(sock)
-                        continue
-                    if not data:
-                        self._draining.discard(psock)
-                        done = True
-                        self._recycle_or_close(psock)
-                        return
-                    received += len(data)
+                fin = await wait_for_fin(psock.sock, received, self._drain_limit)
         except OSError:
             pass
         finally:
-            if not done and psock in self._draining:
-                self._draining.discard(psock)
+            # Also on Cancelled (the pool's exit): then fin is False.
+            self._draining.discard(psock)
+            if fin:
+                self._recycle_or_close(psock)
+            else:
                 self._close_psock(psock)
                 self._free_slot()
 
@@ -534,23 +525,6 @@ class SocketPool:
 
 
 _GONE: Final = object()
-
-
-def _read_available(sock: socket.socket, limit: int) -> tuple[bool, int]:
-    """Read and discard what is queued, without blocking: (EOF seen, bytes read).
-
-    Stops past ``limit`` bytes. Raises OSError from recv().
-    """
-    received = 0
-    while received <= limit:
-        try:
-            data = sock.recv(_DRAIN_CHUNK)
-        except BlockingIOError:
-            return False, received
-        if not data:
-            return True, received
-        received += len(data)
-    return False, received
 
 
 def _check_options(socket_options: Iterable[SocketOption]) -> tuple[SocketOption, ...]:

@@ -1,0 +1,63 @@
+"""Waiting for the peer's FIN on a closed stream's socket: read and discard, bounded."""
+
+# The close protocol (DESIGN.md, "Closing a RecyclingStream"): a socket is
+# recycled only once the peer's FIN has arrived, and whatever the peer sent
+# before it is unwanted. These functions read and throw that away, up to a
+# byte limit; the pool decides what a result means and bounds the time.
+#
+# Reading goes into one scratch buffer with recv_into(): the bytes are
+# discarded anyway, so there is no reason to allocate 64 KiB per call. The
+# buffer is shared by every drain in the process; concurrent writes into it
+# (two trio runs in two threads) are harmless because nobody reads it.
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+if TYPE_CHECKING:
+    import socket
+
+__all__ = ["read_available", "wait_for_fin"]
+
+_SCRATCH: Final = bytearray(65536)
+
+
+def read_available(sock: socket.socket, limit: int) -> tuple[bool, int]:
+    """Discard what is queued, without blocking: (the FIN was there, bytes read).
+
+    Stops once more than ``limit`` bytes were read.
+
+    Raises:
+      OSError: from recv(), for example ECONNRESET.
+    """
+    received = 0
+    while received <= limit:
+        try:
+            count = sock.recv_into(_SCRATCH)
+        except BlockingIOError:
+            return False, received
+        if not count:
+            return True, received
+        received += count
+    return False, received
+
+
+async def wait_for_fin(sock: socket.socket, received: int, limit: int) -> bool:
+    """Discard incoming bytes until the FIN (True) or past ``limit`` in all (False).
+
+    ``received`` counts what was already read. No time bound: the caller
+    runs this under its own cancel scope.
+
+    Raises:
+      OSError: from recv(), for example ECONNRESET.
+    """
+    while received <= limit:
+        eof, count = read_available(sock, limit - received)
+        if eof:
+            return True
+        received += count
+        if received <= limit:
+            await trio.lowlevel.wait_readable(sock)
+    return False
