@@ -140,7 +140,12 @@ def _reorder_for_rfc_6555(targets: list[Target]) -> None:
 
 async def resolve(host: str | bytes, port: int, type: int) -> list[Target]:
     """Resolve like trio.open_tcp_stream; raise OSError when nothing is found."""
-    targets = _numeric_targets(host, port, type)
+    return await _resolve(host, port, type, _numeric_targets(host, port, type))
+
+
+async def _resolve(host: str | bytes, port: int, type: int, numeric: list[Target] | None) -> list[Target]:
+    """`resolve`, given `_numeric_targets`' answer (None: not an IP literal)."""
+    targets = numeric
     if targets is None:
         infos = await trio.socket.getaddrinfo(host, port, type=type)
         targets = _unique([(f, t, p, addr) for f, t, p, _, addr in infos])
@@ -246,9 +251,11 @@ async def connect_pooled(
     """Connect a pooled TCP socket to ``host:port``; see SocketPool.open_tcp_stream."""
     # An IP literal resolves synchronously from the cache: no coroutine,
     # no copy, nothing to reorder when there is one address.
-    targets = _numeric_targets(host, port, socket.SOCK_STREAM)
-    if targets is None or len(targets) != 1:
-        targets = await resolve(host, port, socket.SOCK_STREAM)
+    numeric = _numeric_targets(host, port, socket.SOCK_STREAM)
+    if numeric is not None and len(numeric) == 1:
+        targets = numeric
+    else:
+        targets = await _resolve(host, port, socket.SOCK_STREAM, numeric)
     if len(targets) == 1:
         try:
             return await _attempt(source, targets[0], local_address)
