@@ -364,7 +364,7 @@ class SocketPool:
         self._free_slot()
 
     # ------------------------------------------------------------------
-    # Giving sockets back (the _Home protocol of _stream)
+    # Giving sockets back (the Home protocol of _socket_access)
 
     def return_socket(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None:
         """A stream was closed: recycle, drain or close its socket."""
