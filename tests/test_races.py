@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
+import pytest
 import trio
 import trio.testing
 
@@ -216,3 +217,92 @@ async def test_happy_eyeballs_at_a_full_pool_takes_over_its_own_slot(
             stats = pool.statistics()
             assert (stats.created, stats.discarded, stats.in_use, stats.idle) == (2, 1, 0, 1)
             assert_capacity(pool)
+
+
+async def test_full_pool_never_abandons_an_attempt_that_already_connected(
+    start_server: StartServer, resolve_names: ResolveNames
+) -> None:
+    """Capacity 1, delay 0, first address listening, second refusing: every open succeeds, as with trio."""
+    server = await start_server(answer_then_close, "127.0.0.1")
+    resolve_names({"two.test": TWO})
+    failures: list[OSError] = []
+    for _ in range(30):
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            try:
+                stream = await pool.open_tcp_stream("two.test", server.port, happy_eyeballs_delay=0)
+            except OSError as exc:
+                failures.append(exc)
+            else:
+                await stream.aclose()
+            assert_capacity(pool)
+    assert not failures, failures[:2]
+
+
+async def test_taking_over_whose_socket_cannot_be_made_leaves_the_sibling(
+    start_server: StartServer, resolve_names: ResolveNames
+) -> None:
+    """If the later attempt's socket cannot even be created, the slow earlier one keeps connecting."""
+    await start_server(answer_then_close, "127.0.0.1")
+    resolve_names({"slow.test": [("127.0.0.2", socket.AF_INET), ("::1", socket.AF_INET6)]})
+    with socket.socket() as full, socket.socket() as filler:
+        full.bind(("127.0.0.2", 0))
+        full.listen(0)
+        filler.connect(full.getsockname())  # accept queue full: SYNs are dropped
+        port = full.getsockname()[1]
+
+        async def free_the_queue() -> None:
+            await trio.sleep(0.5)
+            conn, _ = full.accept()  # the SYN resent at about 1 s now connects
+            conn.close()
+
+        async with trio.open_nursery() as nursery, trio_recycle.open_socket_pool(capacity=1) as pool:
+            nursery.start_soon(free_the_queue)
+            with trio.fail_after(5):
+                # The ::1 attempt's socket cannot be bound to 127.0.0.1.
+                stream = await pool.open_tcp_stream(
+                    "slow.test", port, happy_eyeballs_delay=0.25, local_address="127.0.0.1"
+                )
+            assert stream.getpeername() == ("127.0.0.2", port)
+            await stream.aclose()
+            assert_capacity(pool)
+
+
+async def test_refused_everywhere_keeps_the_errno_at_a_full_pool(resolve_names: ResolveNames) -> None:
+    """Every address refuses: ConnectionRefusedError, whatever the capacity."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    resolve_names({"refuse.test": [("127.0.0.2", socket.AF_INET), ("127.0.0.3", socket.AF_INET)]})
+    for capacity in (2, 1):
+        for _ in range(20):
+            async with trio_recycle.open_socket_pool(capacity=capacity) as pool:
+                with pytest.raises(ConnectionRefusedError):
+                    await pool.open_tcp_stream("refuse.test", port, happy_eyeballs_delay=0)
+
+
+async def test_udp_open_meets_the_pool_exit() -> None:
+    """A UDP open on a reused socket racing the pool's exit: ClosedResourceError or a socket, never EBADF."""
+    outcomes: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.1", 0))
+        port = peer.getsockname()[1]
+        for k in range(40):
+            async with trio.open_nursery() as outer, trio_recycle.open_socket_pool(capacity=2) as pool:
+                first = await pool.open_udp_socket("127.0.0.1", port)
+                await first.aclose()  # one idle socket for the next open
+
+                async def opener(pool: trio_recycle.SocketPool = pool) -> None:
+                    try:
+                        udp = await pool.open_udp_socket("127.0.0.1", port)
+                    except trio.ClosedResourceError:
+                        outcomes.append("closed")
+                    except OSError as exc:
+                        outcomes.append(f"OSError: {exc}")
+                    else:
+                        outcomes.append("ok")
+                        await udp.aclose()
+
+                outer.start_soon(opener)
+                for _ in range(k % 3):
+                    await trio.lowlevel.checkpoint()
+    assert set(outcomes) <= {"closed", "ok"}, outcomes

@@ -178,6 +178,8 @@ async def connect_socket(sock: socket.socket, sockaddr: object) -> None:
         raise OSError(exc.errno, f"Error connecting to {sockaddr!r}: {exc.strerror}") from None
     else:
         await trio.lowlevel.cancel_shielded_checkpoint()
+        if sock.fileno() == -1:  # the pool's exit, during that checkpoint
+            raise trio.ClosedResourceError("the socket was closed while it was connecting")
         return
     await trio.lowlevel.wait_writable(sock)
     if sock.fileno() == -1:
@@ -231,10 +233,16 @@ async def connect_udp(source: SocketSource, host: str | bytes, port: int, *, loc
     raise _all_failed(host, port, errors) from errors[-1][1]
 
 
+class _Abandoned(OSError):
+    """An attempt whose place in a full pool a later attempt took over."""
+
+
 def _all_failed(host: str | bytes, port: int, errors: list[tuple[object, OSError]]) -> OSError:
     details = "; ".join(f"{addr!r}: {exc}" for addr, exc in errors)
     message = f"all attempts to connect to {_format_host_port(host, port)} failed: {details}"
-    codes = {exc.errno for _, exc in errors}
+    # An abandoned attempt has no errno of its own: it does not stop the
+    # others' common errno (ECONNREFUSED, say) from being the error's.
+    codes = {exc.errno for _, exc in errors if not isinstance(exc, _Abandoned)}
     if len(codes) == 1 and None not in codes:
         return OSError(codes.pop(), message)
     return OSError(message)
@@ -295,7 +303,7 @@ async def connect_pooled(
                 closed = exc
                 nursery.cancel_scope.cancel()
             else:
-                errors.append((sockaddr, OSError("abandoned for the next address: the pool had no room for both")))
+                errors.append((sockaddr, _Abandoned("abandoned for the next address: the pool had no room for both")))
                 failed.set()
             return
         if winner is None:

@@ -197,6 +197,8 @@ class SocketPool:
         # happy-eyeballs nursery still had to wind down): then the socket is
         # closed already.
         self._check_open()
+        if self._in_use.get(psock, _GONE) is not None:  # pragma: no cover - defensive
+            raise trio.ClosedResourceError("the socket was closed while it was connecting")
         stream = RecyclingStream(self, psock, psock.sock)
         self._in_use[psock] = stream
         return stream
@@ -245,6 +247,8 @@ class SocketPool:
         self._check_open()
         psock = await connect_udp(self, host, port, local_address=local_address)
         self._check_open()  # as in open_tcp_stream
+        if self._in_use.get(psock, _GONE) is not None:  # pragma: no cover - defensive
+            raise trio.ClosedResourceError("the socket was closed while it was connecting")
         udp = RecyclingUDPSocket(self, psock, psock.sock)
         self._in_use[psock] = udp
         return udp
@@ -305,9 +309,11 @@ class SocketPool:
         """Take an idle socket for ``peer`` or a new one, waiting for capacity.
 
         ``replacing``: a socket of the same open still connecting (happy
-        eyeballs). If this call would have to wait, that socket is closed
-        and the new one takes its place at once: the open keeps the
-        capacity it holds, and overtakes nobody.
+        eyeballs). If this call would have to wait and that socket's SYN is
+        still unanswered (SYN_SENT), the new socket takes its place and it
+        is closed: the open keeps the capacity it holds, and overtakes
+        nobody. A connect that has already finished, either way, is left
+        alone: its task is about to win or to free its place.
         """
         self._check_open()
         # Before taking anything: a task cancelled on entry must not take an
@@ -318,15 +324,15 @@ class SocketPool:
             replacing is not None
             and self._in_use.get(replacing, _GONE) is None
             and (self._waiters or (self._owned() >= self._capacity and not self._idle_lru))
+            and _still_in_syn_sent(replacing.sock)
         ):
+            # Create first: if that fails, the sibling keeps connecting.
+            # Nothing here awaits, so the moment with one socket too many
+            # is never seen at a checkpoint (I4).
+            taking_over = self._create(_Request(family, type, proto, local_address, key))
             del self._in_use[replacing]
             trio.lowlevel.notify_closing(replacing.sock)
             self._close_psock(replacing)
-            try:
-                taking_over = self._create(_Request(family, type, proto, local_address, key))
-            except BaseException:
-                self._free_slot()
-                raise
             self._in_use[taking_over] = None
             return taking_over
         if not self._waiters:
@@ -505,11 +511,13 @@ class SocketPool:
         if self._closed:
             return
         self._closed = True
-        error = trio.ClosedResourceError(
-            "this SocketPool is closed: the `async with open_socket_pool()` block has exited"
-        )
         for task in list(self._waiters):
             del self._waiters[task]
+            # One exception object per task: a shared one would collect
+            # every task's traceback.
+            error = trio.ClosedResourceError(
+                "this SocketPool is closed: the `async with open_socket_pool()` block has exited"
+            )
             trio.lowlevel.reschedule(task, outcome.Error(error))
         for psock, owner in list(self._in_use.items()):
             if owner is not None:
@@ -525,6 +533,15 @@ class SocketPool:
 
 
 _GONE: Final = object()
+_TCP_SYN_SENT: Final = 2  # include/net/tcp_states.h
+
+
+def _still_in_syn_sent(sock: socket.socket) -> bool:
+    """Whether a connecting TCP socket's SYN is still unanswered."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_SYN_SENT
+    except OSError:
+        return False
 
 
 def _check_options(socket_options: Iterable[SocketOption]) -> tuple[SocketOption, ...]:
