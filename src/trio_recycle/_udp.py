@@ -35,7 +35,7 @@
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, NoReturn, final
 
 import attrs
 import trio
@@ -128,11 +128,7 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(sock)
             except OSError as exc:
-                if exc.errno in CLOSED_ERRNOS:
-                    raise translate_oserror(exc) from exc
-                if exc.errno not in _DATAGRAM_ERRNOS:
-                    self._healthy = False
-                raise
+                self._raise_for(exc)
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return
@@ -171,14 +167,18 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
             except OSError as exc:
-                if exc.errno in CLOSED_ERRNOS:
-                    raise translate_oserror(exc) from exc
-                if exc.errno not in _DATAGRAM_ERRNOS:
-                    self._healthy = False
-                raise
+                self._raise_for(exc)
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
+
+    def _raise_for(self, exc: OSError) -> NoReturn:
+        """Raise what a failed send()/recv() means; note if the socket is done for."""
+        if exc.errno in CLOSED_ERRNOS:
+            raise translate_oserror(exc) from exc
+        if exc.errno not in _DATAGRAM_ERRNOS:
+            self._healthy = False
+        raise exc
 
     async def aclose(self) -> None:
         """Close the socket and hand it back to the pool.
