@@ -45,7 +45,15 @@ from ._pooled_socket import drain_datagrams
 if TYPE_CHECKING:
     from ._pooled_socket import PooledSocket
 
-__all__ = ["connect_pooled", "connect_socket", "connect_udp", "resolve", "validate_delay", "validate_endpoint"]
+__all__ = [
+    "connect_pooled",
+    "connect_socket",
+    "connect_udp",
+    "resolve",
+    "validate_delay",
+    "validate_endpoint",
+    "validate_local_address",
+]
 
 Target = tuple[int, int, int, object]  # family, type, proto, sockaddr
 
@@ -86,6 +94,41 @@ def validate_endpoint(host: object, port: object) -> None:
         raise TypeError(f"port must be int, not {port!r}")
     if not 1 <= port <= 65535:
         raise ValueError(f"port must be in range 1-65535, not {port!r}")
+
+
+_LOCAL_CACHE_SIZE = 512
+_local_addresses: set[str] = set()
+
+
+def validate_local_address(local_address: object) -> None:
+    """Check ``local_address``: None, or an IPv4 or IPv6 literal (a scope ID allowed).
+
+    A host name is refused rather than resolved: ``bind()`` would resolve
+    it with a blocking lookup inside the event loop. NUL bytes are refused
+    because the C library would silently cut the string there.
+
+    Raises:
+      TypeError: not a str.
+      ValueError: not an IP literal; the message names ``local_address``.
+    """
+    if local_address is None or local_address in _local_addresses:
+        return
+    if not isinstance(local_address, str):
+        raise TypeError(f"local_address must be str or None, not {local_address!r}")
+    if "\x00" not in local_address:
+        try:
+            socket.getaddrinfo(local_address, 0, flags=socket.AI_NUMERICHOST)
+        except (socket.gaierror, UnicodeError):
+            pass
+        else:
+            if len(_local_addresses) >= _LOCAL_CACHE_SIZE:
+                _local_addresses.clear()
+            _local_addresses.add(local_address)
+            return
+    raise ValueError(
+        f"local_address must be an IPv4 or IPv6 address literal such as '127.0.0.1' or '::1', "
+        f"not {local_address!r} (a host name is not resolved: bind() would block the event loop)"
+    )
 
 
 def validate_delay(happy_eyeballs_delay: object) -> None:

@@ -27,7 +27,7 @@ import attrs
 import outcome
 import trio
 
-from ._connect import connect_pooled, connect_udp, validate_delay, validate_endpoint
+from ._connect import connect_pooled, connect_udp, validate_delay, validate_endpoint, validate_local_address
 from ._disconnect import can_recycle
 from ._drain import read_available, wait_for_fin
 from ._pooled_socket import PooledSocket, PoolKey, SocketOption
@@ -167,15 +167,19 @@ class SocketPool:
               attempt to fail. trio's default.
           local_address: Local IP address to bind the socket to before
               connecting, as in `trio.open_tcp_stream`; sockets bound to
-              different local addresses are kept apart in the pool.
+              different local addresses are kept apart in the pool. It
+              must be an IP literal: a host name is refused, because
+              ``bind()`` would resolve it with a blocking lookup.
 
         Returns:
           RecyclingStream: the connected stream. Close it (``async with``)
           to give the socket back.
 
         Raises:
-          TypeError: ``host`` is not str/bytes or ``port`` is not an int.
-          ValueError: ``port`` or ``happy_eyeballs_delay`` is out of range.
+          TypeError: ``host`` is not str/bytes, ``port`` is not an int, or
+              ``local_address`` is not a str.
+          ValueError: ``port`` or ``happy_eyeballs_delay`` is out of range,
+              or ``local_address`` is not an IP literal.
           socket.gaierror: the host name cannot be resolved.
           OSError: every connection attempt failed; the message names each
               address with its error.
@@ -183,8 +187,7 @@ class SocketPool:
         """
         validate_endpoint(host, port)
         validate_delay(happy_eyeballs_delay)
-        if local_address is not None and not isinstance(local_address, str):
-            raise TypeError(f"local_address must be str or None, not {local_address!r}")
+        validate_local_address(local_address)
         self._check_open()
         psock = await connect_pooled(
             self,
@@ -225,8 +228,9 @@ class SocketPool:
               without a thread) or a name.
           port: The port, an int from 1 to 65535.
           local_address: Local IP address to bind the socket to, as in
-              `open_tcp_stream`; None lets the kernel choose. The local port
-              is always the kernel's choice, a new one for every owner.
+              `open_tcp_stream` (an IP literal); None lets the kernel
+              choose. The local port is always the kernel's choice, a new
+              one for every owner.
 
         Returns:
           RecyclingUDPSocket: the connected socket. Close it (``async
@@ -235,15 +239,15 @@ class SocketPool:
         Raises:
           TypeError: ``host`` is not str/bytes, ``port`` is not an int, or
               ``local_address`` is not a str.
-          ValueError: ``port`` is out of range.
+          ValueError: ``port`` is out of range, or ``local_address`` is not
+              an IP literal.
           socket.gaierror: the host name cannot be resolved.
           OSError: no address could be connected to (for example no route);
               the message names each address with its error.
           trio.ClosedResourceError: the pool's block has exited.
         """
         validate_endpoint(host, port)
-        if local_address is not None and not isinstance(local_address, str):
-            raise TypeError(f"local_address must be str or None, not {local_address!r}")
+        validate_local_address(local_address)
         self._check_open()
         psock = await connect_udp(self, host, port, local_address=local_address)
         self._check_open()  # as in open_tcp_stream
@@ -352,7 +356,9 @@ class SocketPool:
         self._waiters[task] = request
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            del self._waiters[task]
+            # Only a task still queued can be here: _hand_off and _close
+            # reschedule every task they take off the queue.
+            self._waiters.pop(task, None)
             return trio.lowlevel.Abort.SUCCEEDED
 
         psock = await trio.lowlevel.wait_task_rescheduled(abort)
@@ -497,7 +503,10 @@ class SocketPool:
                 psock = None
             try:
                 new = self._create(request)
-            except OSError as exc:
+            except Exception as exc:
+                # The waiter's own failure (its local_address, the
+                # descriptors running out): it goes to that task alone, not
+                # to whoever freed the slot (an aclose(), a drain task).
                 trio.lowlevel.reschedule(task, outcome.Error(exc))
                 continue  # the slot is still free: next waiter
             self._in_use[new] = None
@@ -533,6 +542,8 @@ class SocketPool:
 
 
 _GONE: Final = object()
+_C_INT_MIN: Final = -(2**31)
+_C_INT_MAX: Final = 2**31 - 1
 _TCP_SYN_SENT: Final = 2  # include/net/tcp_states.h
 
 
@@ -561,6 +572,10 @@ def _check_options(socket_options: Iterable[SocketOption]) -> tuple[SocketOption
             raise TypeError(
                 f"socket_options entries must be (level: int, option: int, value: int | bytes), not {item!r}"
             )
+        # setsockopt() takes C ints; a larger int fails only at socket
+        # creation, and a value with a misleading "bytes-like object" error.
+        if not all(_C_INT_MIN <= part <= _C_INT_MAX for part in item if isinstance(part, int)):
+            raise ValueError(f"socket_options entries must hold C int values (32-bit signed), not {item!r}")
     return options
 
 
@@ -631,8 +646,9 @@ async def open_socket_pool(
 
     Raises:
       TypeError: an argument has the wrong type (the message names it).
-      ValueError: ``capacity`` < 1, or a negative or NaN ``eof_timeout`` or
-          ``drain_limit``.
+      ValueError: ``capacity`` < 1, a negative or NaN ``eof_timeout`` or
+          ``drain_limit``, or a ``socket_options`` int that does not fit a
+          C int.
     """
     if not isinstance(capacity, int) or isinstance(capacity, bool):
         raise TypeError(f"capacity must be an int, not {capacity!r}")

@@ -1,0 +1,216 @@
+"""Failure injection (issue 9, invariant I10): every failure reaches its own task and leaves the pool usable.
+
+Bad input while tasks wait, non-OSError exceptions at socket creation
+(injected by replacing ``PooledSocket.create``: the failure is what is
+injected, not the kernel), descriptor exhaustion (``RLIMIT_NOFILE`` lowered
+in a subprocess), streams dropped without ``aclose()`` and streams touched
+from another ``trio.run``, each alone and combined with waiters at capacity,
+drains in flight and the pool's exit. After each case: ``statistics()`` adds
+up, the descriptors are back to their baseline, and no waiter is stuck.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+import trio_recycle
+from trio_recycle._pooled_socket import PooledSocket
+
+from .conftest import (
+    StartServer,
+    answer_then_close,
+    assert_capacity,
+    cycle,
+    drained,
+    echo_tagged,
+    fd_inodes,
+)
+
+if TYPE_CHECKING:
+    from trio_recycle import SocketPool
+
+
+def socket_fds() -> set[str]:
+    return {v for v in fd_inodes().values() if v.startswith("socket:")}
+
+
+def assert_accounts(pool: SocketPool, *, waiting: int = 0) -> None:
+    """statistics() adds up, every owned socket is open, and nobody is left waiting."""
+    assert_capacity(pool)
+    assert pool.statistics().tasks_waiting == waiting
+
+
+@attrs.define
+class Injector:
+    """Make the next ``count`` calls of PooledSocket.create raise ``error`` (None: pass through)."""
+
+    error: BaseException | None = None
+    count: int = 0
+    calls: int = 0
+
+    def fail_next(self, error: BaseException, count: int = 1) -> None:
+        self.error = error
+        self.count = count
+
+
+@pytest.fixture
+def inject(monkeypatch: pytest.MonkeyPatch) -> Injector:
+    """Replace PooledSocket.create with a version that raises on demand."""
+    injector = Injector()
+    create = PooledSocket.__dict__["create"].__get__(None, PooledSocket)
+
+    def failing_create(*args: object, **kwargs: object) -> PooledSocket:
+        injector.calls += 1
+        if injector.error is not None and injector.count > 0:
+            injector.count -= 1
+            raise injector.error
+        psock: PooledSocket = create(*args, **kwargs)
+        return psock
+
+    monkeypatch.setattr(PooledSocket, "create", staticmethod(failing_create))
+    return injector
+
+
+# ----------------------------------------------------------------------
+# Bad input: rejected up front, naming the argument
+
+
+@pytest.mark.parametrize(
+    ("local_address", "error"),
+    [
+        ("localhost", ValueError),
+        ("127.0.0.1\x00", ValueError),
+        ("", ValueError),
+        ("not an address", ValueError),
+        (b"127.0.0.1", TypeError),
+    ],
+)
+async def test_bad_local_address_is_refused_up_front(
+    start_server: StartServer, local_address: object, error: type[Exception]
+) -> None:
+    """A host name, a NUL byte or a non-str local_address fails before any socket is made, naming the argument."""
+    server = await start_server(answer_then_close)
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        for open_ in (pool.open_tcp_stream, pool.open_udp_socket):
+            with pytest.raises(error, match="local_address"):
+                await open_(server.host, server.port, local_address=local_address)  # type: ignore[arg-type]
+        assert pool.statistics().created == 0
+        assert await cycle(pool, server) == b"ok:ping"
+        assert_accounts(pool)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 2**31),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, -(2**31) - 1),
+        (2**31, socket.TCP_KEEPIDLE, 1),
+        (socket.IPPROTO_TCP, 2**40, 1),
+    ],
+)
+async def test_socket_option_beyond_a_c_int_is_refused(option: tuple[int, int, int]) -> None:
+    """An int that does not fit setsockopt's C int is a ValueError naming socket_options, not a late TypeError."""
+    with pytest.raises(ValueError, match="socket_options"):
+        async with trio_recycle.open_socket_pool(socket_options=[option]):
+            pass  # pragma: no cover
+
+
+# ----------------------------------------------------------------------
+# A non-OSError while a waiter's socket is made goes to that waiter alone
+
+
+async def test_error_making_a_waiters_socket_reaches_the_waiter_not_the_closer(
+    start_server: StartServer, inject: Injector
+) -> None:
+    """The aclose() that frees the slot succeeds; the waiter gets the error; the pool still works."""
+    server = await start_server(answer_then_close)
+    other = await start_server(answer_then_close)
+    before = socket_fds()
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        held = await pool.open_tcp_stream(server.host, server.port)
+        await held.send_all(b"x")
+        assert await held.receive_some() == b"ok:x"
+        assert await held.receive_some() == b""
+        failures: list[BaseException] = []
+
+        async def waiter() -> None:
+            # Another peer: the freed socket cannot be handed over as it is,
+            # so the pool makes a new one for this task, and that fails.
+            with pytest.raises(RuntimeError, match="injected") as info:
+                await pool.open_tcp_stream(other.host, other.port)
+            failures.append(info.value)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.statistics().tasks_waiting == 1
+            inject.fail_next(RuntimeError("injected"))
+            await held.aclose()  # must not raise the waiter's error
+        assert len(failures) == 1
+        assert_accounts(pool)
+        assert await cycle(pool, other) == b"ok:ping"
+        assert_accounts(pool)
+    assert socket_fds() <= before
+
+
+async def test_error_making_a_waiters_socket_after_a_drain_does_not_crash_the_run(
+    start_server: StartServer, inject: Injector
+) -> None:
+    """A drain task that frees the slot hands the error to the waiter: no TrioInternalError, no stuck waiter."""
+    server = await start_server(echo_tagged)
+    other = await start_server(answer_then_close)
+    before = socket_fds()
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        held = await pool.open_tcp_stream(server.host, server.port)
+        await held.send_all(b"x")
+        outcomes: list[str] = []
+
+        async def waiter() -> None:
+            try:
+                stream = await pool.open_tcp_stream(other.host, other.port)
+            except ValueError as exc:
+                outcomes.append(f"error: {exc}")
+            else:  # pragma: no cover - the failure is injected
+                await stream.aclose()
+                outcomes.append("stream")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            inject.fail_next(ValueError("injected"))
+            # Unread data: aclose() sends our FIN and hands the socket to
+            # a drain task, which frees the slot when the echo server's FIN
+            # arrives.
+            await held.aclose()
+        assert outcomes == ["error: injected"]
+        await drained(pool)
+        assert_accounts(pool)
+        assert await cycle(pool, other) == b"ok:ping"
+    assert socket_fds() <= before
+
+
+async def test_cancelling_a_waiter_whose_socket_failed_is_harmless(start_server: StartServer, inject: Injector) -> None:
+    """A waiter cancelled after its socket failed neither hangs nor trips the abort callback."""
+    server = await start_server(echo_tagged)
+    async with trio_recycle.open_socket_pool(capacity=1, peer_affinity=False) as pool:
+        held = await pool.open_tcp_stream(server.host, server.port)
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def waiter() -> None:
+                    with pytest.raises(KeyError):
+                        await pool.open_tcp_stream(server.host, server.port, local_address="127.0.0.1")
+
+                nursery.start_soon(waiter)
+                await trio.testing.wait_all_tasks_blocked()
+                inject.fail_next(KeyError("injected"))
+                await held.aclose()
+                await drained(pool)
+                scope.cancel()
+        assert_accounts(pool)
