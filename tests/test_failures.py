@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import attrs
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 import trio_recycle
@@ -214,3 +215,105 @@ async def test_cancelling_a_waiter_whose_socket_failed_is_harmless(start_server:
                 await drained(pool)
                 scope.cancel()
         assert_accounts(pool)
+
+
+# ----------------------------------------------------------------------
+# Every failing call is a checkpoint
+
+
+async def test_failed_opens_are_checkpoints(start_server: StartServer, inject: Injector) -> None:
+    """open_tcp_stream/open_udp_socket that fail in bind(), in socket creation or on a closed pool still yield."""
+    server = await start_server(answer_then_close)
+    async with trio_recycle.open_socket_pool(capacity=2) as pool:
+        for open_ in (pool.open_tcp_stream, pool.open_udp_socket):
+            # bind() of an IPv6 address for an IPv4 peer fails at once.
+            with trio.testing.assert_checkpoints(), pytest.raises(OSError, match="local_address"):
+                await open_(server.host, server.port, local_address="::1")
+            inject.fail_next(OSError(24, "Too many open files (injected)"))
+            with trio.testing.assert_checkpoints(), pytest.raises(OSError, match="injected"):
+                await open_(server.host, server.port)
+            inject.fail_next(ValueError("injected"))
+            with trio.testing.assert_checkpoints(), pytest.raises(ValueError, match="injected"):
+                await open_(server.host, server.port)
+        assert_accounts(pool)
+    for open_ in (pool.open_tcp_stream, pool.open_udp_socket):
+        with trio.testing.assert_checkpoints(), pytest.raises(trio.ClosedResourceError):
+            await open_(server.host, server.port)
+
+
+async def test_a_retry_loop_on_a_failing_open_lets_other_tasks_run(start_server: StartServer) -> None:
+    """A task retrying an open that fails at once does not starve the others."""
+    server = await start_server(answer_then_close)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio_recycle.open_socket_pool() as pool, trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()
+        for _ in range(50):
+            with pytest.raises(OSError, match="local_address"):
+                await pool.open_tcp_stream(server.host, server.port, local_address="::1")
+        nursery.cancel_scope.cancel()
+    assert ticks >= 40
+
+
+async def test_failed_stream_calls_are_checkpoints(start_server: StartServer) -> None:
+    """send_all, receive_some, send_eof and wait_send_all_might_not_block yield even when they fail at once."""
+    server = await start_server(echo_tagged)
+    async with trio_recycle.open_socket_pool() as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        await stream.send_eof()
+        with trio.testing.assert_checkpoints(), pytest.raises(trio.ClosedResourceError):
+            await stream.send_all(b"after eof")
+        await stream.aclose()
+        for call in (
+            lambda: stream.send_all(b"x"),
+            lambda: stream.receive_some(),
+            lambda: stream.send_eof(),
+            lambda: stream.wait_send_all_might_not_block(),
+        ):
+            with trio.testing.assert_checkpoints(), pytest.raises(trio.ClosedResourceError):
+                await call()
+
+
+async def test_broken_stream_calls_are_checkpoints(start_server: StartServer) -> None:
+    """receive_some and send_all that meet a reset already queued yield before raising."""
+
+    async def reset_at_once(stream: trio.SocketStream, server: object) -> None:
+        await stream.receive_some()
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        stream.socket.close()
+
+    server = await start_server(reset_at_once)
+    async with trio_recycle.open_socket_pool() as pool:
+        for call in ("receive_some", "send_all"):
+            stream = await pool.open_tcp_stream(server.host, server.port)
+            await stream.send_all(b"x")
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.testing.assert_checkpoints(), pytest.raises(trio.BrokenResourceError):
+                await (stream.receive_some() if call == "receive_some" else stream.send_all(b"y"))
+            await stream.aclose()
+        assert_accounts(pool)
+
+
+async def test_failed_udp_calls_are_checkpoints(udp_peer: object) -> None:
+    """RecyclingUDPSocket.send/receive yield when the socket is closed or an ICMP error is pending."""
+    async with trio_recycle.open_socket_pool() as pool:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()  # nothing listens there now: port unreachable
+        udp = await pool.open_udp_socket("127.0.0.1", port)
+        await udp.send(b"x")
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.testing.assert_checkpoints(), pytest.raises(ConnectionRefusedError):
+            await udp.receive()
+        await udp.aclose()
+        for call in (lambda: udp.send(b"x"), lambda: udp.receive()):
+            with trio.testing.assert_checkpoints(), pytest.raises(trio.ClosedResourceError):
+                await call()

@@ -188,14 +188,20 @@ class SocketPool:
         validate_endpoint(host, port)
         validate_delay(happy_eyeballs_delay)
         validate_local_address(local_address)
-        self._check_open()
-        psock = await connect_pooled(
-            self,
-            host,
-            port,
-            happy_eyeballs_delay=happy_eyeballs_delay,
-            local_address=local_address,
-        )
+        try:
+            self._check_open()
+            psock = await connect_pooled(
+                self,
+                host,
+                port,
+                happy_eyeballs_delay=happy_eyeballs_delay,
+                local_address=local_address,
+            )
+        except Exception:
+            # A failed open is a checkpoint too, like trio's socket calls:
+            # a retry loop must not starve the other tasks (EMFILE, bind()).
+            await trio.lowlevel.checkpoint()
+            raise
         # The pool's exit can come between the winning attempt and here (the
         # happy-eyeballs nursery still had to wind down): then the socket is
         # closed already.
@@ -248,8 +254,12 @@ class SocketPool:
         """
         validate_endpoint(host, port)
         validate_local_address(local_address)
-        self._check_open()
-        psock = await connect_udp(self, host, port, local_address=local_address)
+        try:
+            self._check_open()
+            psock = await connect_udp(self, host, port, local_address=local_address)
+        except Exception:
+            await trio.lowlevel.checkpoint()  # as in open_tcp_stream
+            raise
         self._check_open()  # as in open_tcp_stream
         if self._in_use.get(psock, _GONE) is not None:  # pragma: no cover - defensive
             raise trio.ClosedResourceError("the socket was closed while it was connecting")

@@ -85,6 +85,15 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is currently sending data on this RecyclingStream")
         self._sending = True
 
+    async def _enter_send_or_checkpoint(self) -> None:
+        # Every failing call is a checkpoint, as in trio's socket layer: a
+        # loop that retries a closed or busy stream must not starve the run.
+        try:
+            self._enter_send()
+        except (trio.ClosedResourceError, trio.BusyResourceError):
+            await trio.lowlevel.checkpoint()
+            raise
+
     async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
         self._waiting += 1
         try:
@@ -102,9 +111,14 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
           trio.BrokenResourceError: the connection broke (the peer reset
               it, for example); the socket will not be recycled.
         """
-        self._enter_send()
+        try:
+            self._enter_send()
+        except (trio.ClosedResourceError, trio.BusyResourceError):
+            await trio.lowlevel.checkpoint()  # inlined _enter_send_or_checkpoint (hot path)
+            raise
         try:
             if self._eof_sent:
+                await trio.lowlevel.checkpoint()
                 raise trio.ClosedResourceError("can't send data after sending EOF")
             with memoryview(data) as view:
                 await trio.lowlevel.checkpoint_if_cancelled()
@@ -113,6 +127,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
                 length = len(view)
                 while total < length:
                     if self._closed:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                         raise closed_stream_error()
                     try:
                         total += sock.send(view[total:] if total else view)
@@ -120,6 +135,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
                         await self._wait(trio.lowlevel.wait_writable)
                     except OSError as exc:
                         self._healthy = False
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                         raise translate_oserror(exc) from exc
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
@@ -132,7 +148,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
           trio.BusyResourceError: another task is sending on this stream.
           trio.ClosedResourceError: the stream is closed.
         """
-        self._enter_send()
+        await self._enter_send_or_checkpoint()
         try:
             await self._wait(trio.lowlevel.wait_writable)
         finally:
@@ -149,7 +165,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
           trio.ClosedResourceError: the stream is closed.
           trio.BrokenResourceError: the connection broke.
         """
-        self._enter_send()
+        await self._enter_send_or_checkpoint()
         try:
             await trio.lowlevel.checkpoint()
             if self._closed:
@@ -194,6 +210,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         sock = self._sock
         while True:
             if self._closed:
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 raise closed_stream_error()
             try:
                 data = sock.recv(max_bytes)
@@ -201,6 +218,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
                 await self._wait(trio.lowlevel.wait_readable)
             except OSError as exc:
                 self._healthy = False
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 raise translate_oserror(exc) from exc
             else:
                 if not data:

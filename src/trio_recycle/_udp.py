@@ -122,12 +122,15 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
         sock = self._sock
         while True:
             if self._closed:
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 raise closed_stream_error()
             try:
                 sock.send(data)
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(sock)
             except OSError as exc:
+                # A failing call is a checkpoint too, as in trio.socket.
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 self._raise_for(exc)
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -161,12 +164,15 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
         sock = self._sock
         while True:
             if self._closed:
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 raise closed_stream_error()
             try:
                 data = sock.recv(max_bytes)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
             except OSError as exc:
+                # A failing call is a checkpoint too, as in trio.socket.
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 self._raise_for(exc)
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
