@@ -12,7 +12,9 @@ up, the descriptors are back to their baseline, and no waiter is stuck.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import pytest
@@ -317,3 +319,43 @@ async def test_failed_udp_calls_are_checkpoints(udp_peer: object) -> None:
         for call in (lambda: udp.send(b"x"), lambda: udp.receive()):
             with trio.testing.assert_checkpoints(), pytest.raises(trio.ClosedResourceError):
                 await call()
+
+
+# ----------------------------------------------------------------------
+# Out of descriptors: RLIMIT_NOFILE lowered in a subprocess (tests/rlimit_cases.py)
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+
+
+async def run_rlimit_case(case: str, *ports: int) -> None:
+    """Run ``tests.rlimit_cases`` ``case`` in a subprocess against servers of this process."""
+    with trio.fail_after(120):
+        result = await trio.run_process(
+            [sys.executable, "-m", "tests.rlimit_cases", case, *map(str, ports)],
+            cwd=ROOT,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    output = (result.stdout + result.stderr).decode(errors="replace")
+    assert result.returncode == 0, output
+    assert output.strip().endswith("ok"), output
+
+
+async def test_emfile_evicts_an_idle_socket_and_retries(start_server: StartServer) -> None:
+    """socket() failing with EMFILE while sockets sit idle for other peers: evict the LRU one, retry once."""
+    servers = [await start_server(answer_then_close) for _ in range(4)]
+    await run_rlimit_case("evict_idle_on_emfile", *(server.port for server in servers))
+
+
+async def test_happy_eyeballs_takeover_at_the_descriptor_limit(start_server: StartServer) -> None:
+    """The takeover closes the hanging attempt first when no descriptor is left for the new one."""
+    server = await start_server(answer_then_close)
+    await run_rlimit_case("takeover_at_the_limit", server.port)
+
+
+async def test_waiters_recycling_and_drains_at_the_descriptor_limit(start_server: StartServer) -> None:
+    """16 tasks at capacity 8 with 5 descriptors left: only EMFILE errors, no stuck waiter, exact accounts."""
+    answer = await start_server(answer_then_close)
+    echo = await start_server(echo_tagged)
+    await run_rlimit_case("churn_at_the_limit", answer.port, echo.port)

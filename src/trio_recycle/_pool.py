@@ -15,9 +15,21 @@
 # waits there is nothing idle: an arriving task that finds the pool full but
 # some socket idle (for another peer) closes the least recently used idle
 # socket and takes its place instead of waiting.
+#
+# Failures while a waiter's socket is made (socket(), setsockopt(), bind(),
+# whatever they raise) belong to that waiter: _hand_off gives the error to
+# its task and offers the slot to the next waiter, so the aclose() or the
+# drain task that freed the slot never sees it. Out of descriptors
+# (EMFILE/ENFILE), _create first evicts the least recently used idle socket
+# and retries once. If socket() still fails, every queued waiter gets the
+# error at once: the limit is the process's, the pool gets no event when
+# some other part of the program frees a descriptor, and a waiter left
+# queued in front of a free slot would block everyone behind it with no
+# bound. Failing fast is what trio.open_tcp_stream does in the same spot.
 
 from __future__ import annotations
 
+import errno
 import math
 import socket
 from contextlib import asynccontextmanager
@@ -340,15 +352,7 @@ class SocketPool:
             and (self._waiters or (self._owned() >= self._capacity and not self._idle_lru))
             and _still_in_syn_sent(replacing.sock)
         ):
-            # Create first: if that fails, the sibling keeps connecting.
-            # Nothing here awaits, so the moment with one socket too many
-            # is never seen at a checkpoint (I4).
-            taking_over = self._create(_Request(family, type, proto, local_address, key))
-            del self._in_use[replacing]
-            trio.lowlevel.notify_closing(replacing.sock)
-            self._close_psock(replacing)
-            self._in_use[taking_over] = None
-            return taking_over
+            return self._take_over(replacing, _Request(family, type, proto, local_address, key))
         if not self._waiters:
             psock = self._take_idle(key)
             if psock is not None:
@@ -377,6 +381,30 @@ class SocketPool:
         # is gone with the pool.
         self._check_open()
         return psock
+
+    def _take_over(self, replacing: PooledSocket, request: _Request) -> PooledSocket:
+        """Close a sibling attempt still in SYN_SENT and give its place to a new socket."""
+        # Create first: if that fails, the sibling keeps connecting.
+        # Nothing here awaits, so the moment with one socket too many is
+        # never seen at a checkpoint (I4).
+        try:
+            taking_over = self._create(request)
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_DESCRIPTORS:
+                raise
+            taking_over = None
+        del self._in_use[replacing]
+        trio.lowlevel.notify_closing(replacing.sock)
+        self._close_psock(replacing)
+        if taking_over is None:
+            # At RLIMIT_NOFILE the sibling's descriptor is the one we need.
+            try:
+                taking_over = self._create(request)
+            except BaseException:
+                self._free_slot()
+                raise
+        self._in_use[taking_over] = None
+        return taking_over
 
     def discard_socket(self, psock: PooledSocket) -> None:
         """Close a socket that was taken but never became an open stream."""
@@ -451,14 +479,16 @@ class SocketPool:
         options = self._socket_options
         if request.type == socket.SOCK_STREAM:
             options = _TCP_DEFAULTS + options
-        psock = PooledSocket.create(
-            request.family,
-            request.type,
-            request.proto,
-            request.local_address,
-            options,
-            request.key,
-        )
+        args = (request.family, request.type, request.proto, request.local_address, options, request.key)
+        try:
+            psock = PooledSocket.create(*args)
+        except OSError as exc:
+            # Out of descriptors while sockets sit idle for other peers:
+            # evict the least recently used, as at capacity, and retry once.
+            if exc.errno not in _OUT_OF_DESCRIPTORS or not self._idle_lru:
+                raise
+            self._discard(next(iter(self._idle_lru)))
+            psock = PooledSocket.create(*args)
         self._created += 1
         return psock
 
@@ -552,6 +582,8 @@ class SocketPool:
 
 
 _GONE: Final = object()
+#: socket() errors that closing one of our own descriptors can cure.
+_OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
 _C_INT_MIN: Final = -(2**31)
 _C_INT_MAX: Final = 2**31 - 1
 _TCP_SYN_SENT: Final = 2  # include/net/tcp_states.h
