@@ -26,6 +26,7 @@ import trio_recycle
 from trio_recycle._pooled_socket import PooledSocket
 
 from .conftest import (
+    ResolveNames,
     StartServer,
     answer_then_close,
     assert_capacity,
@@ -33,6 +34,7 @@ from .conftest import (
     drained,
     echo_tagged,
     fd_inodes,
+    read_until_eof,
 )
 
 if TYPE_CHECKING:
@@ -359,3 +361,43 @@ async def test_waiters_recycling_and_drains_at_the_descriptor_limit(start_server
     answer = await start_server(answer_then_close)
     echo = await start_server(echo_tagged)
     await run_rlimit_case("churn_at_the_limit", answer.port, echo.port)
+
+
+# ----------------------------------------------------------------------
+# Happy eyeballs at a full pool
+
+
+@pytest.mark.parametrize("order", ["silent first", "listening first"])
+async def test_queued_happy_eyeballs_attempt_takes_over_a_silent_sibling(
+    start_server: StartServer, resolve_names: ResolveNames, autojump_clock: trio.testing.MockClock, order: str
+) -> None:
+    """Both attempts queue at a full pool; once the first gets the slot, the second decides again after the delay."""
+    server = await start_server(answer_then_close, "127.0.0.1")
+    with socket.socket() as full, socket.socket() as filler:
+        full.bind(("127.0.0.2", server.port))
+        full.listen(0)
+        filler.connect(full.getsockname())  # the accept queue is full: SYNs are dropped
+        addresses: list[tuple[str, int]] = [("127.0.0.2", socket.AF_INET), ("127.0.0.1", socket.AF_INET)]
+        if order == "listening first":
+            addresses.reverse()
+        resolve_names({"slow.test": addresses})
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            holder = await pool.open_tcp_stream(server.host, server.port)
+            await holder.send_all(b"h")
+            assert await holder.receive_some() == b"ok:h"
+            opened: list[trio_recycle.RecyclingStream] = []
+
+            async def opener() -> None:
+                opened.append(await pool.open_tcp_stream("slow.test", server.port, happy_eyeballs_delay=0.25))
+
+            with trio.fail_after(5):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(opener)
+                    await trio.sleep(1)  # both attempts are queued by now
+                    assert pool.statistics().tasks_waiting == 2
+                    await holder.aclose()
+            async with opened[0] as stream:
+                assert stream.getpeername() == ("127.0.0.1", server.port)
+                await stream.send_all(b"x")
+                assert await read_until_eof(stream) == b"ok:x"
+            assert_accounts(pool)

@@ -322,14 +322,36 @@ async def connect_pooled(
     # waiting for capacity that only that attempt's failure would free
     # (minutes of SYN retries toward a silent address).
     connecting: list[PooledSocket] = []
+    # The attempts of this open still waiting for capacity. When a sibling
+    # gets a place and starts connecting, each of them decides again
+    # `delay` seconds later: the sibling gets the same head start as any
+    # happy-eyeballs attempt, and if its SYN is still unanswered by then,
+    # the waiting attempt takes over its place instead of queueing behind
+    # it (issue 9: two attempts queued at a full pool, the first one
+    # toward a silent address, used to wait for its SYN retries to end).
+    waiting: list[trio.CancelScope] = []
+
+    async def acquire(family: int, type: int, proto: int, sockaddr: object) -> PooledSocket:
+        while True:
+            replacing = connecting[0] if connecting else None
+            with trio.CancelScope() as scope:
+                waiting.append(scope)
+                try:
+                    return await source.acquire_socket(
+                        family, type, proto, local_address, sockaddr, replacing=replacing
+                    )
+                finally:
+                    waiting.remove(scope)
 
     async def attempt(target: Target, failed: trio.Event, nursery: trio.Nursery) -> None:
         nonlocal winner, closed
         family, type, proto, sockaddr = target
         try:
-            replacing = connecting[0] if connecting else None
-            psock = await source.acquire_socket(family, type, proto, local_address, sockaddr, replacing=replacing)
+            psock = await acquire(family, type, proto, sockaddr)
             connecting.append(psock)
+            deadline = trio.current_time() + delay
+            for scope in waiting:
+                scope.deadline = min(scope.deadline, deadline)
             try:
                 await connect_socket(psock.sock, sockaddr)
             except BaseException:
