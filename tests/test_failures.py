@@ -11,6 +11,7 @@ up, the descriptors are back to their baseline, and no waiter is stuck.
 
 from __future__ import annotations
 
+import gc
 import socket
 import sys
 from pathlib import Path
@@ -401,3 +402,110 @@ async def test_queued_happy_eyeballs_attempt_takes_over_a_silent_sibling(
                 await stream.send_all(b"x")
                 assert await read_until_eof(stream) == b"ok:x"
             assert_accounts(pool)
+
+
+# ----------------------------------------------------------------------
+# Streams dropped without aclose()
+
+
+def forget(box: list[object]) -> None:
+    """Drop the only references (held in ``box``) and collect."""
+    box.clear()
+    gc.collect()
+
+
+async def _drop(box: list[object], kind: str) -> None:
+    """`forget`, expecting the ResourceWarning that names the kind; let the pool reclaim."""
+    with pytest.warns(ResourceWarning, match=f"unclosed {kind}"):
+        forget(box)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_dropped_stream_gives_its_place_to_a_waiter(start_server: StartServer) -> None:
+    """A stream dropped unclosed: ResourceWarning, its socket closed (not recycled), the waiter served."""
+    server = await start_server(answer_then_close)
+    before = socket_fds()
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        held: list[object] = [await pool.open_tcp_stream(server.host, server.port)]
+        got: list[bytes] = []
+
+        async def waiter() -> None:
+            got.append(await cycle(pool, server))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.statistics().tasks_waiting == 1
+            await _drop(held, "RecyclingStream")
+        assert got == [b"ok:ping"]
+        stats = pool.statistics()
+        assert (stats.created, stats.discarded, stats.recycled) == (2, 1, 1)
+        assert_accounts(pool)
+    assert socket_fds() <= before
+
+
+async def test_dropped_udp_socket_gives_its_place_back() -> None:
+    """The same for a RecyclingUDPSocket."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.1", 0))
+        port = peer.getsockname()[1]
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            held: list[object] = [await pool.open_udp_socket("127.0.0.1", port)]
+            await _drop(held, "RecyclingUDPSocket")
+            assert pool.statistics().discarded == 1
+            async with await pool.open_udp_socket("127.0.0.1", port) as udp:
+                await udp.send(b"x")
+            assert_accounts(pool)
+
+
+async def test_many_dropped_streams_do_not_exhaust_the_pool(start_server: StartServer) -> None:
+    """A loop that forgets `async with` keeps working past capacity (it hung at open number capacity + 1)."""
+    server = await start_server(answer_then_close)
+    before = socket_fds()
+    async with trio_recycle.open_socket_pool(capacity=4) as pool:
+        for _ in range(12):
+            with trio.fail_after(5):
+                box: list[object] = [await pool.open_tcp_stream(server.host, server.port)]
+            with pytest.warns(ResourceWarning):
+                forget(box)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = pool.statistics()
+        assert stats.in_use == 0
+        assert stats.discarded == stats.created == 12
+        assert_accounts(pool)
+    assert socket_fds() <= before
+
+
+async def test_dropped_stream_while_draining_and_at_the_pool_exit(start_server: StartServer) -> None:
+    """A drop with a drain in flight, and one right before the pool's exit: nothing leaks, nothing raises."""
+    echo = await start_server(echo_tagged)
+    before = socket_fds()
+    async with trio_recycle.open_socket_pool(capacity=3) as pool:
+        draining = await pool.open_tcp_stream(echo.host, echo.port)
+        await draining.send_all(b"x")
+        await draining.aclose()  # unread: drains in the background
+        held: list[object] = [await pool.open_tcp_stream(echo.host, echo.port)]
+        await _drop(held, "RecyclingStream")
+        await drained(pool)
+        assert_accounts(pool)
+        last: list[object] = [await pool.open_tcp_stream(echo.host, echo.port)]
+        with pytest.warns(ResourceWarning):
+            forget(last)
+        # The reclaim callback runs after the exit closed the socket.
+    assert pool.statistics().in_use == 0
+    await trio.testing.wait_all_tasks_blocked()  # the echo server sees the close
+    assert socket_fds() <= before
+
+
+async def test_stream_dropped_in_another_thread_is_reclaimed_in_the_pools_run(start_server: StartServer) -> None:
+    """The finalizer may run in any thread: the pool's bookkeeping is still done in its own run."""
+    server = await start_server(answer_then_close)
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        held: list[object] = [await pool.open_tcp_stream(server.host, server.port)]
+
+        with pytest.warns(ResourceWarning, match="unclosed RecyclingStream"):
+            await trio.to_thread.run_sync(forget, held)
+        with trio.fail_after(5):
+            assert await cycle(pool, server) == b"ok:ping"
+        assert pool.statistics().discarded == 1
+        assert_accounts(pool)

@@ -29,10 +29,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import socket
-from contextlib import asynccontextmanager
+import weakref
 from typing import TYPE_CHECKING, Final, Protocol, final
 
 import attrs
@@ -139,10 +140,15 @@ class SocketPool:
     _nursery: trio.Nursery
     _idle: dict[PoolKey, list[PooledSocket]] = attrs.field(factory=dict)
     _idle_lru: dict[PooledSocket, None] = attrs.field(factory=dict)
-    _in_use: dict[PooledSocket, _Owner | None] = attrs.field(factory=dict)
+    #: Socket -> a weak reference to its open stream (None while it
+    #: connects). Weak, so that a stream dropped without aclose() can be
+    #: garbage-collected and give its place back (see socket_dropped).
+    _in_use: dict[PooledSocket, weakref.ref[_Owner] | None] = attrs.field(factory=dict)
     _draining: set[PooledSocket] = attrs.field(factory=set)
     _waiters: dict[trio.lowlevel.Task, _Request] = attrs.field(factory=dict)
     _closed: bool = False
+    #: The pool's own run: finalizers hand their work to it.
+    _token: trio.lowlevel.TrioToken = attrs.field(factory=trio.lowlevel.current_trio_token)
     _created: int = 0
     _reused: int = 0
     _recycled: int = 0
@@ -221,7 +227,7 @@ class SocketPool:
         if self._in_use.get(psock, _GONE) is not None:  # pragma: no cover - defensive
             raise trio.ClosedResourceError("the socket was closed while it was connecting")
         stream = RecyclingStream(self, psock, psock.sock)
-        self._in_use[psock] = stream
+        self._in_use[psock] = weakref.ref(stream)
         return stream
 
     async def open_udp_socket(
@@ -276,7 +282,7 @@ class SocketPool:
         if self._in_use.get(psock, _GONE) is not None:  # pragma: no cover - defensive
             raise trio.ClosedResourceError("the socket was closed while it was connecting")
         udp = RecyclingUDPSocket(self, psock, psock.sock)
-        self._in_use[psock] = udp
+        self._in_use[psock] = weakref.ref(udp)
         return udp
 
     def statistics(self) -> PoolStatistics:
@@ -444,6 +450,25 @@ class SocketPool:
             self._draining.add(psock)
             self._nursery.start_soon(self._drain, psock, received)
 
+    def socket_dropped(self, psock: PooledSocket) -> None:
+        """A stream was garbage-collected without aclose(): reclaim its socket.
+
+        Called from the stream's ``__del__``, which can run in any thread and
+        between any two bytecodes of the pool's own code, so it touches no
+        bookkeeping: the work goes to the pool's run as a callback.
+        """
+        # RunFinishedError: the run is over, and the pool's exit closed every socket.
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._reclaim, psock)
+
+    def _reclaim(self, psock: PooledSocket) -> None:
+        # Its state is unknown (unread data, no FIN): close, never recycle.
+        if self._in_use.pop(psock, _GONE) is _GONE:
+            return  # the pool's exit came first
+        trio.lowlevel.notify_closing(psock.sock)
+        self._close_psock(psock)
+        self._free_slot()
+
     async def _drain(self, psock: PooledSocket, received: int) -> None:
         fin = False
         try:
@@ -568,7 +593,8 @@ class SocketPool:
                 "this SocketPool is closed: the `async with open_socket_pool()` block has exited"
             )
             trio.lowlevel.reschedule(task, outcome.Error(error))
-        for psock, owner in list(self._in_use.items()):
+        for psock, ref in list(self._in_use.items()):
+            owner = ref() if ref is not None else None
             if owner is not None:
                 owner._force_close()
             trio.lowlevel.notify_closing(psock.sock)
@@ -630,7 +656,7 @@ def _check_number(name: str, value: object, *, integer: bool) -> None:
         raise ValueError(f"{name} must be >= 0, not {value!r}")
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def open_socket_pool(
     *,
     capacity: int = DEFAULT_CAPACITY,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Final, Protocol, overload
 
 import trio
@@ -27,6 +28,8 @@ class Home(Protocol):
 
     def return_socket(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None: ...
 
+    def socket_dropped(self, psock: PooledSocket) -> None: ...
+
 
 class SocketAccess:
     """``setsockopt``/``getsockopt``/``getpeername``/``getsockname`` behind a closed check.
@@ -39,9 +42,30 @@ class SocketAccess:
 
     __slots__ = ()
 
+    _home: Home
     _closed: bool
     _psock: PooledSocket
     _sock: socket.socket
+
+    def __del__(self) -> None:
+        # Dropped without aclose(): like trio's own sockets, say so with a
+        # ResourceWarning, and let the pool close the socket (its state is
+        # unknown) and give its place to the next task. The warning comes
+        # last: under the "error" filter it raises, and the rest must run.
+        try:
+            if self._closed:
+                return
+        except AttributeError:  # pragma: no cover - __init__ never finished
+            return
+        self._closed = True  # type: ignore[misc]  # a slot of the attrs subclass
+        self._home.socket_dropped(self._psock)
+        warnings.warn(
+            f"unclosed {type(self).__name__} {self._sock!r} was garbage-collected: its socket is closed, "
+            "not recycled; close it with `async with` or aclose()",
+            ResourceWarning,
+            stacklevel=1,
+            source=self,
+        )
 
     def _force_close(self) -> None:
         """Mark closed and wake blocked tasks; the pool closes the socket."""

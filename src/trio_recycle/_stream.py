@@ -61,6 +61,12 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     later call raises `trio.ClosedResourceError` and can never reach the
     socket's next owner, and tasks blocked in this stream are woken with
     `trio.ClosedResourceError`.
+
+    A stream that is garbage-collected without being closed emits a
+    :exc:`ResourceWarning`, like trio's own sockets; the pool then closes
+    its socket (never recycles it: its state is unknown) and gives its
+    place to the next task. The pool holds only a weak reference to an
+    open stream.
     """
 
     _home: Home
