@@ -12,6 +12,7 @@ up, the descriptors are back to their baseline, and no waiter is stuck.
 from __future__ import annotations
 
 import gc
+import inspect
 import socket
 import sys
 from pathlib import Path
@@ -39,6 +40,8 @@ from .conftest import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from trio_recycle import SocketPool
 
 
@@ -508,4 +511,117 @@ async def test_stream_dropped_in_another_thread_is_reclaimed_in_the_pools_run(st
         with trio.fail_after(5):
             assert await cycle(pool, server) == b"ok:ping"
         assert pool.statistics().discarded == 1
+        assert_accounts(pool)
+
+
+# ----------------------------------------------------------------------
+# Streams, UDP sockets and the pool touched from another trio.run
+
+
+def _in_another_run(calls: list[tuple[str, Callable[[], object]]]) -> list[str]:
+    """Run each call in a fresh trio.run (in this worker thread); return what each raised."""
+
+    async def main() -> list[str]:
+        results = []
+        for name, call in calls:
+            try:
+                result = call()
+                if inspect.isawaitable(result):
+                    await result
+            except RuntimeError as exc:
+                results.append(f"{name}: {exc}")
+            else:  # pragma: no cover - the check failed
+                results.append(f"{name}: no error")
+        return results
+
+    return trio.run(main)
+
+
+async def test_stream_used_from_another_run_raises_and_touches_nothing(start_server: StartServer) -> None:
+    """Every method of a stream called from another trio.run raises RuntimeError; the stream still works here."""
+    server = await start_server(echo_tagged)
+    before = socket_fds()
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        tag = await stream.receive_some()
+        calls: list[tuple[str, Callable[[], object]]] = [
+            ("send_all", lambda: stream.send_all(b"x")),
+            ("receive_some", lambda: stream.receive_some()),
+            ("send_eof", lambda: stream.send_eof()),
+            ("wait_send_all_might_not_block", lambda: stream.wait_send_all_might_not_block()),
+            ("aclose", lambda: stream.aclose()),
+            ("getsockopt", lambda: stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)),
+            ("setsockopt", lambda: stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)),
+            ("getpeername", lambda: stream.getpeername()),
+            ("getsockname", lambda: stream.getsockname()),
+            ("open_tcp_stream", lambda: pool.open_tcp_stream(server.host, server.port)),
+            ("open_udp_socket", lambda: pool.open_udp_socket(server.host, server.port)),
+            ("statistics", lambda: pool.statistics()),
+            ("closed", lambda: pool.closed),
+        ]
+        with trio.fail_after(10):
+            results = await trio.to_thread.run_sync(_in_another_run, calls)
+        assert len(results) == len(calls)
+        for (name, _), result in zip(calls, results, strict=True):
+            assert result.startswith(f"{name}: this "), result
+            assert "another trio.run" in result, result
+        stats = pool.statistics()
+        assert (stats.in_use, stats.draining, stats.created) == (1, 0, 1)
+        assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        await stream.send_all(b"still mine")
+        await stream.send_eof()
+        assert tag + await read_until_eof(stream) == tag + b"still mine"
+        await stream.aclose()
+        assert_accounts(pool)
+    assert pool.statistics().created == pool.statistics().discarded  # after the run is fine
+    assert socket_fds() <= before
+
+
+async def test_udp_socket_used_from_another_run_raises() -> None:
+    """The same for a RecyclingUDPSocket."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+        peer.bind(("127.0.0.1", 0))
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            udp = await pool.open_udp_socket(*peer.getsockname())
+            calls: list[tuple[str, Callable[[], object]]] = [
+                ("send", lambda: udp.send(b"x")),
+                ("receive", lambda: udp.receive()),
+                ("aclose", lambda: udp.aclose()),
+                ("getpeername", lambda: udp.getpeername()),
+            ]
+            with trio.fail_after(10):
+                results = await trio.to_thread.run_sync(_in_another_run, calls)
+            assert all("RecyclingUDPSocket belongs to" in result for result in results), results
+            async with udp:
+                await udp.send(b"mine")
+            assert peer.recv(16) == b"mine"
+            assert_accounts(pool)
+
+
+async def test_another_run_with_a_waiter_and_a_drain_in_flight(start_server: StartServer) -> None:
+    """A stray call from another run while tasks wait and a socket drains changes nothing; the exit is clean."""
+    echo = await start_server(echo_tagged)
+    async with trio_recycle.open_socket_pool(capacity=2) as pool:
+        draining = await pool.open_tcp_stream(echo.host, echo.port)
+        await draining.send_all(b"x")
+        held = await pool.open_tcp_stream(echo.host, echo.port)
+        results: list[bytes] = []
+
+        async def waiter() -> None:
+            async with await pool.open_tcp_stream(echo.host, echo.port) as stream:
+                await stream.send_eof()
+                results.append(await read_until_eof(stream))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.statistics().tasks_waiting == 1
+            await draining.aclose()  # the drain frees the slot for the waiter
+            stray = await trio.to_thread.run_sync(_in_another_run, [("aclose", lambda: held.aclose())])
+            assert "another trio.run" in stray[0]
+        assert len(results) == 1
+        assert results[0].startswith(b"<")
+        assert pool.statistics().in_use == 1
+        await held.aclose()
+        await drained(pool)
         assert_accounts(pool)

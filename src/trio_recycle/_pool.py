@@ -43,6 +43,7 @@ import trio
 from ._connect import connect_pooled, connect_udp, validate_delay, validate_endpoint, validate_local_address
 from ._disconnect import can_recycle
 from ._drain import read_available, wait_for_fin
+from ._errors import check_run, wrong_run_error
 from ._pooled_socket import PooledSocket, PoolKey, SocketOption
 from ._stream import RecyclingStream
 from ._udp import RecyclingUDPSocket
@@ -202,7 +203,10 @@ class SocketPool:
           OSError: every connection attempt failed; the message names each
               address with its error.
           trio.ClosedResourceError: the pool's block has exited.
+          RuntimeError: called from a trio.run other than the pool's.
         """
+        if trio.lowlevel.current_trio_token() is not self._token:
+            raise wrong_run_error("SocketPool")
         validate_endpoint(host, port)
         validate_delay(happy_eyeballs_delay)
         validate_local_address(local_address)
@@ -269,7 +273,10 @@ class SocketPool:
           OSError: no address could be connected to (for example no route);
               the message names each address with its error.
           trio.ClosedResourceError: the pool's block has exited.
+          RuntimeError: called from a trio.run other than the pool's.
         """
+        if trio.lowlevel.current_trio_token() is not self._token:
+            raise wrong_run_error("SocketPool")
         validate_endpoint(host, port)
         validate_local_address(local_address)
         try:
@@ -291,7 +298,12 @@ class SocketPool:
         Returns:
           PoolStatistics: the state now (idle, in use, draining, waiting)
           and the counts over the pool's life.
+
+        Raises:
+          RuntimeError: called from a trio.run other than the pool's (from
+              no run at all, for example after it, is fine).
         """
+        check_run(self._token, "SocketPool")
         return PoolStatistics(
             capacity=self._capacity,
             idle=len(self._idle_lru),
@@ -307,6 +319,7 @@ class SocketPool:
     @property
     def closed(self) -> bool:
         """Whether the pool's ``async with`` block has exited."""
+        check_run(self._token, "SocketPool")
         return self._closed
 
     @property
@@ -317,6 +330,7 @@ class SocketPool:
         `can_recycle` is False: the pool then closes every socket instead,
         with the same API.
         """
+        check_run(self._token, "SocketPool")
         return self._recycle
 
     # ------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Final, Protocol, overload
 
 import trio
 
-from ._errors import closed_stream_error
+from ._errors import check_run, closed_stream_error
 
 if TYPE_CHECKING:
     import socket
@@ -46,6 +46,7 @@ class SocketAccess:
     _closed: bool
     _psock: PooledSocket
     _sock: socket.socket
+    _token: trio.lowlevel.TrioToken
 
     def __del__(self) -> None:
         # Dropped without aclose(): like trio's own sockets, say so with a
@@ -92,9 +93,11 @@ class SocketAccess:
         of recycled.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.ClosedResourceError: closed already.
           OSError: from the system call.
         """
+        check_run(self._token, type(self).__name__)
         if self._closed:
             raise closed_stream_error()
         self._psock.note_user_option(level, option, value)
@@ -123,8 +126,10 @@ class SocketAccess:
               size reads that many bytes of a structure or string option.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.ClosedResourceError: closed already.
         """
+        check_run(self._token, type(self).__name__)
         if self._closed:
             raise closed_stream_error()
         if buffersize == 0:
@@ -135,8 +140,10 @@ class SocketAccess:
         """The peer's address, as :meth:`socket.socket.getpeername` gives it.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.ClosedResourceError: closed already.
         """
+        check_run(self._token, type(self).__name__)
         if self._closed:
             raise closed_stream_error()
         address: tuple[str, int] | tuple[str, int, int, int] = self._sock.getpeername()
@@ -146,8 +153,10 @@ class SocketAccess:
         """Our local address, as :meth:`socket.socket.getsockname` gives it.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.ClosedResourceError: closed already.
         """
+        check_run(self._token, type(self).__name__)
         if self._closed:
             raise closed_stream_error()
         address: tuple[str, int] | tuple[str, int, int, int] = self._sock.getsockname()

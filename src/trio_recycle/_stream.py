@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, final
 import attrs
 import trio
 
-from ._errors import closed_stream_error, translate_oserror
+from ._errors import closed_stream_error, translate_oserror, wrong_run_error
 from ._socket_access import DEFAULT_RECEIVE_SIZE, Home, SocketAccess
 
 if TYPE_CHECKING:
@@ -30,6 +30,12 @@ if TYPE_CHECKING:
     from ._pooled_socket import PooledSocket
 
 __all__ = ["RecyclingStream"]
+
+# Every public method first checks that it runs in the pool's own trio.run
+# (issue 9): from another run, the waits would register the descriptor with
+# the wrong event loop and aclose() would touch the pool's bookkeeping from
+# the wrong thread. One call and one identity test, about 0.1 us.
+_current_trio_token = trio.lowlevel.current_trio_token
 
 
 @final
@@ -80,6 +86,8 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     _sending: bool = False
     #: Tasks blocked in wait_readable/wait_writable on our socket right now.
     _waiting: int = 0
+    #: The pool's run, the only one this stream may be used from.
+    _token: trio.lowlevel.TrioToken = attrs.field(factory=_current_trio_token)
 
     def _enter_send(self) -> None:
         # Closed wins over busy: the task that was sending when another task
@@ -111,12 +119,15 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         """Send all of ``data``; see `trio.abc.SendStream.send_all`.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.BusyResourceError: another task is sending on this stream.
           trio.ClosedResourceError: the stream is closed, or `send_eof` was
               called.
           trio.BrokenResourceError: the connection broke (the peer reset
               it, for example); the socket will not be recycled.
         """
+        if _current_trio_token() is not self._token:
+            raise wrong_run_error("RecyclingStream")
         try:
             self._enter_send()
         except (trio.ClosedResourceError, trio.BusyResourceError):
@@ -151,9 +162,12 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         """Wait until the socket can take more data; see `trio.abc.SendStream.wait_send_all_might_not_block`.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.BusyResourceError: another task is sending on this stream.
           trio.ClosedResourceError: the stream is closed.
         """
+        if _current_trio_token() is not self._token:
+            raise wrong_run_error("RecyclingStream")
         await self._enter_send_or_checkpoint()
         try:
             await self._wait(trio.lowlevel.wait_writable)
@@ -167,10 +181,13 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         stream is closed, once the peer's FIN has arrived too.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.BusyResourceError: another task is sending on this stream.
           trio.ClosedResourceError: the stream is closed.
           trio.BrokenResourceError: the connection broke.
         """
+        if _current_trio_token() is not self._token:
+            raise wrong_run_error("RecyclingStream")
         await self._enter_send_or_checkpoint()
         try:
             await trio.lowlevel.checkpoint()
@@ -201,11 +218,14 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
           bytes: at least one byte, or ``b""`` at end of stream.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.BusyResourceError: another task is receiving on this stream.
           trio.ClosedResourceError: the stream is closed.
           trio.BrokenResourceError: the connection broke (the socket will
               not be recycled).
         """
+        if _current_trio_token() is not self._token:
+            raise wrong_run_error("RecyclingStream")
         if max_bytes is None:
             max_bytes = DEFAULT_RECEIVE_SIZE
         elif not isinstance(max_bytes, int):
@@ -237,7 +257,13 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
 
         See the class description for what happens to the socket. Like every
         trio ``aclose``, it closes even when cancelled.
+
+        Raises:
+          RuntimeError: called from a trio.run other than the pool's; the
+              stream is left as it was.
         """
+        if _current_trio_token() is not self._token:
+            raise wrong_run_error("RecyclingStream")
         if not self._closed:
             self._closed = True
             # notify_closing() wakes tasks blocked on the socket and drops it
