@@ -617,7 +617,8 @@ async def test_another_run_with_a_waiter_and_a_drain_in_flight(start_server: Sta
             await trio.testing.wait_all_tasks_blocked()
             assert pool.statistics().tasks_waiting == 1
             await draining.aclose()  # the drain frees the slot for the waiter
-            stray = await trio.to_thread.run_sync(_in_another_run, [("aclose", lambda: held.aclose())])
+            stray_calls: list[tuple[str, Callable[[], object]]] = [("aclose", lambda: held.aclose())]
+            stray = await trio.to_thread.run_sync(_in_another_run, stray_calls)
             assert "another trio.run" in stray[0]
         assert len(results) == 1
         assert results[0].startswith(b"<")
