@@ -11,6 +11,7 @@ up, the descriptors are back to their baseline, and no waiter is stuck.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import socket
@@ -25,6 +26,7 @@ import trio.lowlevel
 import trio.testing
 
 import trio_recycle
+from trio_recycle._drain import READ_BUDGET
 from trio_recycle._pooled_socket import PooledSocket
 
 from .conftest import (
@@ -32,6 +34,7 @@ from .conftest import (
     StartServer,
     answer_then_close,
     assert_capacity,
+    bytes_queued,
     cycle,
     drained,
     echo_tagged,
@@ -626,3 +629,30 @@ async def test_another_run_with_a_waiter_and_a_drain_in_flight(start_server: Sta
         await held.aclose()
         await drained(pool)
         assert_accounts(pool)
+
+
+# ----------------------------------------------------------------------
+# A fast peer and a large drain_limit
+
+
+async def test_aclose_reads_a_bounded_amount_then_hands_over_to_the_drain() -> None:
+    """aclose() against megabytes of unread data returns after at most READ_BUDGET bytes; the drain does the rest."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        async with trio_recycle.open_socket_pool(drain_limit=1 << 30, eof_timeout=5) as pool:
+            stream = await pool.open_tcp_stream(*listener.getsockname())
+            peer, _ = listener.accept()
+            with peer:
+                peer.setblocking(False)
+                sent = 0
+                with contextlib.suppress(BlockingIOError):
+                    while sent < 16 * READ_BUDGET:
+                        sent += peer.send(b"f" * 65536)
+                assert sent > 2 * READ_BUDGET
+                await stream.aclose()
+                (psock,) = pool._draining
+                assert bytes_queued(psock.sock) > 0  # left for the drain task
+                peer.close()  # FIN after the data: the drain reads it all, then recycles
+                await drained(pool)
+            stats = pool.statistics()
+            assert (stats.idle, stats.recycled) == (1, 1)
+            assert_accounts(pool)
