@@ -12,6 +12,7 @@ up, the descriptors are back to their baseline, and no waiter is stuck.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import inspect
 import socket
@@ -738,3 +739,29 @@ async def test_failure_combined_with(start_server: StartServer, inject: Injector
         assert stats.created == stats.discarded
         await trio.testing.wait_all_tasks_blocked()
     assert socket_fds() <= before
+
+
+async def test_socket_failing_for_every_waiter_fails_them_all_at_once(
+    start_server: StartServer, inject: Injector
+) -> None:
+    """A freed slot whose socket() keeps failing (EMFILE) fails every queued waiter at once: none is left stuck."""
+    server = await start_server(answer_then_close)
+    other = await start_server(answer_then_close)
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        held = await pool.open_tcp_stream(server.host, server.port)
+        errors: list[int | None] = []
+
+        async def waiter() -> None:
+            with pytest.raises(OSError) as info:
+                await pool.open_tcp_stream(other.host, other.port)
+            errors.append(info.value.errno)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            inject.fail_next(OSError(errno.EMFILE, "Too many open files (injected)"), count=3)
+            await held.aclose()  # unread: drains, then frees the slot
+        assert errors == [errno.EMFILE] * 3
+        assert_accounts(pool)
+        assert await cycle(pool, other) == b"ok:ping"  # the slot is free again
