@@ -14,8 +14,9 @@ nox.options.default_venv_backend = "venv"
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite against real loopback sockets."""
-    # The examples extra (h11) too: tests/test_examples.py runs the proxy.
-    session.install(".[tests,examples]")
+    # The examples extra (h11) too: tests/test_examples.py runs the proxy;
+    # and httpx, so that tests/test_httpx.py is never skipped here.
+    session.install(".[tests,examples,httpx]")
     args = session.posargs or []
     session.run("pytest", *args, env={"HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "default")})
 
@@ -31,7 +32,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over src, tests, examples, benchmarks and this file."""
-    session.install(".[tests,examples]", "mypy>=1.10", "nox")
+    session.install(".[tests,examples,httpx]", "mypy>=1.10", "nox")
     session.run("mypy")
 
 
