@@ -71,6 +71,7 @@ async def serve_one(stream: trio.abc.Stream, config: Config) -> None:
     while True:
         # A kept-alive connection waits for its next request up to the idle
         # timeout, then the server closes it first.
+        request = None
         with trio.move_on_after(REQUEST_TIMEOUT if first else config.idle_timeout):
             request = await next_event(conn, stream)
         first = False

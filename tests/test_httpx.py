@@ -29,11 +29,15 @@ from .conftest import (
     wait_for_time_wait,
 )
 
-httpx = pytest.importorskip("httpx", reason="needs the httpx extra: pip install 'trio-recycle[httpx]'")
-httpcore = pytest.importorskip("httpcore", reason="needs the httpx extra: pip install 'trio-recycle[httpx]'")
-trustme = pytest.importorskip("trustme", reason="needs the tests extra (trustme)")
+pytest.importorskip("httpx", reason="needs the httpx extra: pip install 'trio-recycle[httpx]'")
+pytest.importorskip("httpcore", reason="needs the httpx extra: pip install 'trio-recycle[httpx]'")
+pytest.importorskip("trustme", reason="needs the tests extra (trustme)")
 
-from trio_recycle.httpx import RecyclingBackend, RecyclingTransport  # noqa: E402
+import httpcore
+import httpx
+import trustme
+
+from trio_recycle.httpx import RecyclingBackend, RecyclingTransport
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -56,6 +60,15 @@ class HTTPServer:
 
 
 StartServer = Callable[..., HTTPServer]
+
+#: httpcore abandons its own and httpx's async generators (request and
+#: response bodies) when a request fails or is cancelled half way, and trio
+#: warns when they are collected. Stock httpx does the same; the filters
+#: match those warnings only, not an unclosed socket's.
+ABANDONED_GENERATORS = pytest.mark.filterwarnings(
+    "ignore:Async generator .* was garbage collected:ResourceWarning",
+    r"ignore:Exception ignored in. <async_generator object:pytest.PytestUnraisableExceptionWarning",
+)
 
 
 @pytest.fixture
@@ -214,7 +227,9 @@ async def test_concurrent_requests_keep_alive_and_close(start_http_server: Start
         await client.aclose()
         stats = await settled(pool)
     assert stats.in_use == 0
-    assert stats.created <= 16
+    # 80 requests went to the closing server; the keep-alive server's
+    # connections, kept by httpcore, can push the others' sockets out.
+    assert stats.reused >= 40
     assert time_wait_count(servers[0].port) == 0
 
 
@@ -324,6 +339,7 @@ async def test_connect_refused_is_connect_error() -> None:
     assert stats.created == stats.discarded == 1
 
 
+@ABANDONED_GENERATORS
 async def test_write_timeout() -> None:
     """A server that never reads: httpx.WriteTimeout once the buffers are full."""
     with socket.socket() as listener:
@@ -354,7 +370,7 @@ async def test_write_timeout() -> None:
 async def test_response_closed_before_its_body_was_read_leaks_nothing(
     start_http_server: StartServer, mode: str, size: int
 ) -> None:
-    """A streamed response closed after its first chunk: no socket in use, no descriptor left, next request fine."""
+    """A streamed response closed before its body was read: no socket in use, no descriptor left, next request fine."""
     server = start_http_server(mode)
     before = {v for v in fd_inodes().values() if v.startswith("socket:")}
     async with trio_recycle.open_socket_pool(capacity=2, eof_timeout=1.0) as pool:
@@ -362,9 +378,7 @@ async def test_response_closed_before_its_body_was_read_leaks_nothing(
             for _ in range(3):
                 async with client.stream("GET", server.url(f"/big?size={size}")) as response:
                     assert response.status_code == 200
-                    async for chunk in response.aiter_raw():
-                        assert chunk
-                        break
+                    assert response.headers["content-length"] == str(size)
             expect_body(await client.get(server.url("/small")), "GET", "/small")
         stats = await settled(pool)
         assert stats.in_use == 0
@@ -373,48 +387,47 @@ async def test_response_closed_before_its_body_was_read_leaks_nothing(
     assert after <= before
 
 
+@ABANDONED_GENERATORS
 async def test_httpcore_issue_1093_cancel_under_contention_keeps_pool_exact(start_http_server: StartServer) -> None:
-    """httpcore issue 1093: cancelling many requests while httpcore's pool is contended.
+    """httpcore issue 1093: requests cancelled while httpcore's pool is contended.
 
-    httpcore can leave connections that no request owns in its pool, until
-    every request ends in PoolTimeout. Whatever httpcore does, our pool's
-    accounting stays exact at every round, closing the client gives every
-    socket back, and the next client's requests succeed.
+    httpcore keeps connections that no request owns (CONNECTING, or NEW
+    with a socket), until every request ends in PoolTimeout. Our pool's
+    accounting stays exact all along: the sockets in use are exactly those
+    httpcore holds. Closing the client gives every one back, and the next
+    client's requests succeed.
     """
-    server = start_http_server("keep-alive")
-    timeout = httpx.Timeout(2.0, pool=0.3)
+    server = start_http_server("close")
     limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
-    poisoned = False
+    rounds = 0
     async with trio_recycle.open_socket_pool(capacity=8) as pool:
-        client = httpx.AsyncClient(transport=RecyclingTransport(pool, limits=limits), timeout=timeout)
-        async with client:
+        transport = RecyclingTransport(pool, limits=limits)
+        async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(2.0, pool=0.3)) as client:
+
+            async def request() -> None:
+                with trio.move_on_after(random.uniform(0, 0.02)), contextlib.suppress(httpx.PoolTimeout):
+                    await client.get(server.url("/"))
+
             with trio.fail_after(60):
-                for round_ in range(40):
+                while True:
+                    rounds += 1
+                    assert rounds <= 300, "httpcore issue 1093 did not reproduce: fixed upstream? revisit this test"
                     async with trio.open_nursery() as nursery:
-                        first = trio.Event()
-
-                        async def request(n: int, nursery: trio.Nursery = nursery, first: trio.Event = first) -> None:
-                            with contextlib.suppress(httpx.PoolTimeout):
-                                await client.get(server.url(f"/r{n}?delay={random.choice([0, 0, 0.001])}"))
-                            first.set()
-
-                        for n in range(20):
-                            nursery.start_soon(request, n)
-                        await first.wait()
-                        # Cancel in the middle of things, sometimes after one
-                        # more scheduler round.
-                        for _ in range(random.randrange(3)):
-                            await trio.lowlevel.checkpoint()
-                        nursery.cancel_scope.cancel()
+                        for _ in range(20):
+                            nursery.start_soon(request)
                     assert_capacity(pool)
                     try:
                         await client.get(server.url("/probe"))
                     except httpx.PoolTimeout:
-                        poisoned = True
                         break
-                    assert round_ >= 0
-        # The client's exit closed every connection httpcore still held,
-        # orphans included: every socket is back.
+            # Poisoned: httpcore's pool is full of connections nobody owns.
+            held = transport._transport._pool.connections
+            assert len(held) == limits.max_connections
+            with_socket = [c for c in held if c._connection is not None]  # type: ignore[attr-defined]
+            assert pool.statistics().in_use == len(with_socket)
+            assert_capacity(pool)
+        # The client's exit closed every connection httpcore held, orphans
+        # included: every socket is back.
         stats = await settled(pool)
         assert stats.in_use == 0
         async with httpx.AsyncClient(transport=RecyclingTransport(pool, limits=limits)) as client:
@@ -422,7 +435,6 @@ async def test_httpcore_issue_1093_cancel_under_contention_keeps_pool_exact(star
                 expect_body(await client.get(server.url(f"/after{i}")), "GET", f"/after{i}")
         stats = await settled(pool)
         assert stats.in_use == 0
-    print(f"httpcore's pool poisoned (issue 1093 reproduced): {poisoned}")
 
 
 # ----------------------------------------------------------------------
@@ -551,12 +563,13 @@ async def test_httpx_private_attributes_are_where_we_expect() -> None:
     """Fails loudly if a new httpx or httpcore moves what RecyclingTransport reaches into."""
     async with trio_recycle.open_socket_pool(capacity=1) as pool:
         for kwargs in ({}, {"proxy": "http://127.0.0.1:1"}, {"http2": False, "retries": 2}):
-            transport = RecyclingTransport(pool, **kwargs)  # type: ignore[arg-type]
+            transport = RecyclingTransport(pool, **kwargs)
             inner = transport._transport._pool
             assert isinstance(inner, httpcore.AsyncConnectionPool)
             assert inner._network_backend is transport._backend
-            connection = inner.create_connection(httpcore.URL("http://example.invalid/").origin)
-            assert connection._network_backend is transport._backend  # type: ignore[attr-defined]
+            if not kwargs.get("proxy"):
+                connection = inner.create_connection(httpcore.URL("http://example.invalid/").origin)
+                assert connection._network_backend is transport._backend  # type: ignore[attr-defined]
             await transport.aclose()
     from trio_recycle.httpx import _use_backend
 

@@ -253,6 +253,8 @@ class RecyclingTransport(httpx.AsyncBaseTransport):
         retries: int = 0,
         socket_options: Iterable[SocketOption] | None = None,
     ) -> None:
+        # Checked here too, so that a bad entry fails now, not at the first request.
+        _check_socket_options(socket_options)
         if limits is None:
             capacity = pool.statistics().capacity
             limits = httpx.Limits(
