@@ -38,10 +38,11 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmarks: connect/close cycles three ways with a concurrency sweep, then the proxy."""
-    session.install(".[examples]", "matplotlib")
+    """The benchmarks: connect/close cycles three ways with a concurrency sweep, the proxy, then httpx."""
+    session.install(".[examples,httpx]", "matplotlib")
     session.run("python", "benchmarks/bench_cycles.py", *session.posargs)
     session.run("python", "benchmarks/bench_proxy.py")
+    session.run("python", "benchmarks/bench_httpx.py")
 
 
 @nox.session
@@ -54,12 +55,13 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def examples(session: nox.Session) -> None:
     """Run every example script end to end against local servers."""
-    session.install(".[examples]")
+    session.install(".[examples,httpx]")
     session.run("python", "examples/run_all.py", *session.posargs)
 
 
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the Sphinx docs with warnings as errors."""
-    session.install(".", "-r", "docs/requirements.txt")
+    # The httpx extra: the reference documents trio_recycle.httpx.
+    session.install(".[httpx]", "-r", "docs/requirements.txt")
     session.run("sphinx-build", "-W", "-n", "--keep-going", "-b", "html", "docs", "docs/_build/html")

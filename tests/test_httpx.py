@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import select
 import socket
@@ -601,3 +602,22 @@ def test_import_without_httpx_names_the_extra() -> None:
     assert result.returncode == 1
     assert "pip install 'trio-recycle[httpx]'" in result.stderr
     assert "imported by __init__" not in result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the benchmark reads /proc")
+def test_bench_httpx_quick_run(tmp_path: Path) -> None:
+    """`bench_httpx.py --quick` runs every cell and writes its table; the pool stays within its capacity."""
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_httpx.py"
+    argv = [sys.executable, str(bench), "--quick", "--upstream", "python", "--out", str(tmp_path)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "RecyclingTransport(pool)" in (tmp_path / "httpx.md").read_text()
+    document = json.loads((tmp_path / "httpx.json").read_text())
+    rows = {(row["mode"], row["tasks"], row["variant"]): row for row in document["rows"]}
+    assert len(rows) == 8
+    for (mode, _, variant), row in rows.items():
+        assert row["rate"] > 0
+        if variant == "pool":
+            assert row["socket_calls"] <= row["capacity"]
+            if mode == "close":
+                assert row["time_wait"] == 0
