@@ -10,12 +10,15 @@ close``) and one that keeps connections alive. Each client runs two ways:
 * ``pool``  -- ``httpx.AsyncClient(transport=RecyclingTransport(pool))``,
   with a pool of capacity 2 x tasks.
 
-Every cell (upstream x tasks x variant) gets a fresh upstream and a fresh
-client; the variants alternate order from round to round. Per cell:
-requests/s (median over rounds, min-max), the client's CPU time per
-request (user + system, from getrusage: the steadier figure when the
-machine is shared), ``socket()`` calls (an audit hook), and TIME_WAIT
-entries the upstream is left with. The ratios pool/stock are checked
+Side by side: for each upstream and concurrency, both clients are open
+at once, each against its own fresh upstream process, and they take turns:
+one slice of ``--slice`` seconds each per round, the order alternating,
+for ``--rounds`` rounds, so that a slowdown of the (shared) machine hits
+both alike. Per variant: requests/s (median over its slices, min-max), the
+client's CPU time per request (user + system, from getrusage: the steadier
+figure when the machine is shared), ``socket()`` calls (an audit hook) and
+TIME_WAIT entries left on its upstream. The ratios pool/stock, of the
+medians and paired (the median of the per-round ratios), are checked
 against the targets of DESIGN.md (>= 1.3x at 1 task and >= 1.15x at 16
 tasks against the closing upstream, >= 0.95x against keep-alive, no
 TIME_WAIT on the upstream, ``socket()`` calls within the pool's capacity).
@@ -23,9 +26,9 @@ TIME_WAIT on the upstream, ``socket()`` calls within the pool's capacity).
 The upstream is nginx when it is installed (``--upstream auto``, the
 default), else ``benchmarks/http_upstream.py``. Run it with::
 
-    python benchmarks/bench_httpx.py                 # 3 rounds of 3 s per cell, about 2 minutes
+    python benchmarks/bench_httpx.py                 # 10 rounds of 1 s per variant, about 1.5 minutes
     python benchmarks/bench_httpx.py --quick         # a smoke run, seconds
-    python benchmarks/bench_httpx.py --upstream python --duration 5 --rounds 5
+    python benchmarks/bench_httpx.py --upstream python --slice 2 --rounds 15
 
 Results: a table on stdout, and ``httpx.md`` and ``httpx.json`` in
 ``benchmarks/results`` (``--out``). It needs the ``httpx`` extra and Linux
@@ -75,24 +78,36 @@ TCP_TIME_WAIT: Final = 6
 
 @attrs.frozen
 class Settings:
-    duration: float
+    slice: float
+    slices: int
     warmup: float
-    rounds: int
     size: int
     upstream: str
     out: Path
 
 
 @attrs.frozen
-class Sample:
+class Slice:
+    """One variant's share of one round: requests done in ``seconds``."""
+
+    requests: int
+    seconds: float
+    cpu_seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+@attrs.frozen
+class Cell:
+    """One variant against one upstream at one concurrency."""
+
     mode: str
     tasks: int
     variant: str
-    round: int
-    requests: int
+    slices: list[Slice]
     failed: int
-    seconds: float
-    cpu_seconds: float
     socket_calls: int
     time_wait: int
     capacity: int
@@ -100,7 +115,7 @@ class Sample:
 
     @property
     def rate(self) -> float:
-        return self.requests / self.seconds
+        return statistics.median(s.rate for s in self.slices)
 
 
 @attrs.define
@@ -233,148 +248,146 @@ async def load(client: httpx.AsyncClient, url: str, tasks: int, seconds: float, 
     return tally
 
 
-async def run_cell(
-    settings: Settings, counter: SocketCounter, port: int, mode: str, tasks: int, variant: str, round_: int
-) -> Sample:
-    url = f"http://127.0.0.1:{port}/"
+@attrs.define
+class Client:
+    """One variant's client, its upstream's port, and what it did so far."""
+
+    variant: str
+    client: httpx.AsyncClient
+    port: int
+    capacity: int
+    pool: trio_recycle.SocketPool | None
+    slices: list[Slice] = attrs.field(factory=list)
+    failed: int = 0
+    socket_calls: int = 0
+
+
+async def run_pair(
+    settings: Settings, counter: SocketCounter, ports: dict[str, int], mode: str, tasks: int
+) -> list[Cell]:
+    """Both variants side by side: alternating slices of ``settings.slice`` seconds each."""
     capacity = 2 * tasks
     async with contextlib.AsyncExitStack() as stack:
-        pool = None
-        transport: httpx.AsyncBaseTransport
-        if variant == "pool":
-            pool = await stack.enter_async_context(trio_recycle.open_socket_pool(capacity=capacity))
-            transport = RecyclingTransport(pool)
-        else:
-            transport = httpx.AsyncHTTPTransport()
-        client = await stack.enter_async_context(httpx.AsyncClient(transport=transport))
-        sockets_before = counter.count
-        await load(client, url, tasks, settings.warmup, settings.size)
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        start = time.perf_counter()
-        tally = await load(client, url, tasks, settings.duration, settings.size)
-        seconds = time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
-        await client.aclose()
-        pool_stats = repr(pool.statistics()) if pool is not None else ""
-        socket_calls = counter.count - sockets_before
+        clients = []
+        for variant in VARIANTS:
+            pool = None
+            transport: httpx.AsyncBaseTransport
+            if variant == "pool":
+                pool = await stack.enter_async_context(trio_recycle.open_socket_pool(capacity=capacity))
+                transport = RecyclingTransport(pool)
+            else:
+                transport = httpx.AsyncHTTPTransport()
+            client = await stack.enter_async_context(httpx.AsyncClient(transport=transport))
+            clients.append(Client(variant, client, ports[variant], capacity if pool else 0, pool))
+
+        async def run_slice(c: Client, seconds: float, *, record: bool) -> None:
+            url = f"http://127.0.0.1:{c.port}/"
+            sockets = counter.count
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            start = time.perf_counter()
+            tally = await load(c.client, url, tasks, seconds, settings.size)
+            elapsed = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            c.socket_calls += counter.count - sockets
+            c.failed += tally.failed
+            if record:
+                cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
+                c.slices.append(Slice(tally.requests, elapsed, cpu))
+
+        for c in clients:
+            await run_slice(c, settings.warmup, record=False)
+        for index in range(settings.slices):
+            for c in clients if index % 2 == 0 else clients[::-1]:
+                await run_slice(c, settings.slice, record=True)
+        for c in clients:
+            await c.client.aclose()
     # The last FINs are handled in the kernel's softirq: a moment to settle.
     await trio.sleep(0.2)
-    return Sample(
-        mode,
-        tasks,
-        variant,
-        round_,
-        tally.requests,
-        tally.failed,
-        seconds,
-        cpu,
-        socket_calls,
-        time_wait_count(port),
-        capacity if variant == "pool" else 0,
-        pool_stats,
-    )
+    return [
+        Cell(
+            mode,
+            tasks,
+            c.variant,
+            c.slices,
+            c.failed,
+            c.socket_calls,
+            time_wait_count(c.port),
+            c.capacity,
+            repr(c.pool.statistics()) if c.pool is not None else "",
+        )
+        for c in clients
+    ]
 
 
 # ----------------------------------------------------------------------
 # Summary and report
 
 
-@attrs.frozen
-class Row:
-    mode: str
-    tasks: int
-    variant: str
-    rate: float
-    rate_min: float
-    rate_max: float
-    cpu_us: float
-    socket_calls: int
-    time_wait: int
-    capacity: int
-    failed: int
-
-
-def summarise(samples: list[Sample]) -> list[Row]:
-    rows = []
-    for mode in MODES:
-        for tasks in TASKS:
-            for variant in VARIANTS:
-                cell = [s for s in samples if (s.mode, s.tasks, s.variant) == (mode, tasks, variant)]
-                if not cell:
-                    continue
-                rates = [s.rate for s in cell]
-                rows.append(
-                    Row(
-                        mode,
-                        tasks,
-                        variant,
-                        statistics.median(rates),
-                        min(rates),
-                        max(rates),
-                        statistics.median(s.cpu_seconds / max(s.requests, 1) * 1e6 for s in cell),
-                        max(s.socket_calls for s in cell),
-                        max(s.time_wait for s in cell),
-                        cell[0].capacity,
-                        sum(s.failed for s in cell),
-                    )
-                )
-    return rows
-
-
-def ratios(samples: list[Sample]) -> dict[tuple[str, int], tuple[float, list[float]]]:
-    """pool/stock per (mode, tasks): the ratio of medians, and each round's ratio."""
+def ratios(cells: list[Cell]) -> dict[tuple[str, int], tuple[float, float, list[float]]]:
+    """pool/stock per (mode, tasks): of the median rates, of CPU per request, and per round."""
     result = {}
     for mode in MODES:
         for tasks in TASKS:
-            by_round: dict[int, dict[str, float]] = {}
-            for s in samples:
-                if (s.mode, s.tasks) == (mode, tasks):
-                    by_round.setdefault(s.round, {})[s.variant] = s.rate
-            rounds = [r["pool"] / r["stock"] for r in by_round.values() if r.get("stock") and "pool" in r]
-            medians = {
-                v: statistics.median(s.rate for s in samples if (s.mode, s.tasks, s.variant) == (mode, tasks, v))
-                for v in VARIANTS
-            }
-            result[mode, tasks] = (medians["pool"] / medians["stock"], rounds)
+            pair = {c.variant: c for c in cells if (c.mode, c.tasks) == (mode, tasks)}
+            if set(pair) != set(VARIANTS):
+                continue
+            stock, pool = pair["stock"], pair["pool"]
+            rounds = [p.rate / s.rate for s, p in zip(stock.slices, pool.slices, strict=True) if s.requests]
+            cpu = cpu_per_request(stock) / cpu_per_request(pool)
+            result[mode, tasks] = (pool.rate / stock.rate, cpu, rounds)
     return result
 
 
-def check_targets(rows: list[Row], samples: list[Sample]) -> list[str]:
+def cpu_per_request(cell: Cell) -> float:
+    """Seconds of this process's CPU per request, over all rounds."""
+    return sum(s.cpu_seconds for s in cell.slices) / max(1, sum(s.requests for s in cell.slices))
+
+
+def check_targets(cells: list[Cell]) -> list[str]:
     lines = []
-    for (mode, tasks), (ratio, _) in ratios(samples).items():
+    for (mode, tasks), (ratio, cpu, rounds) in ratios(cells).items():
         target = TARGETS[mode, tasks]
-        mark = "ok" if ratio >= target else "MISS"
-        lines.append(f"[{mark}] {mode} upstream, {tasks} task(s): {ratio:.2f}x stock (target >= {target}x)")
-    for row in rows:
-        if row.variant != "pool":
-            continue
-        if row.mode == "close":
-            mark = "ok" if row.time_wait == 0 else "MISS"
-            lines.append(f"[{mark}] {row.tasks} task(s): {row.time_wait} TIME_WAIT on the closing upstream (target 0)")
-        mark = "ok" if row.socket_calls <= row.capacity else "MISS"
+        paired = statistics.median(rounds) if rounds else 0.0
+        mark = "ok" if ratio >= target and paired >= target else "MISS"
         lines.append(
-            f"[{mark}] {row.mode} upstream, {row.tasks} task(s): {row.socket_calls} socket() calls,"
-            f" capacity {row.capacity}"
+            f"[{mark}] {mode} upstream, {tasks} task(s): {ratio:.2f}x stock requests/s (paired {paired:.2f}x;"
+            f" target >= {target}x), {cpu:.2f}x less CPU per request"
         )
-    failed = sum(row.failed for row in rows)
+    for cell in cells:
+        if cell.variant != "pool":
+            continue
+        if cell.mode == "close":
+            mark = "ok" if cell.time_wait == 0 else "MISS"
+            lines.append(
+                f"[{mark}] {cell.tasks} task(s): {cell.time_wait} TIME_WAIT on the closing upstream (target 0)"
+            )
+        mark = "ok" if cell.socket_calls <= cell.capacity else "MISS"
+        lines.append(
+            f"[{mark}] {cell.mode} upstream, {cell.tasks} task(s): {cell.socket_calls} socket() calls,"
+            f" capacity {cell.capacity}"
+        )
+    failed = sum(cell.failed for cell in cells)
     lines.append(f"[{'ok' if failed == 0 else 'MISS'}] {failed} failed requests")
     return lines
 
 
-def table(rows: list[Row], samples: list[Sample]) -> str:
-    ratio = ratios(samples)
+def table(cells: list[Cell]) -> str:
+    ratio = ratios(cells)
     out = [
         "| upstream | tasks | client | requests/s (min-max) | CPU us/request | socket() calls | TIME_WAIT on upstream |"
-        " pool/stock (per round) |",
-        "|---|---:|---|---:|---:|---:|---:|---|",
+        " pool/stock: requests/s (paired) | pool/stock: CPU |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in rows:
-        overall, rounds = ratio[row.mode, row.tasks]
-        shown = f"**{overall:.2f}x** ({', '.join(f'{r:.2f}' for r in rounds)})" if row.variant == "pool" else ""
+    for cell in cells:
+        rates = [s.rate for s in cell.slices]
+        shown = ["", ""]
+        if cell.variant == "pool" and (cell.mode, cell.tasks) in ratio:
+            overall, cpu, rounds = ratio[cell.mode, cell.tasks]
+            shown = [f"**{overall:.2f}x** ({statistics.median(rounds):.2f}x)", f"{1 / cpu:.2f}x"]
         out.append(
-            f"| {row.mode} | {row.tasks} | {LABELS[row.variant]} | {row.rate:,.0f} ({row.rate_min:,.0f}-"
-            f"{row.rate_max:,.0f}) | {row.cpu_us:,.0f} | {row.socket_calls:,} | {row.time_wait:,} | {shown} |"
+            f"| {cell.mode} | {cell.tasks} | {LABELS[cell.variant]} | {cell.rate:,.0f} ({min(rates):,.0f}-"
+            f"{max(rates):,.0f}) | {cpu_per_request(cell) * 1e6:,.0f} | {cell.socket_calls:,} |"
+            f" {cell.time_wait:,} | {shown[0]} | {shown[1]} |"
         )
     return "\n".join(out)
 
@@ -396,19 +409,19 @@ def machine(upstream_kind: str) -> dict[str, object]:
 
 def parse_args(argv: list[str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per cell and round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slice", type=float, default=1.0, help="seconds per variant and round")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds: each variant runs one slice per round")
     parser.add_argument("--size", type=int, default=1024, help="response body bytes")
     parser.add_argument("--upstream", choices=("auto", "nginx", "python"), default="auto")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round of 0.3 s per cell")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds of 0.2 s")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for httpx.md and httpx.json")
     args = parser.parse_args(argv)
     kind = args.upstream
     if kind == "auto":
         kind = "nginx" if shutil.which("nginx") else "python"
     if args.quick:
-        return Settings(0.3, 0.1, 1, args.size, kind, args.out)
-    return Settings(args.duration, 0.5, args.rounds, args.size, kind, args.out)
+        return Settings(0.2, 2, 0.1, args.size, kind, args.out)
+    return Settings(args.slice, args.rounds, 0.5, args.size, kind, args.out)
 
 
 def main(settings: Settings) -> None:
@@ -416,26 +429,28 @@ def main(settings: Settings) -> None:
     sys.addaudithook(counter.hook)
     info = machine(settings.upstream)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    samples = []
-    for round_ in range(settings.rounds):
-        for mode in MODES:
-            for tasks in TASKS:
-                order = VARIANTS if round_ % 2 == 0 else VARIANTS[::-1]
-                for variant in order:
-                    with upstream(settings.upstream, mode, settings.size) as port:
-                        sample = trio.run(run_cell, settings, counter, port, mode, tasks, variant, round_)
-                    samples.append(sample)
-                    print(
-                        f"round {round_ + 1}/{settings.rounds} {mode:10} {tasks:2} task(s) {variant:5}"
-                        f" {sample.rate:8,.0f} requests/s, {sample.socket_calls} socket(), {sample.time_wait}"
-                        f" TIME_WAIT {sample.pool_stats}",
-                        flush=True,
-                    )
+    cells: list[Cell] = []
+    for mode in MODES:
+        for tasks in TASKS:
+            # A fresh upstream per variant: the TIME_WAIT entries on its
+            # port are that variant's own.
+            with (
+                upstream(settings.upstream, mode, settings.size) as stock_port,
+                upstream(settings.upstream, mode, settings.size) as pool_port,
+            ):
+                pair = trio.run(run_pair, settings, counter, {"stock": stock_port, "pool": pool_port}, mode, tasks)
+            cells += pair
+            for cell in pair:
+                print(
+                    f"{mode:10} {tasks:2} task(s) {cell.variant:5} {cell.rate:8,.0f} requests/s,"
+                    f" {cpu_per_request(cell) * 1e6:6,.0f} us CPU/request, {cell.socket_calls} socket(),"
+                    f" {cell.time_wait} TIME_WAIT {cell.pool_stats}",
+                    flush=True,
+                )
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    rows = summarise(samples)
-    checks = check_targets(rows, samples)
+    checks = check_targets(cells)
     command = " ".join(["python", "benchmarks/bench_httpx.py", *sys.argv[1:]])
-    text = table(rows, samples)
+    text = table(cells)
     print()
     print(text)
     print()
@@ -444,8 +459,8 @@ def main(settings: Settings) -> None:
     report = [
         f"# httpx: stock vs RecyclingTransport ({started})",
         "",
-        f"Command: `{command}`; upstream: {settings.upstream}; {settings.rounds} round(s) of"
-        f" {settings.duration} s per cell; response body {settings.size} bytes.",
+        f"Command: `{command}`; upstream: {settings.upstream}; {settings.slices} rounds of {settings.slice} s"
+        f" per variant, alternating; response body {settings.size} bytes.",
         "",
         text,
         "",
@@ -460,14 +475,16 @@ def main(settings: Settings) -> None:
         "started": started,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in attrs.asdict(settings).items()},
         "machine": info,
-        "rows": [attrs.asdict(row) for row in rows],
-        "samples": [{**attrs.asdict(s), "rate": s.rate} for s in samples],
-        "ratios": {f"{m}/{t}": {"ratio": r, "rounds": rs} for (m, t), (r, rs) in ratios(samples).items()},
+        "cells": [
+            {**attrs.asdict(cell), "rate": cell.rate, "cpu_us_per_request": cpu_per_request(cell) * 1e6}
+            for cell in cells
+        ],
+        "ratios": {f"{m}/{t}": {"requests": r, "cpu": c, "paired": rs} for (m, t), (r, c, rs) in ratios(cells).items()},
         "checks": checks,
     }
     (settings.out / "httpx.json").write_text(json.dumps(document, indent=2) + "\n")
     print(f"\nwrote {settings.out / 'httpx.md'} and {settings.out / 'httpx.json'}")
-    if any(row.failed for row in rows):
+    if any(cell.failed for cell in cells):
         sys.exit(1)
 
 

@@ -613,7 +613,7 @@ def test_bench_httpx_quick_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "RecyclingTransport(pool)" in (tmp_path / "httpx.md").read_text()
     document = json.loads((tmp_path / "httpx.json").read_text())
-    rows = {(row["mode"], row["tasks"], row["variant"]): row for row in document["rows"]}
+    rows = {(row["mode"], row["tasks"], row["variant"]): row for row in document["cells"]}
     assert len(rows) == 8
     for (mode, _, variant), row in rows.items():
         assert row["rate"] > 0
