@@ -392,8 +392,9 @@ async def test_response_closed_before_its_body_was_read_leaks_nothing(
 async def test_httpcore_issue_1093_cancel_under_contention_keeps_pool_exact(start_http_server: StartServer) -> None:
     """httpcore issue 1093: requests cancelled while httpcore's pool is contended.
 
-    httpcore keeps connections that no request owns (CONNECTING, or NEW
-    with a socket), until every request ends in PoolTimeout. Our pool's
+    httpcore keeps connections that no request owns (CONNECTING, which
+    RecyclingBackend cannot prevent; NEW with a socket, which it does, see
+    the next test), until every request ends in PoolTimeout. Our pool's
     accounting stays exact all along: the sockets in use are exactly those
     httpcore holds. Closing the client gives every one back, and the next
     client's requests succeed.
@@ -436,6 +437,31 @@ async def test_httpcore_issue_1093_cancel_under_contention_keeps_pool_exact(star
                 expect_body(await client.get(server.url(f"/after{i}")), "GET", f"/after{i}")
         stats = await settled(pool)
         assert stats.in_use == 0
+
+
+@ABANDONED_GENERATORS
+async def test_request_cancelled_as_its_connect_completes_gives_the_socket_back(start_http_server: StartServer) -> None:
+    """One task, cancelled at random moments: httpcore is never left holding a pool socket nobody owns.
+
+    A cancellation that arrived just as a connect completed used to reach
+    httpcore at its HTTP/1.1 state lock, outside the code that marks a
+    failed connect: the connection stayed in httpcore's pool for good with
+    its socket in use (the NEW shape of httpcore issue 1093), and after
+    ``max_connections`` of them every request timed out.
+    """
+    server = start_http_server("close")
+    async with trio_recycle.open_socket_pool(capacity=2) as pool:
+        transport = RecyclingTransport(pool)
+        async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(5.0, pool=0.5)) as client:
+            with trio.move_on_after(5):
+                for _ in range(1000):
+                    with trio.move_on_after(random.uniform(0, 0.003)):
+                        await client.get(server.url("/"))
+                    # Between requests, httpcore holds no connection: the
+                    # server closes each one after its response.
+                    assert transport._transport._pool.connections == []
+                    assert pool.statistics().in_use == 0
+            assert_capacity(pool)
 
 
 # ----------------------------------------------------------------------

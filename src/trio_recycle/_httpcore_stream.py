@@ -34,7 +34,7 @@ from ._stream import RecyclingStream
 if TYPE_CHECKING:
     import ssl
 
-__all__ = ["NetworkStream", "deadline"]
+__all__ = ["NetworkStream", "deadline", "give_back_if_cancelled"]
 
 #: One of the two streams a NetworkStream can sit on: a pooled connection,
 #: or (``connect_unix_socket``) a plain trio socket stream.
@@ -147,6 +147,7 @@ class NetworkStream(httpcore.AsyncNetworkStream):
         if scope.cancelled_caught:
             await trio.aclose_forcefully(ssl_stream)
             raise httpcore.ConnectTimeout(f"TLS handshake not done within {timeout} seconds")
+        await give_back_if_cancelled(ssl_stream)
         return NetworkStream(ssl_stream, self._transport)
 
     def get_extra_info(self, info: str) -> object:
@@ -194,6 +195,25 @@ class NetworkStream(httpcore.AsyncNetworkStream):
             self._poll = select.poll()
             self._poll.register(transport._sock, select.POLLIN)
         return bool(self._poll.poll(0))
+
+
+async def give_back_if_cancelled(stream: trio.abc.AsyncResource) -> None:
+    """Close ``stream`` and raise `trio.Cancelled` if a cancellation is pending.
+
+    The last thing a connect does before it hands httpcore a new stream.
+    httpcore's first checkpoint after a connect (its HTTP/1.1 state lock)
+    is outside the ``try`` that marks a failed connect, so a cancellation
+    delivered there leaves a connection that no request owns in its pool,
+    for good, holding the socket (httpcore issue 1093). Between this
+    checkpoint and that one nothing awaits, so no cancellation can arrive
+    in between: it is delivered here, inside that ``try``, and the socket
+    goes back to the pool.
+    """
+    try:
+        await trio.lowlevel.checkpoint_if_cancelled()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
 
 
 def _ssl_object(stream: trio.abc.Stream) -> ssl.SSLObject | None:

@@ -33,7 +33,7 @@ except ImportError as _exc:  # pragma: no cover - the tests run with the extra
 import attrs
 import trio
 
-from ._httpcore_stream import NetworkStream, deadline
+from ._httpcore_stream import NetworkStream, deadline, give_back_if_cancelled
 
 if TYPE_CHECKING:
     import ssl
@@ -158,6 +158,7 @@ class RecyclingBackend(httpcore.AsyncNetworkBackend):
         except OSError as exc:
             await stream.aclose()
             raise httpcore.ConnectError(f"socket option {option!r}: {exc}") from exc
+        await give_back_if_cancelled(stream)
         return NetworkStream(stream, stream)
 
     async def connect_unix_socket(
