@@ -574,6 +574,31 @@ async def test_connect_unix_socket_without_the_pool(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_pool_closed_under_the_client(start_http_server: StartServer) -> None:
+    """A response being read when the pool's block exits: httpx.ReadError; a request after it: ClosedResourceError."""
+    server = start_http_server("close")
+    async with trio.open_nursery() as nursery:
+        async with trio_recycle.open_socket_pool(capacity=2) as pool:
+            client = httpx.AsyncClient(transport=RecyclingTransport(pool, limits=httpx.Limits(max_connections=2)))
+            failed = trio.Event()
+
+            async def read_slowly() -> None:
+                with pytest.raises(httpx.ReadError):
+                    await client.get(server.url("/?delay=5"))
+                failed.set()
+
+            nursery.start_soon(read_slowly)
+            # Until the request sits in its read: every task blocked for a while.
+            with trio.fail_after(5):
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert pool.statistics().in_use == 1
+        with trio.fail_after(5):
+            await failed.wait()
+    with pytest.raises(trio.ClosedResourceError, match="SocketPool is closed"):
+        await client.get(server.url("/"))
+    await client.aclose()
+
+
 async def test_backend_sleep_is_trio_sleep(autojump_clock: trio.abc.Clock) -> None:
     """httpcore's retry delay runs on trio's clock."""
     async with trio_recycle.open_socket_pool(capacity=1) as pool:
