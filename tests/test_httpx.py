@@ -172,9 +172,11 @@ async def test_stock_httpx_leaves_time_wait_on_the_same_server(start_http_server
     """The control for the test above: stock httpx against the same server leaves TIME_WAIT there."""
     server = start_http_server("close")
     async with httpx.AsyncClient() as client:
-        for i in range(10):
+        for i in range(20):
             expect_body(await client.get(server.url(f"/{i}")), "GET", f"/{i}")
-    assert wait_for_time_wait(server.port, 10) == 10
+    # The server closes first, so TIME_WAIT is normally its own; a client
+    # that gets to close first (a slow server process) keeps one instead.
+    assert wait_for_time_wait(server.port, 20, timeout=2) >= 10
 
 
 async def test_keep_alive_server_connection_kept_then_idle_close_recycled(start_http_server: StartServer) -> None:
