@@ -668,9 +668,12 @@ def test_bench_httpx_quick_run(tmp_path: Path) -> None:
     document = json.loads((tmp_path / "httpx.json").read_text())
     rows = {(row["mode"], row["tasks"], row["variant"]): row for row in document["cells"]}
     assert len(rows) == 8
-    for (mode, _, variant), row in rows.items():
+    for (mode, tasks, variant), row in rows.items():
         assert row["rate"] > 0
         if variant == "pool":
             assert row["socket_calls"] <= row["capacity"]
             if mode == "close":
-                assert row["time_wait"] == 0
+                # Not always 0 on a loaded machine: when our FIN crosses the
+                # server's (the pool found no FIN at close and sent its own),
+                # both sides keep TIME_WAIT. Stock leaves one per request.
+                assert row["time_wait"] * 10 <= rows[mode, tasks, "stock"]["time_wait"]
