@@ -193,6 +193,7 @@ class RecyclingBackend(httpcore.AsyncNetworkBackend):
             raise httpcore.ConnectError(str(exc) or repr(exc)) from exc
         if scope.cancelled_caught:
             raise httpcore.ConnectTimeout(f"not connected to {path} within {timeout} seconds")
+        await give_back_if_cancelled(stream)
         return NetworkStream(stream, stream)
 
     async def sleep(self, seconds: float) -> None:
