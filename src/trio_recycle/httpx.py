@@ -255,8 +255,9 @@ class RecyclingTransport(httpx.AsyncBaseTransport):
         retries: int = 0,
         socket_options: Iterable[SocketOption] | None = None,
     ) -> None:
-        # Checked here too, so that a bad entry fails now, not at the first request.
-        _check_socket_options(socket_options)
+        # Checked here too, so that a bad entry fails now, not at the first
+        # request; and taken as a tuple, in case it is an iterator.
+        options = None if socket_options is None else _check_socket_options(socket_options)
         if limits is None:
             capacity = pool.statistics().capacity
             limits = httpx.Limits(
@@ -276,7 +277,7 @@ class RecyclingTransport(httpx.AsyncBaseTransport):
             uds=uds,
             local_address=local_address,
             retries=retries,
-            socket_options=socket_options,
+            socket_options=options,
         )
         _use_backend(self._transport, self._backend)
 
