@@ -38,7 +38,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmarks: connect/close cycles three ways with a concurrency sweep, the proxy, then httpx."""
+    """The benchmarks: connect/close cycles three ways with a concurrency sweep, then the proxy."""
     session.install(".[examples,httpx]", "matplotlib")
     session.run("python", "benchmarks/bench_cycles.py", *session.posargs)
     session.run("python", "benchmarks/bench_proxy.py")
