@@ -501,6 +501,46 @@ async def test_get_extra_info(start_http_server: StartServer) -> None:
             await stream.write(b"x", timeout=1)
 
 
+async def test_aclose_never_waits_for_a_silent_server() -> None:
+    """httpcore closes under a cancel shield without reading the FIN: aclose returns at once, the pool drains."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        async with trio_recycle.open_socket_pool(capacity=2, eof_timeout=5.0) as pool:
+            stream = await RecyclingBackend(pool).connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=5)
+            peer, _ = listener.accept()
+            with peer:
+                await stream.write(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", timeout=5)
+                # The server never answers and never closes. Shielded, as
+                # httpcore closes; a wait for the server would hit fail_after.
+                with trio.CancelScope(shield=True), trio.fail_after(1):
+                    await stream.aclose()
+                stats = pool.statistics()
+                assert (stats.in_use, stats.draining) == (0, 1)
+                assert peer.recv(100).startswith(b"GET / ")
+                assert peer.recv(100) == b""  # our FIN, sent by the pool
+            # The server closes now: the drain sees its FIN and recycles.
+            await settled(pool)
+            assert pool.statistics().recycled == 1
+
+
+async def test_aclose_of_tls_stream_does_not_wait_for_close_notify(
+    start_http_server: StartServer, certificates: Certificates
+) -> None:
+    """TLS ends first, without waiting for the server's close_notify; then the TCP socket is recycled."""
+    server = start_http_server("keep-alive", tls=(certificates.cert, certificates.key))
+    async with trio_recycle.open_socket_pool(capacity=2, eof_timeout=5.0) as pool:
+        stream = await RecyclingBackend(pool).connect_tcp("127.0.0.1", server.port, timeout=5)
+        stream = await stream.start_tls(certificates.client_context(), "127.0.0.1", timeout=5)
+        await stream.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", timeout=5)
+        assert (await stream.read(65536, timeout=5)).startswith(b"HTTP/1.1 200")
+        with trio.CancelScope(shield=True), trio.fail_after(1):
+            await stream.aclose()
+        assert pool.statistics().in_use == 0
+        await settled(pool)
+        assert pool.statistics().recycled == 1
+
+
 async def test_socket_options_three_shapes(start_http_server: StartServer) -> None:
     """httpcore's (level, opt, int), (level, opt, bytes) and (level, opt, None, optlen) all reach the socket."""
     server = start_http_server("close")
