@@ -14,8 +14,9 @@ nox.options.default_venv_backend = "venv"
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite against real loopback sockets."""
-    # The examples extra (h11) too: tests/test_examples.py runs the proxy.
-    session.install(".[tests,examples]")
+    # The examples extra (h11) too: tests/test_examples.py runs the proxy;
+    # and httpx, so that tests/test_httpx.py is never skipped here.
+    session.install(".[tests,examples,httpx]")
     args = session.posargs or []
     session.run("pytest", *args, env={"HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "default")})
 
@@ -31,16 +32,17 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over src, tests, examples, benchmarks and this file."""
-    session.install(".[tests,examples]", "mypy>=1.10", "nox")
+    session.install(".[tests,examples,httpx]", "mypy>=1.10", "nox")
     session.run("mypy")
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """The benchmarks: connect/close cycles three ways with a concurrency sweep, then the proxy."""
-    session.install(".[examples]", "matplotlib")
+    session.install(".[examples,httpx]", "matplotlib")
     session.run("python", "benchmarks/bench_cycles.py", *session.posargs)
     session.run("python", "benchmarks/bench_proxy.py")
+    session.run("python", "benchmarks/bench_httpx.py")
 
 
 @nox.session
@@ -53,12 +55,13 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def examples(session: nox.Session) -> None:
     """Run every example script end to end against local servers."""
-    session.install(".[examples]")
+    session.install(".[examples,httpx]")
     session.run("python", "examples/run_all.py", *session.posargs)
 
 
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the Sphinx docs with warnings as errors."""
-    session.install(".", "-r", "docs/requirements.txt")
+    # The httpx extra: the reference documents trio_recycle.httpx.
+    session.install(".[httpx]", "-r", "docs/requirements.txt")
     session.run("sphinx-build", "-W", "-n", "--keep-going", "-b", "html", "docs", "docs/_build/html")

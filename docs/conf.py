@@ -91,6 +91,8 @@ _EXTERNAL_MODULES = (
     "exceptiongroup",
     "outcome",
     "attrs",
+    "httpx",
+    "httpcore",
 )
 # Builtins that appear in signatures and Args/Returns/Raises sections.
 _BUILTINS = (
@@ -122,6 +124,11 @@ _BUILTINS = (
 # so autodoc sees the bare name and there is no page to link it to.
 
 nitpick_ignore = [("py:class", "Buffer")]
+
+# trio_recycle.httpx types socket_options with its own alias of httpcore's
+# three shapes, (level, option, int | bytes) and (level, option, None,
+# optlen); the docstrings spell them out, there is no page for the alias.
+nitpick_ignore += [("py:class", "SocketOption")]
 
 nitpick_ignore_regex: list[tuple[str, str]] = []
 if not INTERSPHINX:

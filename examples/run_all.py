@@ -8,7 +8,8 @@ and checks exit statuses and output, every check bounded in time. ``curl``
 is used too when it is installed. An example file that no check covers
 fails the run: an example that nothing runs is an example that rots.
 
-Run it (the proxy needs h11, from the ``examples`` extra)::
+Run it (the proxy needs h11, from the ``examples`` extra; ``httpx_fetch.py``
+needs the ``httpx`` extra)::
 
     nox -s examples
     python examples/run_all.py [--only reverse_proxy.py]
@@ -338,6 +339,21 @@ async def check_udp_query() -> str:
     return f"500 queries answered, {sockets[1]} socket() calls"
 
 
+async def check_httpx_fetch() -> str:
+    """httpx through the pool against the closing upstream: every URL fetched, sockets within the tasks."""
+    async with upstream_server("--size", "200") as upstream:
+        argv = example("httpx_fetch.py", "--upstream", upstream.address, "--requests", "300", "--tasks", "8")
+        output = await run(argv, 60)
+        await upstream.stop()
+    fetched = re.search(r"fetched (\d+) of 300 URLs", output)
+    sockets = re.search(r"socket\(\) calls: (\d+)", output)
+    if fetched is None or sockets is None or "PoolStatistics(" not in output:
+        raise CheckFailed(f"unexpected output:\n{output}")
+    expect(fetched[1] == "300", f"failed fetches:\n{output}")
+    expect(int(sockets[1]) <= 16, f"more socket() calls than the pool's capacity: {sockets[0]}")
+    return f"300 URLs fetched with httpx, {sockets[1]} socket() calls"
+
+
 CHECKS: Final[list[tuple[Callable[[], Awaitable[str]], tuple[str, ...]]]] = [
     (check_upstream_server, ("upstream_server.py",)),
     (check_fetcher, ("fetcher.py",)),
@@ -346,6 +362,7 @@ CHECKS: Final[list[tuple[Callable[[], Awaitable[str]], tuple[str, ...]]]] = [
     (check_reverse_proxy_http_server, ("reverse_proxy.py",)),
     (check_demo, ("demo.py",)),
     (check_udp_query, ("udp_query.py",)),
+    (check_httpx_fetch, ("httpx_fetch.py",)),
 ]
 #: Scripts that are not examples of their own.
 NOT_EXAMPLES: Final = frozenset({"run_all.py"})
