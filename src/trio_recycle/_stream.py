@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, final
 import attrs
 import trio
 
-from ._errors import closed_stream_error, translate_oserror
+from ._errors import translate_oserror
 from ._socket_access import DEFAULT_RECEIVE_SIZE, Home, SocketAccess
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ __all__ = ["RecyclingStream"]
 
 
 @final
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     """A TCP connection whose socket came from, and goes back to, a `SocketPool`.
 
@@ -67,6 +67,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     _psock: PooledSocket
     _sock: socket.socket
     _closed: bool = False
+    _closed_by_pool: bool = False
     _eof_seen: bool = False
     _eof_sent: bool = False
     _healthy: bool = True
@@ -75,12 +76,21 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     #: Tasks blocked in wait_readable/wait_writable on our socket right now.
     _waiting: int = 0
 
+    def __repr__(self) -> str:
+        state = self._describe()
+        if not self._closed:
+            if self._eof_seen:
+                state += ", EOF received"
+            if self._eof_sent:
+                state += ", EOF sent"
+        return f"<trio_recycle.RecyclingStream {state}>"
+
     def _enter_send(self) -> None:
         # Closed wins over busy: the task that was sending when another task
         # closed the stream may still hold the guard (in its last, shielded
         # checkpoint), and a stale handle must always say it is closed (I2).
         if self._closed:
-            raise closed_stream_error()
+            raise self._closed_error()
         if self._sending:
             raise trio.BusyResourceError("another task is currently sending data on this RecyclingStream")
         self._sending = True
@@ -88,7 +98,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
         self._waiting += 1
         try:
-            await wait(self._sock)
+            await self._wait_on(wait)
         finally:
             self._waiting -= 1
 
@@ -113,7 +123,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
                 length = len(view)
                 while total < length:
                     if self._closed:
-                        raise closed_stream_error()
+                        raise self._closed_error()
                     try:
                         total += sock.send(view[total:] if total else view)
                     except BlockingIOError:
@@ -153,7 +163,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         try:
             await trio.lowlevel.checkpoint()
             if self._closed:
-                raise closed_stream_error()
+                raise self._closed_error()
             if self._eof_sent:
                 return
             try:
@@ -194,7 +204,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         sock = self._sock
         while True:
             if self._closed:
-                raise closed_stream_error()
+                raise self._closed_error()
             try:
                 data = sock.recv(max_bytes)
             except BlockingIOError:

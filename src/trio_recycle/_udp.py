@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Final, NoReturn, final
 import attrs
 import trio
 
-from ._errors import CLOSED_ERRNOS, closed_stream_error, translate_oserror
+from ._errors import CLOSED_ERRNOS, translate_oserror
 from ._socket_access import DEFAULT_RECEIVE_SIZE, Home, SocketAccess
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ _DATAGRAM_ERRNOS: Final = frozenset(
 
 
 @final
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
     """A connected UDP socket that came from, and goes back to, a `SocketPool`.
 
@@ -100,7 +100,11 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
     _psock: PooledSocket
     _sock: socket.socket
     _closed: bool = False
+    _closed_by_pool: bool = False
     _healthy: bool = True
+
+    def __repr__(self) -> str:
+        return f"<trio_recycle.RecyclingUDPSocket {self._describe()}>"
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` as one datagram to the connected peer.
@@ -122,11 +126,11 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
         sock = self._sock
         while True:
             if self._closed:
-                raise closed_stream_error()
+                raise self._closed_error()
             try:
                 sock.send(data)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+                await self._wait_on(trio.lowlevel.wait_writable)
             except OSError as exc:
                 self._raise_for(exc)
             else:
@@ -161,11 +165,11 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
         sock = self._sock
         while True:
             if self._closed:
-                raise closed_stream_error()
+                raise self._closed_error()
             try:
                 data = sock.recv(max_bytes)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
+                await self._wait_on(trio.lowlevel.wait_readable)
             except OSError as exc:
                 self._raise_for(exc)
             else:
