@@ -69,7 +69,7 @@ def tests(session: nox.Session) -> None:
     profile = os.environ.get("HYPOTHESIS_PROFILE", "default")
     if profile == "ci" and session.python != HYPOTHESIS_CI_PYTHON:
         profile = "default"
-    data_file = f".coverage.{session.python}"
+    data_file = f".coverage-{session.python}"
     env = {"HYPOTHESIS_PROFILE": profile, "COVERAGE_FILE": data_file}
     session.run("coverage", "erase", env=env)
     session.run("coverage", "run", "-m", "pytest", *session.posargs, env=env)
@@ -81,9 +81,9 @@ def tests(session: nox.Session) -> None:
 def coverage(session: nox.Session) -> None:
     """Combine the coverage of every ``tests`` session that ran (``nox -s tests coverage``)."""
     session.install("coverage[toml]>=7.4")
-    data_files = sorted(glob.glob(".coverage.3.*"))
+    data_files = sorted(glob.glob(".coverage-3.*"))
     if not data_files:
-        session.error("no .coverage.3.* data files: run `nox -s tests` first")
+        session.error("no .coverage-3.* data files: run `nox -s tests` first")
     env = {"COVERAGE_FILE": ".coverage"}
     session.run("coverage", "combine", "--keep", *data_files, env=env)
     session.run("coverage", "report", env=env)

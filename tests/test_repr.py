@@ -8,6 +8,7 @@ import trio
 import trio.testing
 
 import trio_recycle
+from trio_recycle._socket_access import format_address
 
 from .conftest import StartServer, UDPPeer, answer_then_close, never_close, read_until_eof
 
@@ -104,4 +105,17 @@ async def test_pooled_socket_repr_without_peer_affinity(start_server: StartServe
     async with trio_recycle.open_socket_pool(peer_affinity=False) as pool:
         stream = await pool.open_tcp_stream(server.host, server.port)
         assert "peer=" not in repr(stream._psock)
+        await stream.send_all(b"ping")
+        await stream.send_eof()
+        assert await read_until_eof(stream) == b"ok:ping"
+        # The connection is over, so the kernel no longer knows the peer, and
+        # without affinity the pool does not keep it either.
+        assert repr(stream).endswith(" -> ?, EOF received, EOF sent>")
         await stream.aclose()
+
+
+def test_format_address() -> None:
+    """IPv4 host:port, IPv6 in brackets, anything else (an AF_UNIX path) as its repr."""
+    assert format_address(("127.0.0.1", 80)) == "127.0.0.1:80"
+    assert format_address(("::1", 80, 0, 0)) == "[::1]:80"
+    assert format_address("/run/app.sock") == "'/run/app.sock'"

@@ -513,7 +513,7 @@ class SocketPool:
             self._in_use[new] = None
             trio.lowlevel.reschedule(task, outcome.Value(new))
             return
-        if psock is not None:
+        if psock is not None:  # pragma: no cover - defensive: callers hand off only while somebody waits
             self._put_idle(psock)
 
     def _close(self) -> None:

@@ -84,10 +84,7 @@ class SocketAccess:
         """
         if self._closed:
             return "closed by its pool's exit" if self._closed_by_pool else "closed"
-        try:
-            local = format_address(self._sock.getsockname())
-        except OSError:
-            local = "?"
+        local = format_address(self._sock.getsockname())
         try:
             peer = format_address(self._sock.getpeername())
         except OSError:
