@@ -125,10 +125,10 @@ async def test_name_resolution_drops_duplicates_and_interleaves_families(resolve
         }
     )
     targets = await _connect.resolve("many.test", 80, socket.SOCK_STREAM)
-    assert [(family, address[0]) for family, _, _, address in targets] == [
-        (socket.AF_INET6, "::1"),
-        (socket.AF_INET, "127.0.0.1"),
-        (socket.AF_INET6, "::ffff:127.0.0.1"),
+    assert [(family, address) for family, _, _, address in targets] == [
+        (socket.AF_INET6, ("::1", 80, 0, 0)),
+        (socket.AF_INET, ("127.0.0.1", 80)),
+        (socket.AF_INET6, ("::ffff:127.0.0.1", 80, 0, 0)),
     ]
 
 

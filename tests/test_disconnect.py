@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 
 import pytest
 
@@ -128,7 +129,7 @@ def test_probe_result_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_probe_says_no_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
     """On another platform the probe answers False without trying."""
-    monkeypatch.setattr(_disconnect.sys, "platform", "darwin")
+    monkeypatch.setattr(sys, "platform", "darwin")
     assert _disconnect._probe() is False
 
 
