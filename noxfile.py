@@ -133,7 +133,7 @@ def build(session: nox.Session) -> None:
 
     # A venv of its own, not this session's: nothing but the wheel and its
     # dependencies, and run from a directory without src/ to import from.
-    venv = Path(session.create_tmp()) / "wheel-venv"
+    venv = (Path(session.create_tmp()) / "wheel-venv").resolve()
     shutil.rmtree(venv, ignore_errors=True)
     session.run("python", "-m", "venv", str(venv))
     python = str(venv / "bin" / "python")
