@@ -41,9 +41,10 @@ class SocketAccess:
     """``setsockopt``/``getsockopt``/``getpeername``/``getsockname`` behind a closed check.
 
     Mixed into `RecyclingStream` and `RecyclingUDPSocket`, which provide the
-    three attributes below. After ``aclose`` every method raises
-    `trio.ClosedResourceError`: the socket may already belong to somebody
-    else.
+    four attributes below. After ``aclose`` every method raises
+    `trio.ClosedResourceError` (saying so when the pool's exit closed it):
+    the socket may already belong to somebody else. It also gives both
+    classes the body of their reprs.
     """
 
     __slots__ = ()
@@ -77,7 +78,7 @@ class SocketAccess:
             raise
 
     def _describe(self) -> str:
-        """``open 127.0.0.1:40000 -> 127.0.0.1:8080``, or ``closed``, for a repr.
+        """``127.0.0.1:40000 -> 127.0.0.1:8080``, or ``closed``, for a repr.
 
         Never the pool, and nothing from the socket once closed: by then it
         may be connected for its next owner.
