@@ -11,7 +11,7 @@ run, interleaved, three ways:
 * ``pool`` -- ``pool.open_tcp_stream`` and `trio_recycle.RecyclingStream`,
   the same operations, the socket recycled with ``connect(AF_UNSPEC)``.
 
-Each runs at concurrency 1 and 32 (the DESIGN.md targets) and in a sweep over
+Each runs at concurrency 1 and 32 (the targets in docs/benchmarks.md) and in a sweep over
 1, 8, 64 and 256 tasks; the pool's capacity equals the concurrency, except
 at 256 tasks where it is 32 (224 tasks queue for a socket). For each
 measurement: cycles/s; ``socket()`` calls per 1000 cycles (counted by an
@@ -79,11 +79,11 @@ LABELS: Final[dict[Variant, str]] = {
 }
 #: (concurrency, pool capacity), in the order they are measured.
 CONFIGS: Final = ((1, 1), (32, 32), (8, 8), (64, 64), (256, 32))
-#: The concurrencies DESIGN.md sets targets for.
+#: The concurrencies the targets (docs/benchmarks.md) are set for.
 HEADLINE: Final = (1, 32)
 SWEEP: Final = tuple(sorted(concurrency for concurrency, _ in CONFIGS))
 
-#: DESIGN.md "Performance": minimum and aim, as ratios of cycle rates.
+#: The targets of docs/benchmarks.md: minimum and aim, as ratios of cycle rates.
 TARGET_VS_TRIO: Final = (1.5, 2.0)
 TARGET_VS_RAW: Final = (0.85, 0.95)
 #: Descriptors the pool's process may hold beyond its capacity: the peak is
@@ -628,7 +628,7 @@ def ratio(rows: list[Row], concurrency: int, versus: Variant) -> float | None:
 
 @attrs.frozen
 class Check:
-    """One DESIGN.md target at one concurrency."""
+    """One target at one concurrency."""
 
     concurrency: int
     target: str
@@ -639,7 +639,7 @@ class Check:
 
 
 def check_targets(rows: list[Row]) -> list[Check]:
-    """Compare the pool's headline rows with the DESIGN.md targets."""
+    """Compare the pool's headline rows with the targets."""
     checks = []
     for concurrency in HEADLINE:
         pool = find(rows, "pool", concurrency)
@@ -766,7 +766,7 @@ def sweep_rows(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
 
 def check_rows(checks: list[Check]) -> tuple[list[str], list[list[str]]]:
     """Headers and cells of the targets table."""
-    headers = ["tasks", "target (DESIGN.md)", "measured", "result"]
+    headers = ["tasks", "target", "measured", "result"]
     cells = [[str(c.concurrency), c.target, c.measured, c.result + (f" ({c.note})" if c.note else "")] for c in checks]
     return headers, cells
 
@@ -811,7 +811,7 @@ def render(results: Results, table: Callable[[list[str], list[list[str]]], str])
         " Ratios: of the medians, and in brackets the median of the ratios within each repeat (paired);"
         " in the targets also the inverse ratio of client CPU time per cycle.",
         "",
-        "Concurrency 1 and 32 (DESIGN.md targets):",
+        "Concurrency 1 and 32 (the targets):",
         "",
         table(*table_rows(results.rows, HEADLINE)),
         "",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 
 import pytest
 import trio
 
 import trio_recycle
+from trio_recycle import _connect
 
 from .conftest import ResolveNames, StartServer, answer_then_close, assert_capacity, cycle, read_until_eof
 
@@ -100,3 +102,62 @@ async def test_happy_eyeballs_delay_none_waits_for_each_failure(
                 assert await read_until_eof(stream) == b"ok:x"
             stats = pool.statistics()
             assert (stats.created, stats.discarded) == (2, 1)
+
+
+async def test_happy_eyeballs_delay_of_the_wrong_type_names_it() -> None:
+    """A happy_eyeballs_delay that is not a number or None: TypeError naming it, nothing taken."""
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        with pytest.raises(TypeError, match="happy_eyeballs_delay"):
+            await pool.open_tcp_stream("127.0.0.1", 80, happy_eyeballs_delay="soon")  # type: ignore[arg-type]
+        assert pool.statistics().created == 0
+
+
+async def test_name_resolution_drops_duplicates_and_interleaves_families(resolve_names: ResolveNames) -> None:
+    """Duplicate addresses are tried once, and the first address of the other family comes second (RFC 6555)."""
+    resolve_names(
+        {
+            "many.test": [
+                ("::1", socket.AF_INET6),
+                ("::1", socket.AF_INET6),
+                ("::ffff:127.0.0.1", socket.AF_INET6),
+                ("127.0.0.1", socket.AF_INET),
+            ]
+        }
+    )
+    targets = await _connect.resolve("many.test", 80, socket.SOCK_STREAM)
+    assert [(family, address) for family, _, _, address in targets] == [
+        (socket.AF_INET6, ("::1", 80, 0, 0)),
+        (socket.AF_INET, ("127.0.0.1", 80)),
+        (socket.AF_INET6, ("::ffff:127.0.0.1", 80, 0, 0)),
+    ]
+
+
+async def test_name_without_addresses_raises_oserror_naming_it(resolve_names: ResolveNames) -> None:
+    """A name that resolves to no address at all: OSError naming the host, nothing taken."""
+    resolve_names({"empty.test": []})
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        with pytest.raises(OSError, match=r"no results found for hostname lookup: empty\.test:80"):
+            await pool.open_tcp_stream("empty.test", 80)
+        assert pool.statistics().created == 0
+
+
+async def test_udp_connect_refused_by_the_kernel_gives_the_socket_back() -> None:
+    """A UDP connect the kernel refuses (broadcast without SO_BROADCAST): OSError with its errno, socket discarded."""
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        with pytest.raises(OSError, match=r"255\.255\.255\.255") as info:
+            await pool.open_udp_socket("255.255.255.255", 9)
+        assert info.value.errno == errno.EACCES
+        stats = pool.statistics()
+        assert (stats.created, stats.discarded, stats.in_use) == (1, 1, 0)
+        assert_capacity(pool)
+
+
+async def test_udp_connect_failing_differently_per_address_has_no_single_errno(resolve_names: ResolveNames) -> None:
+    """Two addresses failing with different errnos: one OSError naming both, without an errno of its own."""
+    resolve_names({"nowhere.test": [("255.255.255.255", socket.AF_INET), ("ff02::1", socket.AF_INET6)]})
+    async with trio_recycle.open_socket_pool(capacity=2) as pool:
+        with pytest.raises(OSError, match=r"255\.255\.255\.255.*ff02::1") as info:
+            await pool.open_udp_socket("nowhere.test", 9)
+        assert info.value.errno is None
+        stats = pool.statistics()
+        assert (stats.created, stats.discarded, stats.in_use) == (2, 2, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 
 import pytest
 
@@ -124,3 +125,25 @@ def test_probe_result_is_cached(monkeypatch: pytest.MonkeyPatch) -> None:
     assert trio_recycle.can_recycle()
     assert trio_recycle.can_recycle()
     assert calls == [1]
+
+
+def test_probe_says_no_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On another platform the probe answers False without trying."""
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert _disconnect._probe() is False
+
+
+def test_probe_says_no_when_the_disconnect_does_not_disconnect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel where connect(AF_UNSPEC) leaves the connection as it was (BSD-like) fails the probe."""
+    monkeypatch.setattr(_disconnect, "disconnect", lambda sock: None)
+    assert _disconnect._probe() is False
+
+
+def test_probe_says_no_when_the_system_call_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that refuses the disconnect (EISCONN, EOPNOTSUPP, ...) fails the probe."""
+
+    def refuse(sock: object) -> None:
+        raise OSError(errno.EOPNOTSUPP, "refused")
+
+    monkeypatch.setattr(_disconnect, "disconnect", refuse)
+    assert _disconnect._probe() is False

@@ -21,7 +21,7 @@ import trio
 import trio.testing
 
 import trio_recycle
-from trio_recycle import SocketPool, _pooled_socket
+from trio_recycle import SocketPool, _disconnect, _pooled_socket
 from trio_recycle._disconnect import DISABLE_ENV_VAR
 
 from .conftest import (
@@ -92,6 +92,34 @@ def test_env_var_switches_can_recycle_off_even_after_the_probe(monkeypatch: pyte
         assert trio_recycle.can_recycle()
     monkeypatch.setenv(DISABLE_ENV_VAR, "yes")
     assert not trio_recycle.can_recycle()
+
+
+@pytest.mark.parametrize("value", ["1", "true", "True", "YES", "on", " On "])
+def test_env_var_true_spellings_disable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """The usual spellings of true, in any case, disable recycling without a warning."""
+    monkeypatch.setenv(DISABLE_ENV_VAR, value)
+    assert not trio_recycle.can_recycle()  # filterwarnings = error: a warning would fail
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "FALSE", "no", "No", "off", "OFF "])
+def test_env_var_false_spellings_keep_recycling(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """0, false, no, off (any case) and the empty string mean not set."""
+    monkeypatch.setenv(DISABLE_ENV_VAR, value)
+    assert trio_recycle.can_recycle()
+
+
+def test_env_var_unknown_value_warns_once_and_disables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value that is neither true nor false disables, with one RuntimeWarning naming the variable."""
+    monkeypatch.setattr(_disconnect, "_warned_values", set())
+    monkeypatch.setenv(DISABLE_ENV_VAR, "maybe")
+    with pytest.warns(RuntimeWarning, match=r"TRIO_RECYCLE_DISABLE='maybe' is not one of") as record:
+        assert not trio_recycle.can_recycle()
+    assert record[0].filename == __file__  # points at the caller of can_recycle()
+    # Once per value: filterwarnings = error turns a second warning into a failure.
+    assert not trio_recycle.can_recycle()
+    monkeypatch.setenv(DISABLE_ENV_VAR, "2")
+    with pytest.warns(RuntimeWarning, match="'2'"):
+        assert not trio_recycle.can_recycle()
 
 
 async def test_pool_reports_the_fallback(open_fallback_pool: OpenPool, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -741,3 +741,42 @@ async def test_close_without_reading_the_fin_that_is_already_there(start_server:
             assert (stats.draining, stats.idle, stats.recycled) == (0, 1, i + 1)
         assert_idle_disconnected(pool)
     assert time_wait_count(server.port) == 0
+
+
+async def test_waiter_whose_socket_cannot_be_made_gets_the_error_and_the_next_one_the_slot(
+    start_server: StartServer,
+) -> None:
+    """A freed slot whose new socket fails for the first waiter (bind error) goes on to the next waiter."""
+    server = await start_server(answer_then_close)
+    results: dict[str, object] = {}
+    async with trio.open_nursery() as nursery, trio_recycle.open_socket_pool(capacity=1) as pool:
+        held = await pool.open_tcp_stream("127.0.0.1", server.port)
+
+        async def waiter(name: str, local_address: str | None) -> None:
+            try:
+                stream = await pool.open_tcp_stream("127.0.0.1", server.port, local_address=local_address)
+            except OSError as exc:
+                results[name] = exc
+            else:
+                results[name] = stream.getsockname()[0]
+                await stream.aclose()
+
+        # 192.0.2.1 (TEST-NET-1) is no address of this machine: bind() fails
+        # with EADDRNOTAVAIL when the slot is handed to this waiter.
+        nursery.start_soon(waiter, "unbindable", "192.0.2.1")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(waiter, "next", None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.statistics().tasks_waiting == 2
+        await held.send_all(b"x")
+        await read_until_eof(held)
+        await held.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+    error = results["unbindable"]
+    assert isinstance(error, OSError)
+    assert error.errno == errno.EADDRNOTAVAIL
+    assert "192.0.2.1" in str(error)
+    assert results["next"] == "127.0.0.1"
+    stats = pool.statistics()
+    # held's socket (another key than the first waiter's) was closed for it.
+    assert (stats.created, stats.discarded, stats.tasks_waiting) == (2, 2, 0)

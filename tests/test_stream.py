@@ -12,7 +12,7 @@ import trio.testing
 import trio_recycle
 from trio_recycle import RecyclingStream, SocketPool
 
-from .conftest import StartServer, answer_then_close, read_until_eof
+from .conftest import StartServer, answer_then_close, answer_then_reset, read_until_eof
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -139,3 +139,36 @@ async def test_socket_options_through_the_stream(pool: SocketPool, start_server:
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     with pytest.raises(trio.ClosedResourceError):
         stream.getpeername()
+
+
+async def test_send_eof_after_a_reset_is_broken_and_not_recycled(start_server: StartServer) -> None:
+    """send_eof on a connection the peer reset raises BrokenResourceError; the socket is then closed."""
+    server = await start_server(answer_then_reset)
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        await stream.send_all(b"x")
+        while server.finished < 1:  # the server has sent its RST
+            await server.finished_event.wait()
+        with pytest.raises(trio.BrokenResourceError):
+            await stream.send_eof()
+        await stream.aclose()
+        stats = pool.statistics()
+        assert (stats.recycled, stats.discarded, stats.idle) == (0, 1, 0)
+
+
+async def test_setsockopt_with_a_length_and_its_argument_checks(pool: SocketPool, start_server: StartServer) -> None:
+    """setsockopt(level, option, None, length) as in the socket module, and its two misuses raise TypeError."""
+    server = await start_server(answer_then_close)
+    async with await pool.open_tcp_stream(server.host, server.port) as stream:
+        with pytest.raises(TypeError, match="must not be None"):
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, None)  # type: ignore[call-overload]
+        with pytest.raises(TypeError, match="must be None when specifying optlen"):
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1, 4)  # type: ignore[call-overload]
+        # A zero-length option with no value: a string option such as
+        # SO_BINDTODEVICE, set to "" (no device). Not restorable, so the
+        # socket is closed, not recycled.
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, None, 0)
+        await stream.send_all(b"x")
+        assert await read_until_eof(stream) == b"ok:x"
+    stats = pool.statistics()
+    assert (stats.recycled, stats.discarded) == (0, 1)

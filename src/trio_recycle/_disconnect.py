@@ -26,16 +26,23 @@ import errno
 import os
 import socket
 import sys
-from typing import TYPE_CHECKING, Protocol
+import warnings
+from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = ["can_recycle", "disconnect"]
 
-#: Set to a non-empty value other than ``0`` to make :func:`can_recycle`
-#: return False, forcing every pool into its close-instead fallback.
+#: Set to a true value (``1``, ``true``, ``yes``, ``on``) to make
+#: :func:`can_recycle` return False, forcing every pool into its
+#: close-instead fallback.
 DISABLE_ENV_VAR = "TRIO_RECYCLE_DISABLE"
+_TRUE_VALUES: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE_VALUES: Final = frozenset({"", "0", "false", "no", "off"})
+#: The unrecognised values already warned about: one warning per value,
+#: not one per pool.
+_warned_values: set[str] = set()
 
 #: TCP_INFO's tcpi_state of a closed socket (include/net/tcp_states.h).
 TCP_CLOSE = 7
@@ -124,21 +131,41 @@ def _probe() -> bool:
     return True
 
 
+def _disabled_by_environment() -> bool:
+    raw = os.environ.get(DISABLE_ENV_VAR, "")
+    value = raw.strip().lower()
+    if value in _FALSE_VALUES:
+        return False
+    if value not in _TRUE_VALUES and raw not in _warned_values:
+        _warned_values.add(raw)
+        warnings.warn(
+            f"{DISABLE_ENV_VAR}={raw!r} is not one of 1/0, true/false, yes/no, on/off:"
+            " taken as set, so recycling is disabled",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return True
+
+
 def can_recycle() -> bool:
     """Whether this platform can disconnect and reconnect a socket.
 
     The first call probes the kernel with a real connection on loopback
     (connect, peer close, :func:`disconnect`, reconnect); later calls return
     the cached answer. Setting the environment variable
-    ``TRIO_RECYCLE_DISABLE=1`` makes it return False without probing, which
-    forces every pool into its close-instead fallback.
+    ``TRIO_RECYCLE_DISABLE=1`` (or ``true``, ``yes``, ``on``, in any case)
+    makes it return False without probing, which forces every pool into its
+    close-instead fallback; ``0``, ``false``, ``no``, ``off`` and the empty
+    string mean not set. Any other value also disables recycling, with a
+    `RuntimeWarning` (once per value): it is a switch for turning recycling
+    off, so a value it cannot read errs on the side of the fallback.
 
     Returns:
       True on Linux kernels where ``connect(AF_UNSPEC)`` works as described;
       False elsewhere (macOS, the BSDs, Windows) or when disabled.
     """
     global _probe_result
-    if os.environ.get(DISABLE_ENV_VAR, "") not in ("", "0"):
+    if _disabled_by_environment():
         return False
     if _probe_result is None:
         _probe_result = _probe()

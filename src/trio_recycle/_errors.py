@@ -18,8 +18,15 @@ def translate_oserror(exc: OSError) -> trio.ClosedResourceError | trio.BrokenRes
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
-def closed_stream_error() -> trio.ClosedResourceError:
-    """The error for any call on a stream or socket after its ``aclose``."""
+def closed_stream_error(*, by_pool: bool = False) -> trio.ClosedResourceError:
+    """The error for any call on a stream or socket after its ``aclose``.
+
+    ``by_pool``: it was closed by its pool's exit, not by its own ``aclose``.
+    """
+    if by_pool:
+        return trio.ClosedResourceError(
+            "this stream was closed by its pool: the `async with open_socket_pool()` block has exited"
+        )
     return trio.ClosedResourceError("this stream was already closed")
 
 

@@ -126,7 +126,7 @@ class _Owner(Protocol):
 
 
 @final
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class SocketPool:
     """A capacity-limited set of sockets that are disconnected and reused.
 
@@ -158,6 +158,16 @@ class SocketPool:
     _reused: int = 0
     _recycled: int = 0
     _discarded: int = 0
+
+    def __repr__(self) -> str:
+        # Counts only: the pool can own thousands of sockets.
+        state = "closed" if self._closed else "open"
+        mode = "recycling" if self._recycle else "not recycling"
+        return (
+            f"<trio_recycle.SocketPool {state}, {mode}: {self._owned()}/{self._capacity} sockets"
+            f" ({len(self._in_use)} in use, {len(self._idle_lru)} idle, {len(self._draining)} draining),"
+            f" {len(self._waiters)} tasks waiting>"
+        )
 
     # ------------------------------------------------------------------
     # Public API
@@ -595,7 +605,7 @@ class SocketPool:
             self._in_use[new] = None
             trio.lowlevel.reschedule(task, outcome.Value(new))
             return
-        if psock is not None:
+        if psock is not None:  # pragma: no cover - defensive: callers hand off only while somebody waits
             self._put_idle(psock)
 
     def _close(self) -> None:

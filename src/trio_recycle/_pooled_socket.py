@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Final, Union
 import attrs
 
 from ._disconnect import TCP_CLOSE, disconnect
+from ._socket_access import format_address
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -162,7 +163,7 @@ def drain_datagrams(sock: socket.socket) -> bool:
     return False
 
 
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class PooledSocket:
     """A stdlib socket owned by a pool, with what recycling it needs to know."""
 
@@ -176,6 +177,19 @@ class PooledSocket:
     #: A user set an option we cannot restore: close instead of recycling.
     tainted: bool = False
     uses: int = 0
+
+    def __repr__(self) -> str:
+        sock = self.sock
+        kind = {socket.SOCK_STREAM: "TCP", socket.SOCK_DGRAM: "UDP"}.get(sock.type, str(sock.type))
+        family = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}.get(sock.family, str(sock.family))
+        fd = sock.fileno()
+        parts = [f"fd={fd}" if fd >= 0 else "closed", f"{kind}/{family}"]
+        peer = self.key[4]
+        if peer is not None:
+            parts.append(f"peer={format_address(peer)}")
+        if self.tainted:
+            parts.append("tainted")
+        return f"<trio_recycle.PooledSocket {' '.join(parts)}>"
 
     @classmethod
     def create(

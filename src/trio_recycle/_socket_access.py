@@ -11,16 +11,25 @@ from ._errors import check_run, closed_stream_error
 
 if TYPE_CHECKING:
     import socket
+    from collections.abc import Awaitable, Callable
 
     from typing_extensions import Buffer
 
     from ._pooled_socket import PooledSocket
 
-__all__ = ["DEFAULT_RECEIVE_SIZE", "Home", "SocketAccess"]
+__all__ = ["DEFAULT_RECEIVE_SIZE", "Home", "SocketAccess", "format_address"]
 
 #: Bytes asked of one recv() when the caller gives no size: trio's
 #: SocketStream default, and the largest UDP payload fits.
 DEFAULT_RECEIVE_SIZE: Final = 65536
+
+
+def format_address(address: object) -> str:
+    """``127.0.0.1:8080`` or ``[::1]:8080``, as a repr shows a socket address."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return repr(address)
 
 
 class Home(Protocol):
@@ -35,15 +44,18 @@ class SocketAccess:
     """``setsockopt``/``getsockopt``/``getpeername``/``getsockname`` behind a closed check.
 
     Mixed into `RecyclingStream` and `RecyclingUDPSocket`, which provide the
-    three attributes below. After ``aclose`` every method raises
-    `trio.ClosedResourceError`: the socket may already belong to somebody
-    else.
+    four attributes below. After ``aclose`` every method raises
+    `trio.ClosedResourceError` (saying so when the pool's exit closed it):
+    the socket may already belong to somebody else. It also gives both
+    classes the body of their reprs.
     """
 
     __slots__ = ()
 
     _home: Home
     _closed: bool
+    #: Closed by the pool's exit (`_force_close`), not by ``aclose``.
+    _closed_by_pool: bool
     _psock: PooledSocket
     _sock: socket.socket
     _token: trio.lowlevel.TrioToken
@@ -72,7 +84,40 @@ class SocketAccess:
         """Mark closed and wake blocked tasks; the pool closes the socket."""
         if not self._closed:
             self._closed = True  # type: ignore[misc]  # a slot of the attrs subclass
+            self._closed_by_pool = True  # type: ignore[misc]  # a slot of the attrs subclass
             trio.lowlevel.notify_closing(self._sock)
+
+    def _closed_error(self) -> trio.ClosedResourceError:
+        """The error for a call after close, saying who closed it."""
+        return closed_stream_error(by_pool=self._closed_by_pool)
+
+    async def _wait_on(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
+        """``await wait(sock)``; woken by the pool's exit, say that."""
+        try:
+            await wait(self._sock)
+        except trio.ClosedResourceError:
+            # trio's own message, "another task closed this fd", does not
+            # say that the other task was the pool's exit.
+            if self._closed_by_pool:
+                raise self._closed_error() from None
+            raise
+
+    def _describe(self) -> str:
+        """``127.0.0.1:40000 -> 127.0.0.1:8080``, or ``closed``, for a repr.
+
+        Never the pool, and nothing from the socket once closed: by then it
+        may be connected for its next owner.
+        """
+        if self._closed:
+            return "closed by its pool's exit" if self._closed_by_pool else "closed"
+        local = format_address(self._sock.getsockname())
+        try:
+            peer = format_address(self._sock.getpeername())
+        except OSError:
+            # Once both FINs are through the kernel forgets the peer; the
+            # pool's key still holds the address it connected to.
+            peer = "?" if self._psock.key[4] is None else format_address(self._psock.key[4])
+        return f"{local} -> {peer}"
 
     @overload
     def setsockopt(self, level: int, option: int, value: int | Buffer) -> None: ...
@@ -99,7 +144,7 @@ class SocketAccess:
         """
         check_run(self._token, type(self).__name__)
         if self._closed:
-            raise closed_stream_error()
+            raise self._closed_error()
         self._psock.note_user_option(level, option, value)
         if length is None:
             if value is None:
@@ -131,7 +176,7 @@ class SocketAccess:
         """
         check_run(self._token, type(self).__name__)
         if self._closed:
-            raise closed_stream_error()
+            raise self._closed_error()
         if buffersize == 0:
             return self._sock.getsockopt(level, option)
         return self._sock.getsockopt(level, option, buffersize)
@@ -145,7 +190,7 @@ class SocketAccess:
         """
         check_run(self._token, type(self).__name__)
         if self._closed:
-            raise closed_stream_error()
+            raise self._closed_error()
         address: tuple[str, int] | tuple[str, int, int, int] = self._sock.getpeername()
         return address
 
@@ -158,6 +203,6 @@ class SocketAccess:
         """
         check_run(self._token, type(self).__name__)
         if self._closed:
-            raise closed_stream_error()
+            raise self._closed_error()
         address: tuple[str, int] | tuple[str, int, int, int] = self._sock.getsockname()
         return address

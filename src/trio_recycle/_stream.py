@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, final
 import attrs
 import trio
 
-from ._errors import closed_stream_error, translate_oserror, wrong_run_error
+from ._errors import translate_oserror, wrong_run_error
 from ._socket_access import DEFAULT_RECEIVE_SIZE, Home, SocketAccess
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ _current_trio_token = trio.lowlevel.current_trio_token
 
 
 @final
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     """A TCP connection whose socket came from, and goes back to, a `SocketPool`.
 
@@ -79,6 +79,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     _psock: PooledSocket
     _sock: socket.socket
     _closed: bool = False
+    _closed_by_pool: bool = False
     _eof_seen: bool = False
     _eof_sent: bool = False
     _healthy: bool = True
@@ -89,12 +90,21 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     #: The pool's run, the only one this stream may be used from.
     _token: trio.lowlevel.TrioToken = attrs.field(factory=_current_trio_token)
 
+    def __repr__(self) -> str:
+        state = self._describe()
+        if not self._closed:
+            if self._eof_seen:
+                state += ", EOF received"
+            if self._eof_sent:
+                state += ", EOF sent"
+        return f"<trio_recycle.RecyclingStream {state}>"
+
     def _enter_send(self) -> None:
         # Closed wins over busy: the task that was sending when another task
         # closed the stream may still hold the guard (in its last, shielded
         # checkpoint), and a stale handle must always say it is closed (I2).
         if self._closed:
-            raise closed_stream_error()
+            raise self._closed_error()
         if self._sending:
             raise trio.BusyResourceError("another task is currently sending data on this RecyclingStream")
         self._sending = True
@@ -111,7 +121,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
         self._waiting += 1
         try:
-            await wait(self._sock)
+            await self._wait_on(wait)
         finally:
             self._waiting -= 1
 
@@ -145,7 +155,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
                 while total < length:
                     if self._closed:
                         await trio.lowlevel.cancel_shielded_checkpoint()
-                        raise closed_stream_error()
+                        raise self._closed_error()
                     try:
                         total += sock.send(view[total:] if total else view)
                     except BlockingIOError:
@@ -192,7 +202,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         try:
             await trio.lowlevel.checkpoint()
             if self._closed:
-                raise closed_stream_error()
+                raise self._closed_error()
             if self._eof_sent:
                 return
             try:
@@ -237,7 +247,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         while True:
             if self._closed:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-                raise closed_stream_error()
+                raise self._closed_error()
             try:
                 data = sock.recv(max_bytes)
             except BlockingIOError:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Final, NoReturn, final
 import attrs
 import trio
 
-from ._errors import CLOSED_ERRNOS, closed_stream_error, translate_oserror, wrong_run_error
+from ._errors import CLOSED_ERRNOS, translate_oserror, wrong_run_error
 from ._socket_access import DEFAULT_RECEIVE_SIZE, Home, SocketAccess
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ _DATAGRAM_ERRNOS: Final = frozenset(
 
 
 @final
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
     """A connected UDP socket that came from, and goes back to, a `SocketPool`.
 
@@ -103,9 +103,13 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
     _psock: PooledSocket
     _sock: socket.socket
     _closed: bool = False
+    _closed_by_pool: bool = False
     _healthy: bool = True
     #: The pool's run, the only one this socket may be used from.
     _token: trio.lowlevel.TrioToken = attrs.field(factory=_current_trio_token)
+
+    def __repr__(self) -> str:
+        return f"<trio_recycle.RecyclingUDPSocket {self._describe()}>"
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` as one datagram to the connected peer.
@@ -131,11 +135,11 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
         while True:
             if self._closed:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-                raise closed_stream_error()
+                raise self._closed_error()
             try:
                 sock.send(data)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+                await self._wait_on(trio.lowlevel.wait_writable)
             except OSError as exc:
                 # A failing call is a checkpoint too, as in trio.socket.
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -176,11 +180,11 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
         while True:
             if self._closed:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-                raise closed_stream_error()
+                raise self._closed_error()
             try:
                 data = sock.recv(max_bytes)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
+                await self._wait_on(trio.lowlevel.wait_readable)
             except OSError as exc:
                 # A failing call is a checkpoint too, as in trio.socket.
                 await trio.lowlevel.cancel_shielded_checkpoint()
