@@ -594,6 +594,36 @@ async def test_bad_socket_options() -> None:
             assert_capacity(pool)
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 2**31),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, -(2**31) - 1),
+        (2**40, socket.SO_KEEPALIVE, 1),
+        (socket.SOL_SOCKET, socket.SO_BINDTODEVICE, None, 2**32),
+    ],
+)
+async def test_socket_option_beyond_a_c_int_is_refused_before_a_socket_is_taken(option: tuple[int, ...]) -> None:
+    """setsockopt() would fail with TypeError/OverflowError on the open stream: refused up front, nothing taken."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            with pytest.raises(ValueError, match="socket_options"):
+                RecyclingTransport(pool, socket_options=[option])  # type: ignore[list-item]
+            backend = RecyclingBackend(pool)
+            with pytest.raises(ValueError, match="socket_options") as info:
+                await backend.connect_tcp("127.0.0.1", port, timeout=5, socket_options=[option])  # type: ignore[list-item]
+            # The traceback (alive in `info`) holds no open stream.
+            assert info.value is not None
+            assert pool.statistics() == trio_recycle.PoolStatistics(
+                capacity=1, idle=0, in_use=0, draining=0, tasks_waiting=0, created=0, reused=0, recycled=0, discarded=0
+            )
+            stream = await backend.connect_tcp("127.0.0.1", port, timeout=5)
+            await stream.aclose()
+
+
 async def test_connect_unix_socket_without_the_pool(tmp_path: Path) -> None:
     """Unix sockets work through the transport's uds= and never touch the pool."""
     path = str(tmp_path / "http.sock")
