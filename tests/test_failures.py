@@ -106,6 +106,8 @@ def inject(monkeypatch: pytest.MonkeyPatch) -> Injector:
         ("", ValueError),
         ("not an address", ValueError),
         (b"127.0.0.1", TypeError),
+        (["127.0.0.1"], TypeError),
+        (("127.0.0.1", 0), TypeError),
     ],
 )
 async def test_bad_local_address_is_refused_up_front(
