@@ -125,7 +125,7 @@ class NetworkStream(httpcore.AsyncNetworkStream):
               seconds.
           httpcore.ConnectError: the handshake failed (a certificate that
               does not verify, for example) or the connection broke.
-          ValueError: the `ssl` module refused ``server_hostname``.
+          ValueError: the ssl module refused ``server_hostname``.
 
         On any error the connection is closed.
         """
