@@ -674,11 +674,15 @@ async def test_fin_queued_behind_more_than_the_read_budget_gets_no_fin_from_us(m
     monkeypatch.setattr(_drain, "READ_BUDGET", 16384)
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
-        async with trio_recycle.open_socket_pool(drain_limit=1 << 30, eof_timeout=5) as pool:
+        # A receive buffer that holds the data and the FIN whatever the
+        # system's default (at least rmem_max, 208 KiB by default).
+        rcvbuf = (socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        async with trio_recycle.open_socket_pool(drain_limit=1 << 30, eof_timeout=5, socket_options=[rcvbuf]) as pool:
             stream = await pool.open_tcp_stream("127.0.0.1", port)
             peer, _ = listener.accept()
             with peer:
-                peer.sendall(b"f" * 100_000)
+                peer.settimeout(5)
+                peer.sendall(b"f" * 90_000)
                 peer.shutdown(socket.SHUT_WR)
                 (psock,) = pool._in_use
                 # The FIN is in, behind the data (bounded poll: the kernel
