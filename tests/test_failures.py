@@ -675,7 +675,7 @@ async def test_fin_queued_behind_more_than_the_read_budget_gets_no_fin_from_us(m
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
         # A receive buffer that holds the data and the FIN whatever the
-        # system's default (at least rmem_max, 208 KiB by default).
+        # system's default (the kernel caps it at rmem_max, 208 KiB by default, and doubles it).
         rcvbuf = (socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         async with trio_recycle.open_socket_pool(drain_limit=1 << 30, eof_timeout=5, socket_options=[rcvbuf]) as pool:
             stream = await pool.open_tcp_stream("127.0.0.1", port)
