@@ -6,14 +6,19 @@ import contextlib
 import errno
 import socket
 import struct
+import time
+from typing import Final
 
 import pytest
 import trio
 import trio.testing
 
+from trio_recycle import _drain
 from trio_recycle._drain import READ_BUDGET, read_available, wait_for_fin
 
 from .conftest import bytes_queued
+
+_TCP_CLOSE_WAIT: Final = 8  # include/net/tcp_states.h
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -102,3 +107,23 @@ def test_one_call_reads_at_most_the_budget() -> None:
         assert not eof
         assert 0 < received < READ_BUDGET + 65536  # the last recv() may pass the budget
         assert bytes_queued(client) > 0
+
+
+def test_fin_behind_the_budget_counts_as_arrived(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of budget with the peer's FIN queued behind the rest (CLOSE_WAIT): True, though bytes remain."""
+    monkeypatch.setattr(_drain, "READ_BUDGET", 16384)
+    client, server = tcp_pair()
+    with client, server:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        server.settimeout(5)
+        server.sendall(b"x" * 90_000)
+        server.shutdown(socket.SHUT_WR)
+        # The kernel offers no event for the FIN's arrival: bounded poll.
+        for _ in range(5000):
+            if client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE_WAIT:
+                break
+            time.sleep(0.001)
+        eof, received = read_available(client, 1 << 30)
+        assert eof
+        assert 0 < received < 90_000
+        assert bytes_queued(client) == 90_000 - received

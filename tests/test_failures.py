@@ -27,6 +27,7 @@ import trio.lowlevel
 import trio.testing
 
 import trio_recycle
+from trio_recycle import _drain
 from trio_recycle._drain import READ_BUDGET
 from trio_recycle._pooled_socket import PooledSocket
 
@@ -35,12 +36,15 @@ from .conftest import (
     StartServer,
     answer_then_close,
     assert_capacity,
+    assert_idle_disconnected,
     bytes_queued,
     cycle,
     drained,
     echo_tagged,
     fd_inodes,
     read_until_eof,
+    tcp_state,
+    time_wait_count,
 )
 
 if TYPE_CHECKING:
@@ -102,6 +106,8 @@ def inject(monkeypatch: pytest.MonkeyPatch) -> Injector:
         ("", ValueError),
         ("not an address", ValueError),
         (b"127.0.0.1", TypeError),
+        (["127.0.0.1"], TypeError),
+        (("127.0.0.1", 0), TypeError),
     ],
 )
 async def test_bad_local_address_is_refused_up_front(
@@ -656,6 +662,47 @@ async def test_aclose_reads_a_bounded_amount_then_hands_over_to_the_drain() -> N
                 await drained(pool)
             stats = pool.statistics()
             assert (stats.idle, stats.recycled) == (1, 1)
+            assert_accounts(pool)
+
+
+_TCP_CLOSE_WAIT: Final = 8  # include/net/tcp_states.h
+
+
+async def test_fin_queued_behind_more_than_the_read_budget_gets_no_fin_from_us(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More than READ_BUDGET queued, then the peer's FIN: aclose() recycles and sends no FIN (no TIME_WAIT)."""
+    # A small budget, so that the default receive buffer holds more than it.
+    monkeypatch.setattr(_drain, "READ_BUDGET", 16384)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        # A receive buffer that holds the data and the FIN whatever the
+        # system's default (the kernel caps it at rmem_max, 208 KiB by default, and doubles it).
+        rcvbuf = (socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        async with trio_recycle.open_socket_pool(drain_limit=1 << 30, eof_timeout=5, socket_options=[rcvbuf]) as pool:
+            stream = await pool.open_tcp_stream("127.0.0.1", port)
+            peer, _ = listener.accept()
+            with peer:
+                peer.settimeout(5)
+                peer.sendall(b"f" * 90_000)
+                peer.shutdown(socket.SHUT_WR)
+                (psock,) = pool._in_use
+                # The FIN is in, behind the data (bounded poll: the kernel
+                # offers no event for a change of state).
+                for _ in range(5000):
+                    if tcp_state(psock.sock) == _TCP_CLOSE_WAIT:
+                        break
+                    await trio.sleep(0.001)
+                assert tcp_state(psock.sock) == _TCP_CLOSE_WAIT
+                assert bytes_queued(psock.sock) > 16384 + 65536
+                await stream.aclose()
+                stats = pool.statistics()
+                assert (stats.idle, stats.draining, stats.recycled) == (1, 0, 1)
+                assert_idle_disconnected(pool)
+                # The peer got the disconnect's RST in FIN_WAIT2, not our FIN
+                # (which would have left it a TIME_WAIT).
+                peer.settimeout(5)
+                with pytest.raises(ConnectionResetError):
+                    peer.recv(1)
+            assert time_wait_count(port) == 0
             assert_accounts(pool)
 
 

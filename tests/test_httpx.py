@@ -541,6 +541,21 @@ async def test_aclose_of_tls_stream_does_not_wait_for_close_notify(
         assert pool.statistics().recycled == 1
 
 
+async def test_start_tls_that_cannot_make_its_ssl_stream_gives_the_socket_back() -> None:
+    """A server_hostname the ssl module refuses: the ValueError, and the connection closed, not left to the GC."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            stream = await RecyclingBackend(pool).connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=5)
+            with pytest.raises(ValueError, match="server_hostname") as info:
+                await stream.start_tls(ssl.create_default_context(), server_hostname=".leading.dot", timeout=5)
+            assert info.value is not None  # the traceback, alive, holds no open stream
+            assert pool.statistics().in_use == 0
+            with pytest.raises(httpcore.ReadError):
+                await stream.read(10, timeout=1)
+
+
 async def test_socket_options_three_shapes(start_http_server: StartServer) -> None:
     """httpcore's (level, opt, int), (level, opt, bytes) and (level, opt, None, optlen) all reach the socket."""
     server = start_http_server("close")
@@ -592,6 +607,36 @@ async def test_bad_socket_options() -> None:
                 await backend.connect_tcp("127.0.0.1", port, socket_options=[(socket.IPPROTO_TCP, 9999, 1)])
             assert pool.statistics().in_use == 0
             assert_capacity(pool)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 2**31),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, -(2**31) - 1),
+        (2**40, socket.SO_KEEPALIVE, 1),
+        (socket.SOL_SOCKET, socket.SO_BINDTODEVICE, None, 2**32),
+    ],
+)
+async def test_socket_option_beyond_a_c_int_is_refused_before_a_socket_is_taken(option: tuple[int, ...]) -> None:
+    """setsockopt() would fail with TypeError/OverflowError on the open stream: refused up front, nothing taken."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            with pytest.raises(ValueError, match="socket_options"):
+                RecyclingTransport(pool, socket_options=[option])  # type: ignore[list-item]
+            backend = RecyclingBackend(pool)
+            with pytest.raises(ValueError, match="socket_options") as info:
+                await backend.connect_tcp("127.0.0.1", port, timeout=5, socket_options=[option])  # type: ignore[list-item]
+            # The traceback (alive in `info`) holds no open stream.
+            assert info.value is not None
+            assert pool.statistics() == trio_recycle.PoolStatistics(
+                capacity=1, idle=0, in_use=0, draining=0, tasks_waiting=0, created=0, reused=0, recycled=0, discarded=0
+            )
+            stream = await backend.connect_tcp("127.0.0.1", port, timeout=5)
+            await stream.aclose()
 
 
 async def test_connect_unix_socket_without_the_pool(tmp_path: Path) -> None:

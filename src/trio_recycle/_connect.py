@@ -111,10 +111,14 @@ def validate_local_address(local_address: object) -> None:
       TypeError: not a str.
       ValueError: not an IP literal; the message names ``local_address``.
     """
-    if local_address is None or local_address in _local_addresses:
+    if local_address is None:
         return
+    # Before the cache lookup: an unhashable value would fail there with a
+    # message that does not name the argument.
     if not isinstance(local_address, str):
         raise TypeError(f"local_address must be str or None, not {local_address!r}")
+    if local_address in _local_addresses:
+        return
     if "\x00" not in local_address:
         try:
             socket.getaddrinfo(local_address, 0, flags=socket.AI_NUMERICHOST)

@@ -12,12 +12,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+import socket
+from typing import Final
 
 import trio
-
-if TYPE_CHECKING:
-    import socket
 
 __all__ = ["READ_BUDGET", "read_available", "wait_for_fin"]
 
@@ -32,18 +30,41 @@ _SCRATCH: Final = bytearray(65536)
 #: two calls.
 READ_BUDGET: Final = 4 * len(_SCRATCH)
 
+# Out of budget, the peer's FIN may already be queued behind the bytes left.
+# Reading on to find it would stall the loop; sending our FIN instead (as
+# aclose() does when no FIN was found) would put a peer that has closed into
+# TIME_WAIT, which recycling exists to avoid. The connection's state tells
+# without reading: these are the states reached once the peer's FIN arrived
+# in sequence, so every byte before it is in our receive queue, which the
+# disconnect purges (include/net/tcp_states.h: CLOSE_WAIT, LAST_ACK, CLOSING).
+_FIN_RECEIVED_STATES: Final = frozenset({8, 9, 11})
+_TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
+
+
+def _fin_received(sock: socket.socket) -> bool:
+    if _TCP_INFO is None:  # pragma: no cover - not Linux: the pool never recycles there
+        return False
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] in _FIN_RECEIVED_STATES
+    except OSError:
+        return False
+
 
 def read_available(sock: socket.socket, limit: int) -> tuple[bool, int]:
-    """Discard what is queued, without blocking: (the FIN was there, bytes read).
+    """Discard what is queued, without blocking: (the peer's FIN has arrived, bytes read).
 
     Stops once more than ``limit`` bytes were read, or `READ_BUDGET` bytes
-    in this call (the last recv() may pass either by less than 64 KiB).
+    in this call (the last recv() may pass either by less than 64 KiB). When
+    the budget stops it, the FIN counts as arrived if the connection's state
+    says so, even with bytes still queued before it.
 
     Raises:
       OSError: from recv(), for example ECONNRESET.
     """
     received = 0
-    while received <= limit and received < READ_BUDGET:
+    while received <= limit:
+        if received >= READ_BUDGET:
+            return _fin_received(sock), received
         try:
             count = sock.recv_into(_SCRATCH)
         except BlockingIOError:

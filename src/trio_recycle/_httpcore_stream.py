@@ -125,16 +125,25 @@ class NetworkStream(httpcore.AsyncNetworkStream):
               seconds.
           httpcore.ConnectError: the handshake failed (a certificate that
               does not verify, for example) or the connection broke.
+          ValueError: the ssl module refused ``server_hostname``.
+
+        On any error the connection is closed.
         """
-        # https_compatible: servers commonly close without a close_notify,
-        # and a close that sends one could wait for the peer (httpcore's own
-        # trio backend makes the same choice).
-        ssl_stream = trio.SSLStream(
-            self._stream,
-            ssl_context,
-            server_hostname=server_hostname,
-            https_compatible=True,
-        )
+        try:
+            # https_compatible: servers commonly close without a close_notify,
+            # and a close that sends one could wait for the peer (httpcore's
+            # own trio backend makes the same choice).
+            ssl_stream = trio.SSLStream(
+                self._stream,
+                ssl_context,
+                server_hostname=server_hostname,
+                https_compatible=True,
+            )
+        except BaseException:
+            # The ssl module refused an argument (a server_hostname with a
+            # leading dot, say): httpcore will not close this connection.
+            await trio.aclose_forcefully(self._stream)
+            raise
         try:
             with trio.CancelScope(deadline=deadline(timeout)) as scope:
                 await ssl_stream.do_handshake()

@@ -55,6 +55,11 @@ SocketOption = Union[  # noqa: UP007 - a runtime alias, as in httpcore
     tuple[int, int, None, int],
 ]
 
+#: setsockopt() takes C ints: Python raises TypeError or OverflowError for
+#: anything wider, and only once a socket has been taken from the pool.
+_C_INT_MIN: Final = -(2**31)
+_C_INT_MAX: Final = 2**31 - 1
+
 #: Most idle keep-alive connections httpx keeps by default.
 _HTTPX_KEEPALIVE_CONNECTIONS: Final = 20
 #: Seconds httpx keeps an idle keep-alive connection by default.
@@ -81,6 +86,9 @@ def _check_socket_options(socket_options: Iterable[SocketOption] | None) -> tupl
                 "socket_options entries must be (level, option, int), (level, option, bytes)"
                 f" or (level, option, None, optlen), not {option!r}"
             )
+        ints = [part for part in option if isinstance(part, int)]
+        if not all(_C_INT_MIN <= part <= _C_INT_MAX for part in ints) or (len(option) == 4 and ints[-1] < 0):
+            raise ValueError(f"socket_options entries must hold C int values (32-bit signed), not {option!r}")
     return options
 
 
@@ -142,6 +150,7 @@ class RecyclingBackend(httpcore.AsyncNetworkBackend):
               refused or failed, or a socket option was refused.
           TypeError: ``socket_options`` has an entry of none of the three
               shapes.
+          ValueError: a ``socket_options`` int does not fit a C int.
           trio.ClosedResourceError: the pool's block has exited.
         """
         options = _check_socket_options(socket_options)
@@ -155,9 +164,13 @@ class RecyclingBackend(httpcore.AsyncNetworkBackend):
         try:
             for option in options:
                 stream.setsockopt(*option)
-        except OSError as exc:
-            await stream.aclose()
-            raise httpcore.ConnectError(f"socket option {option!r}: {exc}") from exc
+        except BaseException as exc:
+            # Whatever setsockopt() raises, the stream must not outlive the
+            # error: dropped, it would hold its place until collected.
+            await trio.aclose_forcefully(stream)
+            if isinstance(exc, OSError):
+                raise httpcore.ConnectError(f"socket option {option!r}: {exc}") from exc
+            raise
         await give_back_if_cancelled(stream)
         return NetworkStream(stream, stream)
 
@@ -177,6 +190,7 @@ class RecyclingBackend(httpcore.AsyncNetworkBackend):
           httpcore.ConnectError: the connect or a socket option failed.
           TypeError: ``socket_options`` has an entry of none of the three
               shapes.
+          ValueError: a ``socket_options`` int does not fit a C int.
         """
         options = _check_socket_options(socket_options)
         try:
@@ -186,7 +200,7 @@ class RecyclingBackend(httpcore.AsyncNetworkBackend):
                 try:
                     for option in options:
                         stream.setsockopt(*option)
-                except OSError:
+                except BaseException:
                     await trio.aclose_forcefully(stream)
                     raise
         except OSError as exc:
