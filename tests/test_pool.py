@@ -634,6 +634,13 @@ async def test_coupled_options_do_not_leak(start_server: StartServer) -> None:
         ({"recycle": None}, TypeError, "recycle"),
         ({"socket_options": [(1, 2)]}, TypeError, "socket_options"),
         ({"socket_options": 5}, TypeError, "socket_options"),
+        ({"keepalive_expiry": -1}, ValueError, "keepalive_expiry"),
+        ({"keepalive_expiry": math.nan}, ValueError, "keepalive_expiry"),
+        ({"keepalive_expiry": "5"}, TypeError, "keepalive_expiry"),
+        ({"keepalive_expiry": None}, TypeError, "keepalive_expiry"),
+        ({"capacity_per_peer": 0}, ValueError, "capacity_per_peer"),
+        ({"capacity_per_peer": 1.5}, TypeError, "capacity_per_peer"),
+        ({"capacity_per_peer": True}, TypeError, "capacity_per_peer"),
     ],
 )
 async def test_bad_pool_arguments(kwargs: dict[str, object], error: type[Exception], name: str) -> None:

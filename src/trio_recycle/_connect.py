@@ -43,7 +43,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
 from ._pooled_socket import drain_datagrams
 
 if TYPE_CHECKING:
-    from ._pooled_socket import PooledSocket
+    from ._pooled_socket import OpenKey, PooledSocket
 
 __all__ = [
     "all_failed",
@@ -73,6 +73,7 @@ class SocketSource(Protocol):
         peer: object,
         *,
         replacing: PooledSocket | None = None,
+        origin: OpenKey | None = None,
     ) -> PooledSocket: ...
 
     def discard_socket(self, psock: PooledSocket) -> None: ...
@@ -199,9 +200,13 @@ async def connect_socket(sock: socket.socket, sockaddr: object) -> None:
         raise OSError(err, f"Error connecting to {sockaddr!r}: {os.strerror(err)}")
 
 
-async def _attempt(source: SocketSource, target: Target, local_address: str | None) -> PooledSocket:
+async def _attempt(
+    source: SocketSource, target: Target, local_address: str | None, origin: OpenKey | None
+) -> PooledSocket:
     family, type, proto, sockaddr = target
-    psock = await source.acquire_socket(family, type, proto, local_address, sockaddr)
+    psock = await source.acquire_socket(family, type, proto, local_address, sockaddr, origin=origin)
+    if psock.handed_live:
+        return psock  # a released connection of the same open, handed to this waiter
     try:
         await connect_socket(psock.sock, sockaddr)
     except BaseException:
@@ -263,8 +268,14 @@ async def connect_pooled(
     *,
     happy_eyeballs_delay: float | None,
     local_address: str | None,
+    origin: OpenKey | None = None,
 ) -> PooledSocket:
-    """Connect a pooled TCP socket to ``host:port``; see SocketPool.open_tcp_stream."""
+    """Connect a pooled TCP socket to ``host:port``; see SocketPool.open_tcp_stream.
+
+    ``origin``: the open's (host, port, local_address). A task that waits for
+    capacity may then be handed a live connection released by a stream of
+    the same open (``psock.handed_live``), which needs no connect.
+    """
     # An IP literal resolves synchronously from the cache: no coroutine,
     # no copy, nothing to reorder when there is one address.
     numeric = _numeric_targets(host, port, socket.SOCK_STREAM)
@@ -274,7 +285,7 @@ async def connect_pooled(
         targets = await _resolve(host, port, socket.SOCK_STREAM, numeric)
     if len(targets) == 1:
         try:
-            return await _attempt(source, targets[0], local_address)
+            return await _attempt(source, targets[0], local_address, origin)
         except OSError as exc:
             raise all_failed(host, port, [(targets[0][3], exc)]) from exc
 
@@ -293,10 +304,13 @@ async def connect_pooled(
         family, type, proto, sockaddr = target
         try:
             replacing = connecting[0] if connecting else None
-            psock = await source.acquire_socket(family, type, proto, local_address, sockaddr, replacing=replacing)
+            psock = await source.acquire_socket(
+                family, type, proto, local_address, sockaddr, replacing=replacing, origin=origin
+            )
             connecting.append(psock)
             try:
-                await connect_socket(psock.sock, sockaddr)
+                if not psock.handed_live:
+                    await connect_socket(psock.sock, sockaddr)
             except BaseException:
                 source.discard_socket(psock)
                 raise

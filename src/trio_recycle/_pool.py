@@ -124,6 +124,7 @@ class _Request:
     local_address: str | None
     key: PoolKey
     peer: object
+    origin: OpenKey | None = None
 
 
 class _Owner(Protocol):
@@ -240,6 +241,7 @@ class SocketPool:
             port,
             happy_eyeballs_delay=happy_eyeballs_delay,
             local_address=local_address,
+            origin=open_key,
         )
         # The pool's exit can come between the winning attempt and here (the
         # happy-eyeballs nursery still had to wind down): then the socket is
@@ -248,7 +250,11 @@ class SocketPool:
         if self._in_use.get(psock, _GONE) is not None:  # pragma: no cover - defensive
             raise trio.ClosedResourceError("the socket was closed while it was connecting")
         psock.open_key = open_key
-        stream = RecyclingStream(self, psock, psock.sock)
+        kept_alive = psock.handed_live
+        if kept_alive:
+            psock.handed_live = False
+            self._kept_alive += 1
+        stream = RecyclingStream(self, psock, psock.sock, kept_alive=kept_alive)
         self._in_use[psock] = stream
         return stream
 
@@ -418,8 +424,13 @@ class SocketPool:
         peer: object,
         *,
         replacing: PooledSocket | None = None,
+        origin: OpenKey | None = None,
     ) -> PooledSocket:
         """Take an idle socket for ``peer`` or a new one, waiting for capacity.
+
+        ``origin``: the (host, port, local_address) of the open. When this
+        call waits, a stream of the same open released meanwhile may hand
+        its live connection over directly (``handed_live`` is then set).
 
         ``replacing``: a socket of the same open still connecting (happy
         eyeballs). If this call would have to wait and that socket's SYN is
@@ -433,7 +444,7 @@ class SocketPool:
         # idle socket only to close it in its error path.
         await trio.lowlevel.checkpoint_if_cancelled()
         key = (family, type, proto, local_address, peer if self._peer_affinity else None)
-        request = _Request(family, type, proto, local_address, key, peer)
+        request = _Request(family, type, proto, local_address, key, peer, origin)
         if (
             replacing is not None
             and self._in_use.get(replacing, _GONE) is None
@@ -495,9 +506,12 @@ class SocketPool:
         """Hand ``psock`` out for a connection to ``peer``: in use from now on."""
         psock.peer = peer
         if self._capacity_per_peer is not None:
-            psock.counted_peer = peer
-            self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+            self._count(psock, peer)
         self._in_use[psock] = None
+
+    def _count(self, psock: PooledSocket, peer: object) -> None:
+        psock.counted_peer = peer
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
 
     def _uncount(self, psock: PooledSocket) -> None:
         peer = psock.counted_peer
@@ -538,32 +552,51 @@ class SocketPool:
         """
         if self._in_use.pop(psock, _GONE) is _GONE:
             return  # the pool's exit closed it already
-        if (
-            parkable
-            and healthy
-            and not (eof_seen or eof_sent or self._closed or self._waiters)
-            and psock.open_key is not None
-        ):
+        if parkable and healthy and not (eof_seen or eof_sent or self._closed) and psock.open_key is not None:
             try:
                 # The answer may have had more bytes than the caller read,
                 # or the peer may have closed already: either way the
                 # connection is not the clean one the next owner expects.
                 peeked = psock.sock.recv(1, socket.MSG_PEEK)
             except BlockingIOError:
-                if psock.restore_options():
-                    try:
-                        self._watch.add(psock, self._nursery)
-                    except OSError:
-                        pass
-                    else:
-                        self._store.park(psock, psock.open_key)
-                        return
+                if psock.restore_options() and self._keep(psock):
+                    return
             except OSError:
                 healthy = False
             else:
                 eof_seen = not peeked
         self._not_parked += 1
         self._close_protocol(psock, eof_seen=eof_seen, eof_sent=eof_sent, healthy=healthy)
+
+    def _keep(self, psock: PooledSocket) -> bool:
+        """A clean live connection: to a task waiting for the same open, else parked; False: neither."""
+        if self._waiters:
+            # Its own place does not count against its peer while the first
+            # waiter that could be served is chosen.
+            peer = psock.counted_peer
+            self._uncount(psock)
+            task = self._next_waiter()
+            if task is not None:
+                request = self._waiters[task]
+                if request.origin == psock.open_key and request.peer == psock.peer:
+                    del self._waiters[task]
+                    psock.handed_live = True
+                    self._give(psock, psock.peer)
+                    trio.lowlevel.reschedule(task, outcome.Value(psock))
+                    return True
+            if peer is not None:
+                self._count(psock, peer)
+            if task is not None:
+                # No parking while a task that the room could serve waits:
+                # the close protocol frees the room.
+                return False
+        try:
+            self._watch.add(psock, self._nursery)
+        except OSError:
+            return False
+        assert psock.open_key is not None
+        self._store.park(psock, psock.open_key)
+        return True
 
     def _parked_event(self, psock: PooledSocket) -> None:
         """The watch saw something on a parked connection: the peer's FIN, bytes or an error."""

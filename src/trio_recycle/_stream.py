@@ -120,19 +120,20 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
                 sock = self._sock
                 total = 0
                 length = len(view)
-                while total < length:
-                    if self._closed:
-                        raise closed_stream_error()
-                    try:
-                        total += sock.send(view[total:] if total else view)
-                    except BlockingIOError:
-                        await self._wait(trio.lowlevel.wait_writable)
-                    except OSError as exc:
-                        self._healthy = False
-                        raise translate_oserror(exc) from exc
-                    except BaseException:
-                        self._send_cut = True
-                        raise
+                try:
+                    while total < length:
+                        if self._closed:
+                            raise closed_stream_error()
+                        try:
+                            total += sock.send(view[total:] if total else view)
+                        except BlockingIOError:
+                            await self._wait(trio.lowlevel.wait_writable)
+                        except OSError as exc:
+                            self._healthy = False
+                            raise translate_oserror(exc) from exc
+                except BaseException:
+                    self._send_cut = True
+                    raise
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
