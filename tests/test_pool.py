@@ -527,7 +527,7 @@ async def test_pool_exit_fails_waiters(start_server: StartServer) -> None:
     server = await start_server(answer_then_close)
     errors: list[BaseException] = []
     async with trio.open_nursery() as nursery, trio_recycle.open_socket_pool(capacity=1) as pool:
-        await pool.open_tcp_stream("127.0.0.1", server.port)
+        held = await pool.open_tcp_stream("127.0.0.1", server.port)
 
         async def waiter() -> None:
             try:
@@ -539,6 +539,8 @@ async def test_pool_exit_fails_waiters(start_server: StartServer) -> None:
         await trio.testing.wait_all_tasks_blocked()
     assert len(errors) == 1
     assert "closed" in str(errors[0])
+    with pytest.raises(trio.ClosedResourceError):
+        held.getpeername()  # closed by the exit
 
 
 # ----------------------------------------------------------------------

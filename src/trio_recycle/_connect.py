@@ -53,6 +53,7 @@ __all__ = [
     "resolve",
     "validate_delay",
     "validate_endpoint",
+    "validate_local_address",
 ]
 
 Target = tuple[int, int, int, object]  # family, type, proto, sockaddr
@@ -95,6 +96,41 @@ def validate_endpoint(host: object, port: object) -> None:
         raise TypeError(f"port must be int, not {port!r}")
     if not 1 <= port <= 65535:
         raise ValueError(f"port must be in range 1-65535, not {port!r}")
+
+
+_LOCAL_CACHE_SIZE = 512
+_local_addresses: set[str] = set()
+
+
+def validate_local_address(local_address: object) -> None:
+    """Check ``local_address``: None, or an IPv4 or IPv6 literal (a scope ID allowed).
+
+    A host name is refused rather than resolved: ``bind()`` would resolve
+    it with a blocking lookup inside the event loop. NUL bytes are refused
+    because the C library would silently cut the string there.
+
+    Raises:
+      TypeError: not a str.
+      ValueError: not an IP literal; the message names ``local_address``.
+    """
+    if local_address is None or local_address in _local_addresses:
+        return
+    if not isinstance(local_address, str):
+        raise TypeError(f"local_address must be str or None, not {local_address!r}")
+    if "\x00" not in local_address:
+        try:
+            socket.getaddrinfo(local_address, 0, flags=socket.AI_NUMERICHOST)
+        except (socket.gaierror, UnicodeError):
+            pass
+        else:
+            if len(_local_addresses) >= _LOCAL_CACHE_SIZE:
+                _local_addresses.clear()
+            _local_addresses.add(local_address)
+            return
+    raise ValueError(
+        f"local_address must be an IPv4 or IPv6 address literal such as '127.0.0.1' or '::1', "
+        f"not {local_address!r} (a host name is not resolved: bind() would block the event loop)"
+    )
 
 
 def validate_delay(happy_eyeballs_delay: object) -> None:
@@ -298,16 +334,36 @@ async def connect_pooled(
     # waiting for capacity that only that attempt's failure would free
     # (minutes of SYN retries toward a silent address).
     connecting: list[PooledSocket] = []
+    # The attempts of this open still waiting for capacity. When a sibling
+    # gets a place and starts connecting, each of them decides again
+    # `delay` seconds later: the sibling gets the same head start as any
+    # happy-eyeballs attempt, and if its SYN is still unanswered by then,
+    # the waiting attempt takes over its place instead of queueing behind
+    # it (issue 9: two attempts queued at a full pool, the first one
+    # toward a silent address, used to wait for its SYN retries to end).
+    waiting: list[trio.CancelScope] = []
+
+    async def acquire(family: int, type: int, proto: int, sockaddr: object) -> PooledSocket:
+        while True:
+            replacing = connecting[0] if connecting else None
+            with trio.CancelScope() as scope:
+                waiting.append(scope)
+                try:
+                    return await source.acquire_socket(
+                        family, type, proto, local_address, sockaddr, replacing=replacing, origin=origin
+                    )
+                finally:
+                    waiting.remove(scope)
 
     async def attempt(target: Target, failed: trio.Event, nursery: trio.Nursery) -> None:
         nonlocal winner, closed
         family, type, proto, sockaddr = target
         try:
-            replacing = connecting[0] if connecting else None
-            psock = await source.acquire_socket(
-                family, type, proto, local_address, sockaddr, replacing=replacing, origin=origin
-            )
+            psock = await acquire(family, type, proto, sockaddr)
             connecting.append(psock)
+            deadline = trio.current_time() + delay
+            for scope in waiting:
+                scope.deadline = min(scope.deadline, deadline)
             try:
                 if not psock.handed_live:
                     await connect_socket(psock.sock, sockaddr)
