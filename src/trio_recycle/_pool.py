@@ -493,23 +493,23 @@ class SocketPool:
         # idle socket only to close it in its error path.
         await trio.lowlevel.checkpoint_if_cancelled()
         key = (family, type, proto, local_address, peer if self._peer_affinity else None)
-        request = _Request(family, type, proto, local_address, key, peer, origin)
         if (
             replacing is not None
             and self._in_use.get(replacing, _GONE) is None
             and (self._waiters or (self._owned() >= self._capacity and not self._store))
             and _still_in_syn_sent(replacing.sock)
         ):
-            return self._take_over(replacing, request)
+            return self._take_over(replacing, _Request(family, type, proto, local_address, key, peer, origin))
+        limited = self._capacity_per_peer is not None
         if not self._waiters or not self._someone_servable():
-            if self._capacity_per_peer is not None and self._peer_full(peer):
+            if limited and self._peer_full(peer):
                 # A parked connection to the same peer (of another host
                 # name, say) makes room, as an idle socket does below.
                 victim = self._store.oldest_parked_for(peer)
                 if victim is not None:
                     self._evict(victim)
                     self._serve_waiters()
-            if self._capacity_per_peer is None or not self._peer_full(peer):
+            if not (limited and self._peer_full(peer)):
                 psock = self._store.take_idle(key)
                 if psock is not None:
                     self._reused += 1
@@ -521,9 +521,10 @@ class SocketPool:
                         self._evict(victim)
                         self._serve_waiters()
                 if self._owned() < self._capacity:
-                    psock = self._create(request)
+                    psock = self._create(_Request(family, type, proto, local_address, key, peer, origin))
                     self._give(psock, peer)
                     return psock
+        request = _Request(family, type, proto, local_address, key, peer, origin)
         task = trio.lowlevel.current_task()
         self._waiters[task] = request
 
@@ -823,7 +824,8 @@ class SocketPool:
 
     def _put_idle(self, psock: PooledSocket) -> None:
         """A disconnected socket: to the first waiter who can use it, else idle."""
-        self._uncount(psock)
+        if psock.counted_peer is not None:
+            self._uncount(psock)
         psock.peer = psock.open_key = None
         if self._waiters and self._hand_off(psock):
             return
@@ -831,7 +833,8 @@ class SocketPool:
         self._store.put_idle(psock)
 
     def _close_psock(self, psock: PooledSocket) -> None:
-        self._uncount(psock)
+        if psock.counted_peer is not None:
+            self._uncount(psock)
         psock.close()
         self._discarded += 1
 
