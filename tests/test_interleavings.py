@@ -40,7 +40,7 @@ from trio_recycle._pooled_socket import PooledSocket
 
 from .conftest import assert_capacity, assert_idle_disconnected, fd_inodes, has_ipv6, socket_inode, tcp_state
 from .hostile import ALL_KINDS, POLITE_KINDS, HostileServer, dead_address, start_hostile_server
-from .strategies import POKES, SERVERS, Config, Program, Step, pattern, programs
+from .strategies import POKES, SERVERS, Config, Program, Step, keepalive_programs, pattern, programs
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -124,6 +124,9 @@ class StreamModel:
     closed: bool = False
     broken: bool = False
     tag: bytes | None = None
+    #: The stream whose released connection this one continues (kept alive).
+    prev: StreamModel | None = None
+    released: bool = False
 
 
 @attrs.define(eq=False)
@@ -143,6 +146,10 @@ class World:
     tags: dict[bytes, int] = attrs.field(factory=dict)
     conn_of: dict[int, object] = attrs.field(factory=dict)
     opened: int = 0
+    #: The last stream on each pooled socket: the one a kept-alive open continues.
+    last_on: dict[PooledSocket, StreamModel] = attrs.field(factory=dict)
+    #: Streams that share one connection, in order, keyed by the first one's number.
+    chains: dict[int, list[StreamModel]] = attrs.field(factory=dict)
     tasks: list[TaskState] = attrs.field(factory=list)
     #: (task, step index) -> "ok", "cancelled" or "timed out".
     outcomes: dict[tuple[int, int], str] = attrs.field(factory=dict)
@@ -179,6 +186,14 @@ def _check_stream(world: World, m: StreamModel) -> None:
         return
     if not data:
         return
+    if not _gets_tag(m):
+        # A kept-alive stream: the connection's tag went to an earlier
+        # stream; this one gets only the echo of its own bytes (I1 across
+        # live reuse).
+        expected = pattern(m.number, 0, len(data))
+        if data != expected or len(data) > m.attempted:
+            world.violate(f"I1: kept-alive {name} received {data[:60]!r}, expected {expected[:60]!r}")
+        return
     end = data.find(b">")
     if end < 0:
         if not re.fullmatch(rb"<\d*", data):
@@ -208,6 +223,16 @@ def _check_stream(world: World, m: StreamModel) -> None:
         world.violate(f"I1: {name} received foreign bytes: {rest[:60]!r}, expected {expected[:60]!r}")
 
 
+def _gets_tag(m: StreamModel) -> bool:
+    """Whether the connection's tag comes to this stream: no earlier stream on it sent a byte."""
+    prev = m.prev
+    while prev is not None:
+        if prev.attempted:
+            return False
+        prev = prev.prev
+    return True
+
+
 def _check_server(world: World, server: HostileServer) -> None:
     for conn in server.conns:
         if conn.reset and server.kind in POLITE_KINDS and world.program.config.recycle:
@@ -228,6 +253,19 @@ def _check_server(world: World, server: HostileServer) -> None:
                 world.violate(f"I1/I2: {server} connection {conn.tag!r} received foreign bytes {data[:60]!r}")
             continue
         number = int(match.group(1))
+        chain = world.chains.get(number)
+        if chain is not None and len(chain) > 1:
+            # One connection, several streams one after the other: all but
+            # the last sent everything they attempted (a release needs that).
+            expected = b"".join(pattern(s.number, 0, s.attempted) for s in chain)
+            if data != expected[: len(data)]:
+                world.violate(
+                    f"I1/I2: {server} connection {conn.tag!r} of streams {[s.number for s in chain]} "
+                    f"received {data[:80]!r}, expected {expected[:80]!r}"
+                )
+            if world.conn_of.setdefault(number, conn) is not conn:
+                world.violate(f"I1: the bytes of stream #{number} reached two connections of {server}")
+            continue
         if data != pattern(number, 0, len(data)):
             world.violate(f"I1/I2: {server} connection {conn.tag!r} received foreign bytes {data[:80]!r}")
             continue
@@ -258,6 +296,11 @@ def check(world: World) -> None:
         assert_capacity(world.pool)
     except AssertionError as exc:
         world.violate(f"I4: {world.pool.statistics()}: {exc}")
+    for psock in world.pool._store.sockets(parked=True):
+        # I9 (what holds between steps): every parked connection is watched.
+        # A FIN or bytes may have arrived since the watcher last ran.
+        if psock not in world.pool._watch:
+            world.violate("I9: a parked connection is not watched")
     for psock in world.pool._store.sockets():
         world.created_inodes.add(socket_inode(psock.sock))
 
@@ -353,9 +396,62 @@ async def _open(world: World, ts: TaskState, step: Step) -> None:
     if server.kind == "dead":
         world.violate("connected to an address where nothing listens")
     m = StreamModel(number, ts.number, server, stream)
+    psock = stream._psock
+    if stream.kept_alive:
+        prev = world.last_on.get(psock)
+        if prev is None or not prev.released or prev.server is not server:
+            world.violate(f"I1: stream #{number} continues a connection nobody released to {server}: {prev}")
+            return
+        m.prev = prev
+        first = prev
+        while first.prev is not None:
+            first = first.prev
+        world.chains.setdefault(first.number, [first]).append(m)
+    world.last_on[psock] = m
     world.streams[number] = m
     ts.current = m
     world.log.append(f"   task {ts.number}: stream #{number} -> {server}")
+
+
+#: Servers that echo each read and keep the connection open: before a
+#: release the task reads what they still owe, as a protocol reads the whole
+#: answer before it gives a connection back.
+ECHOING_KINDS: Final = frozenset({"echo", "never_close", "close_later"})
+
+
+def _owed(m: StreamModel) -> int | None:
+    """Bytes an echoing server still owes this stream; None while its tag is incomplete."""
+    if m.attempted == 0:
+        return 0
+    if not _gets_tag(m):
+        return m.attempted - len(m.received)
+    end = m.received.find(b">")
+    if end < 0:
+        return None
+    return end + 1 + m.attempted - len(m.received)
+
+
+async def _release(world: World, ts: TaskState, m: StreamModel) -> None:
+    if m.server.kind in ECHOING_KINDS and not (m.broken or m.send_unknown or m.eof_sent):
+        while (owed := _owed(m)) is None or owed > 0:
+            before = len(m.received)
+            await _receive(world, m, 65536, to_eof=False)
+            if m.broken or len(m.received) == before:
+                break  # the server closed (close_later) or reset
+    m.closed = True
+    m.released = True
+    if ts.current is m:
+        ts.current = None
+    ts.stale.append(m)
+    try:
+        await m.stream.release()
+    finally:
+        try:
+            m.stream.getpeername()
+        except trio.ClosedResourceError:
+            pass
+        else:
+            world.violate(f"I2: stream #{m.number} still usable after release")
 
 
 async def _send(world: World, m: StreamModel, n: int) -> None:
@@ -459,6 +555,8 @@ async def perform(world: World, ts: TaskState, step: Step) -> None:
             await trio.lowlevel.checkpoint()
         elif step.op == "close":
             await _close(world, ts, m)
+        elif step.op == "release":
+            await _release(world, ts, m)
         elif m.broken:
             await trio.lowlevel.checkpoint()
         elif step.op == "send":
@@ -557,6 +655,8 @@ async def _run_in_pool(world: World, config: Config) -> None:
         peer_affinity=config.peer_affinity,
         drain_limit=config.drain_limit,
         eof_timeout=config.eof_timeout,
+        keepalive_expiry=config.keepalive_expiry,
+        capacity_per_peer=config.capacity_per_peer,
     ) as pool:
         world.pool = pool
         watch = CapacityWatch(world, pool)
@@ -585,7 +685,7 @@ async def _run_in_pool(world: World, config: Config) -> None:
     if left:
         world.violate(f"I5: tasks of the pool still running after its block: {left}")
     stats = pool.statistics()
-    if (stats.idle, stats.in_use, stats.draining, stats.tasks_waiting) != (0, 0, 0, 0) or (
+    if (stats.idle, stats.in_use, stats.draining, stats.tasks_waiting, stats.parked) != (0, 0, 0, 0, 0) or (
         stats.created != stats.discarded
     ):
         world.violate(f"I5: the pool still owns sockets after its block: {stats}")
@@ -627,6 +727,20 @@ def test_random_programs_keep_the_invariants(program: Program) -> None:
     stats = world.pool.statistics()
     event(f"reused: {'yes' if stats.reused else 'no'}")
     event(f"recycled: {'yes' if stats.recycled else 'no'}")
+    event(f"kept alive: {'yes' if stats.kept_alive else 'no'}")
+    event(f"release that did not park: {'yes' if stats.not_parked else 'no'}")
+    event(f"cancelled or timed out steps: {min(3, sum('cancelled' in e or 'timed out' in e for e in world.log))}")
+
+
+@settings(max_examples=settings().max_examples * 4)
+@given(keepalive_programs())
+def test_random_keepalive_programs_keep_the_invariants(program: Program) -> None:
+    """I1-I9 hold when tasks release connections and take them again, among closes, pokes and cancels."""
+    world = run(program)
+    assert world.pool is not None
+    stats = world.pool.statistics()
+    event(f"kept alive: {min(stats.kept_alive, 3)}")
+    event(f"release that did not park: {'yes' if stats.not_parked else 'no'}")
     event(f"cancelled or timed out steps: {min(3, sum('cancelled' in e or 'timed out' in e for e in world.log))}")
 
 
