@@ -721,10 +721,13 @@ class SocketPool:
         """Close an idle socket or a parked connection to make room for an open."""
         if self._store.remove(psock):
             # A parked connection is closed at once, not drained: the room
-            # is needed now. With nothing unread, close() sends our FIN and
-            # the kernel finishes the connection; TIME_WAIT stays with us,
-            # as after any close we start.
+            # is needed now. What arrived since the watch last looked is
+            # read and discarded first: close() with unread bytes would
+            # reset the peer (I7); with none it sends our FIN and the kernel
+            # finishes the connection. TIME_WAIT stays with us, as after
+            # any close we start.
             self._watch.remove(psock)
+            _discard_queued(psock.sock, self._drain_limit)
         self._close_psock(psock)
 
     def _close_protocol(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None:
@@ -919,6 +922,8 @@ class SocketPool:
         # The watch first: its epoll must not hold descriptors being closed.
         self._watch.close()
         for psock in self._store.clear():
+            if psock.open_key is not None:  # parked: as in _evict
+                _discard_queued(psock.sock, self._drain_limit)
             self._close_psock(psock)
         self._nursery.cancel_scope.cancel()
 
@@ -929,6 +934,12 @@ _OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
 _C_INT_MIN: Final = -(2**31)
 _C_INT_MAX: Final = 2**31 - 1
 _TCP_SYN_SENT: Final = 2  # include/net/tcp_states.h
+
+
+def _discard_queued(sock: socket.socket, limit: int) -> None:
+    """Read and drop what a connected socket has queued (up to about ``limit`` bytes) before a close."""
+    with contextlib.suppress(OSError):
+        read_available(sock, limit)
 
 
 def _nothing_queued(sock: socket.socket) -> bool:
