@@ -701,7 +701,7 @@ async def test_server_closing_at_random(start_server: StartServer) -> None:
 async def test_evicting_a_parked_connection_with_unread_bytes_does_not_reset_the_peer(
     start_server: StartServer,
 ) -> None:
-    """I7 at eviction: bytes that arrived since the watch last ran are read first, so the peer gets our FIN, not an RST."""
+    """I7 at eviction: bytes that arrived since the watch last ran are read first: the peer gets our FIN, no RST."""
     other = await start_server(keep_alive(KeepAlive()))
     with _raw_listener() as listener:
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
