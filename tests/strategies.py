@@ -34,7 +34,20 @@ __all__ = [
 #: ::1, so that sockets of both families share one pool.
 SERVERS: Final = (*ALL_KINDS, "echo@::1", "answer_close@::1")
 #: What a step does; see `Step`.
-OPS: Final = ("open", "send", "recv", "read_eof", "send_eof", "close", "release", "close_other", "poke", "sleep")
+OPS: Final = (
+    "open",
+    "send",
+    "recv",
+    "read_eof",
+    "send_eof",
+    "close",
+    "release",
+    "close_other",
+    "poke",
+    "sleep",
+    "drop",
+    "fail_create",
+)
 #: What a "poke" does with the task's most recently closed (stale) handle.
 POKES: Final = ("send_all", "receive_some", "send_eof", "wait_send", "getsockopt", "aclose")
 
@@ -49,7 +62,10 @@ class Step:
     whose current stream to close (the owner may be blocked in it);
     otherwise unused. ``release`` reads what an echoing server still owes
     (a protocol releases only after the whole answer) and calls
-    ``stream.release()``.
+    ``stream.release()``. ``drop`` forgets the task's current stream without
+    closing it (it is garbage-collected); ``fail_create`` makes the pool's
+    next socket creation, whoever it is for, raise an exception that is not
+    an OSError.
     ``cancel_at``: None runs the step to completion (or its timeout); k
     cancels it right after its k-th yield to the scheduler, so that the
     k-th checkpoint (or the next unshielded one) raises Cancelled; 0 means
@@ -71,6 +87,10 @@ class Step:
             text = f"sleep {self.arg}ms"
         elif self.op == "close_other":
             text = f"close the stream of task {self.arg}"
+        elif self.op == "drop":
+            text = "drop the stream without closing it"
+        elif self.op == "fail_create":
+            text = "the next socket creation raises a non-OSError"
         else:
             text = self.op
         if self.cancel_at is not None:
@@ -165,6 +185,8 @@ def steps() -> st.SearchStrategy[Step]:
         _step("poke", st.integers(0, len(POKES) - 1)),
         _step("close_other", st.integers(0, 3)),
         _step("sleep", st.sampled_from([0, 10, 700, 3000])),
+        _step("drop", st.just(0)),
+        _step("fail_create", st.just(0)),
     )
 
 

@@ -15,6 +15,9 @@ hostile kind (tests/hostile.py). After every step the interpreter checks:
   checked by an instrument after every task step.
 * I7: no polite server saw a reset before its own FIN, and every disconnect
   the pool makes happens in a TCP state where the peer's FIN has arrived.
+* I10: a stream dropped without aclose() warns and gives its place back;
+  an exception (not an OSError) injected at the pool's next socket creation
+  reaches the task whose open needed that socket, nowhere else.
 
 After the pool's block: I5 (every socket the pool created is closed, no
 task of the pool is left, every handle is dead), and after the run the
@@ -23,9 +26,12 @@ process holds exactly the sockets it held before.
 
 from __future__ import annotations
 
+import gc
 import re
 import socket
 import traceback
+import warnings
+import weakref
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Final
 
@@ -107,6 +113,10 @@ class Canceller(trio.abc.Instrument):
 # The interpreter's model of the world
 
 
+class InjectedError(Exception):
+    """What a "fail_create" step makes the pool's next socket creation raise."""
+
+
 @attrs.define(eq=False)
 class StreamModel:
     """What the program knows about one stream it opened."""
@@ -114,7 +124,7 @@ class StreamModel:
     number: int
     task: int
     server: HostileServer
-    stream: RecyclingStream
+    _stream: RecyclingStream | None
     #: Bytes of `pattern` handed to send_all so far (the peer got a prefix).
     attempted: int = 0
     #: A send was cancelled or broke: how much went out is unknown, so stop sending.
@@ -127,6 +137,13 @@ class StreamModel:
     #: The stream whose released connection this one continues (kept alive).
     prev: StreamModel | None = None
     released: bool = False
+    #: Forgotten by a "drop" step: no reference is left.
+    dropped: bool = False
+
+    @property
+    def stream(self) -> RecyclingStream:
+        assert self._stream is not None, f"stream #{self.number} was dropped"
+        return self._stream
 
 
 @attrs.define(eq=False)
@@ -156,6 +173,8 @@ class World:
     created_inodes: set[str] = attrs.field(factory=set)
     violations: list[str] = attrs.field(factory=list)
     log: list[str] = attrs.field(factory=list)
+    #: Socket creations still to fail with InjectedError ("fail_create").
+    fail_creates: int = 0
     stop: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
     def violate(self, message: str) -> None:
@@ -325,17 +344,27 @@ class CapacityWatch(trio.abc.Instrument):
 @contextmanager
 def watching_the_pool(world: World) -> Iterator[None]:
     """Record every socket the pool creates (I5) and the TCP state of every disconnect (I7)."""
-    with watching_pools(world.created_inodes, world.violate):
+    with watching_pools(world.created_inodes, world.violate, world):
         yield
 
 
 @contextmanager
-def watching_pools(created_inodes: set[str], violate: Callable[[str], None]) -> Iterator[None]:
-    """Add the inode of every socket a pool creates to ``created_inodes``; report disconnects without a FIN."""
+def watching_pools(
+    created_inodes: set[str], violate: Callable[[str], None], world: World | None = None
+) -> Iterator[None]:
+    """Add the inode of every socket a pool creates to ``created_inodes``; report disconnects without a FIN.
+
+    With a ``world``, a creation fails with InjectedError while
+    ``world.fail_creates`` is positive.
+    """
     create = PooledSocket.__dict__["create"]
     reset_for_reuse = PooledSocket.reset_for_reuse
 
     def spy_create(*args: object, **kwargs: object) -> PooledSocket:
+        if world is not None and world.fail_creates:
+            world.fail_creates -= 1
+            world.log.append("   socket creation fails with InjectedError")
+            raise InjectedError("injected by a fail_create step")
         psock: PooledSocket = create.__get__(None, PooledSocket)(*args, **kwargs)
         created_inodes.add(socket_inode(psock.sock))
         return psock
@@ -396,6 +425,10 @@ async def _open(world: World, ts: TaskState, step: Step) -> None:
         if server.kind != "dead":
             world.violate(f"open {server} failed: {exc!r}")
         return
+    except InjectedError:
+        # Ours alone (I10): it reached the task whose socket failed.
+        world.log.append(f"   task {ts.number}: the open got the injected error")
+        return
     if server.kind == "dead":
         world.violate("connected to an address where nothing listens")
     m = StreamModel(number, ts.number, server, stream)
@@ -455,6 +488,32 @@ async def _release(world: World, ts: TaskState, m: StreamModel) -> None:
             pass
         else:
             world.violate(f"I2: stream #{m.number} still usable after release")
+
+
+async def _drop(world: World, ts: TaskState, m: StreamModel) -> None:
+    """Forget the stream without closing it; the pool must reclaim its socket (I10)."""
+    ts.current = None
+    m.closed = m.dropped = True
+    # Its socket is closed with whatever is unread: the kernel may reset the
+    # peer, as for any socket closed that way (I7 does not apply).
+    m.broken = m.send_unknown = True
+    ref = weakref.ref(m.stream)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m._stream = None
+        if ref() is not None:
+            gc.collect()
+    stream = ref()
+    if stream is not None:
+        # Still referenced from somewhere (a traceback kept alive by an
+        # earlier exception): close it as the program would have.
+        world.log.append(f"   stream #{m.number} is still referenced: closed instead")
+        await stream.aclose()
+        return
+    warned = [w for w in caught if issubclass(w.category, ResourceWarning)]
+    if not any("unclosed RecyclingStream" in str(w.message) for w in warned):
+        world.violate(f"stream #{m.number} was garbage-collected without a ResourceWarning: {caught!r}")
+    await trio.lowlevel.checkpoint()  # the pool reclaims the socket in a callback
 
 
 async def _send(world: World, m: StreamModel, n: int) -> None:
@@ -537,6 +596,9 @@ async def perform(world: World, ts: TaskState, step: Step) -> None:
         await _poke(world, ts, POKES[step.arg])
     elif step.op == "sleep":
         await trio.sleep(step.arg / 1000)
+    elif step.op == "fail_create":
+        world.fail_creates += 1
+        await trio.lowlevel.checkpoint()
     elif step.op == "close_other":
         other = world.tasks[step.arg % len(world.tasks)]
         if other.current is not None and not other.current.closed:
@@ -560,6 +622,8 @@ async def perform(world: World, ts: TaskState, step: Step) -> None:
             await _close(world, ts, m)
         elif step.op == "release":
             await _release(world, ts, m)
+        elif step.op == "drop":
+            await _drop(world, ts, m)
         elif m.broken:
             await trio.lowlevel.checkpoint()
         elif step.op == "send":
@@ -693,6 +757,8 @@ async def _run_in_pool(world: World, config: Config) -> None:
     ):
         world.violate(f"I5: the pool still owns sockets after its block: {stats}")
     for m in world.streams.values():
+        if m.dropped:
+            continue
         try:
             m.stream.getsockname()
         except trio.ClosedResourceError:
@@ -733,6 +799,8 @@ def test_random_programs_keep_the_invariants(program: Program) -> None:
     event(f"kept alive: {'yes' if stats.kept_alive else 'no'}")
     event(f"release that did not park: {'yes' if stats.not_parked else 'no'}")
     event(f"cancelled or timed out steps: {min(3, sum('cancelled' in e or 'timed out' in e for e in world.log))}")
+    event(f"streams dropped: {min(2, sum(e.endswith('drop the stream without closing it') for e in world.log))}")
+    event(f"injected errors that reached an open: {min(2, sum('got the injected error' in e for e in world.log))}")
 
 
 @settings(max_examples=settings().max_examples * 4)

@@ -72,6 +72,10 @@ if TYPE_CHECKING:
 
 __all__ = ["PoolStatistics", "SocketPool", "open_socket_pool"]
 
+# The pool's methods check first that they run in the pool's own trio.run
+# (issue 9; _stream.py says why).
+_current_trio_token: Final = trio.lowlevel.current_trio_token
+
 #: Default for ``open_socket_pool(capacity=...)``.
 DEFAULT_CAPACITY: Final = 64
 #: Default for ``open_socket_pool(eof_timeout=...)``, in seconds.
@@ -259,7 +263,7 @@ class SocketPool:
           trio.ClosedResourceError: the pool's block has exited.
           RuntimeError: called from a trio.run other than the pool's.
         """
-        if trio.lowlevel.current_trio_token() is not self._token:
+        if _current_trio_token() is not self._token:
             raise wrong_run_error("SocketPool")
         validate_endpoint(host, port)
         validate_delay(happy_eyeballs_delay)
@@ -295,7 +299,7 @@ class SocketPool:
         if kept_alive:
             psock.handed_live = False
             self._kept_alive += 1
-        stream = RecyclingStream(self, psock, psock.sock, kept_alive=kept_alive)
+        stream = RecyclingStream(self, psock, psock.sock, kept_alive=kept_alive, token=self._token)
         self._in_use[psock] = weakref.ref(stream)
         return stream
 
@@ -322,7 +326,7 @@ class SocketPool:
             self._recycle_or_close(closed_by_peer)
         self._watch.remove(psock)
         self._kept_alive += 1
-        stream = RecyclingStream(self, psock, psock.sock, kept_alive=True)
+        stream = RecyclingStream(self, psock, psock.sock, kept_alive=True, token=self._token)
         self._in_use[psock] = weakref.ref(stream)
         await trio.lowlevel.cancel_shielded_checkpoint()
         return stream
@@ -348,7 +352,7 @@ class SocketPool:
             raise
         self._check_open()
         psock.open_key = open_key
-        stream = RecyclingStream(self, psock, psock.sock)
+        stream = RecyclingStream(self, psock, psock.sock, token=self._token)
         self._in_use[psock] = weakref.ref(stream)
         return stream
 
@@ -393,7 +397,7 @@ class SocketPool:
           trio.ClosedResourceError: the pool's block has exited.
           RuntimeError: called from a trio.run other than the pool's.
         """
-        if trio.lowlevel.current_trio_token() is not self._token:
+        if _current_trio_token() is not self._token:
             raise wrong_run_error("SocketPool")
         validate_endpoint(host, port)
         validate_local_address(local_address)
@@ -406,7 +410,7 @@ class SocketPool:
         self._check_open()  # as in open_tcp_stream
         if self._in_use.get(psock, _GONE) is not None:  # pragma: no cover - defensive
             raise trio.ClosedResourceError("the socket was closed while it was connecting")
-        udp = RecyclingUDPSocket(self, psock, psock.sock)
+        udp = RecyclingUDPSocket(self, psock, psock.sock, token=self._token)
         self._in_use[psock] = weakref.ref(udp)
         return udp
 
