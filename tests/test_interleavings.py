@@ -467,13 +467,21 @@ def _owed(m: StreamModel) -> int | None:
     return end + 1 + m.attempted - len(m.received)
 
 
+#: Servers whose answer ends with their FIN (or reset): a protocol reads to
+#: the end of it before it decides what to do with the connection.
+ANSWER_THEN_EOF_KINDS: Final = frozenset({"answer_close", "half_close", "answer_reset", "accept_close"})
+
+
 async def _release(world: World, ts: TaskState, m: StreamModel) -> None:
-    if m.server.kind in ECHOING_KINDS and not (m.broken or m.send_unknown or m.eof_sent):
+    kind = m.server.kind
+    if kind in ECHOING_KINDS and not (m.broken or m.send_unknown or m.eof_sent):
         while (owed := _owed(m)) is None or owed > 0:
             before = len(m.received)
             await _receive(world, m, 65536, to_eof=False)
             if m.broken or len(m.received) == before:
                 break  # the server closed (close_later) or reset
+    elif kind in ANSWER_THEN_EOF_KINDS and not m.broken and (m.attempted or kind == "accept_close"):
+        await _receive(world, m, 65536, to_eof=True)
     m.closed = True
     m.released = True
     if ts.current is m:
