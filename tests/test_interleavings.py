@@ -205,7 +205,10 @@ def _check_stream(world: World, m: StreamModel) -> None:
         return
     if not data:
         return
-    if not _gets_tag(m):
+    gets_tag = _gets_tag(m)
+    if gets_tag is None:
+        gets_tag = data.startswith(b"<")
+    if not gets_tag:
         # A kept-alive stream: the connection's tag went to an earlier
         # stream; this one gets only the echo of its own bytes (I1 across
         # live reuse).
@@ -242,14 +245,43 @@ def _check_stream(world: World, m: StreamModel) -> None:
         world.violate(f"I1: {name} received foreign bytes: {rest[:60]!r}, expected {expected[:60]!r}")
 
 
-def _gets_tag(m: StreamModel) -> bool:
-    """Whether the connection's tag comes to this stream: no earlier stream on it sent a byte."""
+def _gets_tag(m: StreamModel) -> bool | None:
+    """Whether the connection's tag comes to this stream: no earlier stream on it sent a byte.
+
+    None: unknown, an earlier stream's send was cancelled before or after
+    its first byte went out.
+    """
     prev = m.prev
+    answer: bool | None = True
     while prev is not None:
-        if prev.attempted:
+        if prev.attempted and not prev.send_unknown:
             return False
+        if prev.attempted:
+            answer = None
         prev = prev.prev
-    return True
+    return answer
+
+
+def _fits_chain(data: bytes, chain: list[StreamModel]) -> bool:
+    """Whether ``data`` is what the streams of one kept connection sent, in order, as far as it goes.
+
+    Each stream but the last sent all it attempted (a release needs that),
+    except one whose send was cancelled before any byte went out
+    (``send_unknown``): from it, anything up to what it attempted.
+    """
+    if not chain:
+        return not data
+    first, rest = chain[0], chain[1:]
+    most = min(first.attempted, len(data))
+    least = 0 if (first.send_unknown or not rest) else first.attempted
+    if not rest or len(data) <= most:
+        if data[:most] != pattern(first.number, 0, min(most, len(data))):
+            return False
+        if len(data) <= most:
+            return True  # the server has not read further yet
+    return any(
+        data[:k] == pattern(first.number, 0, k) and _fits_chain(data[k:], rest) for k in range(most, least - 1, -1)
+    )
 
 
 def _continues_a_chain(world: World, server: HostileServer, conn: Conn, data: bytes) -> bool:
@@ -260,9 +292,7 @@ def _continues_a_chain(world: World, server: HostileServer, conn: Conn, data: by
     for first, chain in world.chains.items():
         if chain[0].server is not server:
             continue
-        # All but the last sent everything they attempted: a release needs that.
-        expected = b"".join(pattern(s.number, 0, s.attempted) for s in chain)
-        if data == expected[: len(data)]:
+        if _fits_chain(data, chain):
             if certain and world.conn_of.setdefault(first, conn) is not conn:
                 world.violate(f"I1: the bytes of the streams {[s.number for s in chain]} reached two connections")
             return True
@@ -462,7 +492,12 @@ def _owed(m: StreamModel) -> int | None:
     """Bytes an echoing server still owes this stream; None while its tag is incomplete."""
     if m.attempted == 0:
         return 0
-    if not _gets_tag(m):
+    gets_tag = _gets_tag(m)
+    if gets_tag is None:
+        if not m.received:
+            return None
+        gets_tag = m.received.startswith(b"<")
+    if not gets_tag:
         return m.attempted - len(m.received)
     end = m.received.find(b">")
     if end < 0:
