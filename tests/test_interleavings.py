@@ -45,8 +45,8 @@ import trio_recycle
 from trio_recycle._pooled_socket import PooledSocket
 
 from .conftest import assert_capacity, assert_idle_disconnected, fd_inodes, has_ipv6, socket_inode, tcp_state
-from .hostile import ALL_KINDS, POLITE_KINDS, HostileServer, dead_address, start_hostile_server
-from .strategies import POKES, SERVERS, Config, Program, Step, pattern, programs
+from .hostile import ALL_KINDS, POLITE_KINDS, Conn, HostileServer, dead_address, start_hostile_server
+from .strategies import POKES, SERVERS, Config, Program, Step, keepalive_programs, pattern, programs
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -62,7 +62,7 @@ PROGRAM_LIMIT: Final = 5000.0
 READ_LIMIT: Final = 16384
 #: Servers that may reset the client on their own (they close with unread
 #: data, or on purpose): a BrokenResourceError from them is not a bug.
-RESETTING_KINDS: Final = frozenset({"answer_close", "answer_reset", "accept_close", "close_later"})
+RESETTING_KINDS: Final = frozenset({"answer_close", "answer_reset", "accept_close", "close_later", "keep_3"})
 #: TCP states in which the peer's FIN has not arrived: a disconnect there
 #: would reset a peer that had not finished (I7).
 NO_FIN_STATES: Final = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2"}
@@ -134,6 +134,9 @@ class StreamModel:
     closed: bool = False
     broken: bool = False
     tag: bytes | None = None
+    #: The stream whose released connection this one continues (kept alive).
+    prev: StreamModel | None = None
+    released: bool = False
     #: Forgotten by a "drop" step: no reference is left.
     dropped: bool = False
 
@@ -160,6 +163,10 @@ class World:
     tags: dict[bytes, int] = attrs.field(factory=dict)
     conn_of: dict[int, object] = attrs.field(factory=dict)
     opened: int = 0
+    #: The last stream on each pooled socket: the one a kept-alive open continues.
+    last_on: dict[PooledSocket, StreamModel] = attrs.field(factory=dict)
+    #: Streams that share one connection, in order, keyed by the first one's number.
+    chains: dict[int, list[StreamModel]] = attrs.field(factory=dict)
     tasks: list[TaskState] = attrs.field(factory=list)
     #: (task, step index) -> "ok", "cancelled" or "timed out".
     outcomes: dict[tuple[int, int], str] = attrs.field(factory=dict)
@@ -198,6 +205,17 @@ def _check_stream(world: World, m: StreamModel) -> None:
         return
     if not data:
         return
+    gets_tag = _gets_tag(m)
+    if gets_tag is None:
+        gets_tag = data.startswith(b"<")
+    if not gets_tag:
+        # A kept-alive stream: the connection's tag went to an earlier
+        # stream; this one gets only the echo of its own bytes (I1 across
+        # live reuse).
+        expected = pattern(m.number, 0, len(data))
+        if data != expected or len(data) > m.attempted:
+            world.violate(f"I1: kept-alive {name} received {data[:60]!r}, expected {expected[:60]!r}")
+        return
     end = data.find(b">")
     if end < 0:
         if not re.fullmatch(rb"<\d*", data):
@@ -227,6 +245,60 @@ def _check_stream(world: World, m: StreamModel) -> None:
         world.violate(f"I1: {name} received foreign bytes: {rest[:60]!r}, expected {expected[:60]!r}")
 
 
+def _gets_tag(m: StreamModel) -> bool | None:
+    """Whether the connection's tag comes to this stream: no earlier stream on it sent a byte.
+
+    None: unknown, an earlier stream's send was cancelled before or after
+    its first byte went out.
+    """
+    prev = m.prev
+    answer: bool | None = True
+    while prev is not None:
+        if prev.attempted and not prev.send_unknown:
+            return False
+        if prev.attempted:
+            answer = None
+        prev = prev.prev
+    return answer
+
+
+def _fits_chain(data: bytes, chain: list[StreamModel]) -> bool:
+    """Whether ``data`` is what the streams of one kept connection sent, in order, as far as it goes.
+
+    Each stream but the last sent all it attempted (a release needs that),
+    except one whose send was cancelled before any byte went out
+    (``send_unknown``): from it, anything up to what it attempted.
+    """
+    if not chain:
+        return not data
+    first, rest = chain[0], chain[1:]
+    most = min(first.attempted, len(data))
+    least = 0 if (first.send_unknown or not rest) else first.attempted
+    if not rest or len(data) <= most:
+        if data[:most] != pattern(first.number, 0, min(most, len(data))):
+            return False
+        if len(data) <= most:
+            return True  # the server has not read further yet
+    return any(
+        data[:k] == pattern(first.number, 0, k) and _fits_chain(data[k:], rest) for k in range(most, least - 1, -1)
+    )
+
+
+def _continues_a_chain(world: World, server: HostileServer, conn: Conn, data: bytes) -> bool:
+    """Whether ``data`` is what the streams that shared one kept connection sent, in order (I1)."""
+    # Whose bytes they are is certain only from the first complete unit
+    # "c<n>;" on: "c", "cc" or "c1" could be the start of several chains.
+    certain = re.match(rb"c\d+;", data) is not None
+    for first, chain in world.chains.items():
+        if chain[0].server is not server:
+            continue
+        if _fits_chain(data, chain):
+            if certain and world.conn_of.setdefault(first, conn) is not conn:
+                world.violate(f"I1: the bytes of the streams {[s.number for s in chain]} reached two connections")
+            return True
+    return False
+
+
 def _check_server(world: World, server: HostileServer) -> None:
     for conn in server.conns:
         if conn.reset and server.kind in POLITE_KINDS and world.program.config.recycle:
@@ -234,12 +306,27 @@ def _check_server(world: World, server: HostileServer) -> None:
             # resets, by the kernel's rule. With recycling on, every close
             # before EOF drains first, so a reset is the pool's doing.
             m = next((m for m in world.streams.values() if world.conn_of.get(m.number) is conn), None)
+            if m is None:
+                # Bytes too short to name their stream ("c") never map the
+                # connection: any broken stream of this server that could
+                # have sent them is the one (a dropped stream, say).
+                data = bytes(conn.received)
+                m = next(
+                    (
+                        m
+                        for m in world.streams.values()
+                        if m.server is server and m.broken and data == pattern(m.number, 0, len(data))
+                    ),
+                    None,
+                )
             if m is None or not m.broken:
                 world.violate(f"I7: {server} connection {conn.tag!r} got a reset before it had sent its FIN")
         if conn.errors:
             world.violate(f"{server} connection {conn.tag!r} failed: {conn.errors!r}")
         data = bytes(conn.received)
         if not data:
+            continue
+        if _continues_a_chain(world, server, conn, data):
             continue
         match = re.match(rb"c(\d+);", data)
         if match is None:
@@ -277,7 +364,12 @@ def check(world: World) -> None:
         assert_capacity(world.pool)
     except AssertionError as exc:
         world.violate(f"I4: {world.pool.statistics()}: {exc}")
-    for psock in world.pool._idle_lru:
+    for psock in world.pool._store.sockets(parked=True):
+        # I9 (what holds between steps): every parked connection is watched.
+        # A FIN or bytes may have arrived since the watcher last ran.
+        if psock not in world.pool._watch:
+            world.violate("I9: a parked connection is not watched")
+    for psock in world.pool._store.sockets():
         world.created_inodes.add(socket_inode(psock.sock))
 
 
@@ -290,7 +382,7 @@ class CapacityWatch(trio.abc.Instrument):
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         stats = self.pool.statistics()
-        owned = stats.idle + stats.in_use + stats.draining
+        owned = stats.idle + stats.in_use + stats.draining + stats.parked
         if owned > stats.capacity or stats.created - stats.discarded != owned:
             self.world.violate(f"I4 after a step of {task.name}: {stats}")
 
@@ -386,9 +478,75 @@ async def _open(world: World, ts: TaskState, step: Step) -> None:
     if server.kind == "dead":
         world.violate("connected to an address where nothing listens")
     m = StreamModel(number, ts.number, server, stream)
+    psock = stream._psock
+    if stream.kept_alive:
+        prev = world.last_on.get(psock)
+        if prev is None or not prev.released or prev.server is not server:
+            world.violate(f"I1: stream #{number} continues a connection nobody released to {server}: {prev}")
+            return
+        m.prev = prev
+        first = prev
+        while first.prev is not None:
+            first = first.prev
+        world.chains.setdefault(first.number, [first]).append(m)
+    world.last_on[psock] = m
     world.streams[number] = m
     ts.current = m
     world.log.append(f"   task {ts.number}: stream #{number} -> {server}")
+
+
+#: Servers that echo each read and keep the connection open: before a
+#: release the task reads what they still owe, as a protocol reads the whole
+#: answer before it gives a connection back.
+ECHOING_KINDS: Final = frozenset({"echo", "never_close", "close_later", "keep_3"})
+
+
+def _owed(m: StreamModel) -> int | None:
+    """Bytes an echoing server still owes this stream; None while its tag is incomplete."""
+    if m.attempted == 0:
+        return 0
+    gets_tag = _gets_tag(m)
+    if gets_tag is None:
+        if not m.received:
+            return None
+        gets_tag = m.received.startswith(b"<")
+    if not gets_tag:
+        return m.attempted - len(m.received)
+    end = m.received.find(b">")
+    if end < 0:
+        return None
+    return end + 1 + m.attempted - len(m.received)
+
+
+#: Servers whose answer ends with their FIN (or reset): a protocol reads to
+#: the end of it before it decides what to do with the connection.
+ANSWER_THEN_EOF_KINDS: Final = frozenset({"answer_close", "half_close", "answer_reset", "accept_close"})
+
+
+async def _release(world: World, ts: TaskState, m: StreamModel) -> None:
+    kind = m.server.kind
+    if kind in ECHOING_KINDS and not (m.broken or m.send_unknown or m.eof_sent):
+        while (owed := _owed(m)) is None or owed > 0:
+            before = len(m.received)
+            await _receive(world, m, 65536, to_eof=False)
+            if m.broken or len(m.received) == before:
+                break  # the server closed (close_later) or reset
+    elif kind in ANSWER_THEN_EOF_KINDS and not m.broken and (m.attempted or kind == "accept_close"):
+        await _receive(world, m, 65536, to_eof=True)
+    m.closed = True
+    m.released = True
+    if ts.current is m:
+        ts.current = None
+    ts.stale.append(m)
+    try:
+        await m.stream.release()
+    finally:
+        try:
+            m.stream.getpeername()
+        except trio.ClosedResourceError:
+            pass
+        else:
+            world.violate(f"I2: stream #{m.number} still usable after release")
 
 
 async def _drop(world: World, ts: TaskState, m: StreamModel) -> None:
@@ -521,6 +679,8 @@ async def perform(world: World, ts: TaskState, step: Step) -> None:
             await trio.lowlevel.checkpoint()
         elif step.op == "close":
             await _close(world, ts, m)
+        elif step.op == "release":
+            await _release(world, ts, m)
         elif step.op == "drop":
             await _drop(world, ts, m)
         elif m.broken:
@@ -621,6 +781,8 @@ async def _run_in_pool(world: World, config: Config) -> None:
         peer_affinity=config.peer_affinity,
         drain_limit=config.drain_limit,
         eof_timeout=config.eof_timeout,
+        keepalive_expiry=config.keepalive_expiry,
+        capacity_per_peer=config.capacity_per_peer,
     ) as pool:
         world.pool = pool
         watch = CapacityWatch(world, pool)
@@ -649,7 +811,7 @@ async def _run_in_pool(world: World, config: Config) -> None:
     if left:
         world.violate(f"I5: tasks of the pool still running after its block: {left}")
     stats = pool.statistics()
-    if (stats.idle, stats.in_use, stats.draining, stats.tasks_waiting) != (0, 0, 0, 0) or (
+    if (stats.idle, stats.in_use, stats.draining, stats.tasks_waiting, stats.parked) != (0, 0, 0, 0, 0) or (
         stats.created != stats.discarded
     ):
         world.violate(f"I5: the pool still owns sockets after its block: {stats}")
@@ -693,9 +855,23 @@ def test_random_programs_keep_the_invariants(program: Program) -> None:
     stats = world.pool.statistics()
     event(f"reused: {'yes' if stats.reused else 'no'}")
     event(f"recycled: {'yes' if stats.recycled else 'no'}")
+    event(f"kept alive: {'yes' if stats.kept_alive else 'no'}")
+    event(f"release that did not park: {'yes' if stats.not_parked else 'no'}")
     event(f"cancelled or timed out steps: {min(3, sum('cancelled' in e or 'timed out' in e for e in world.log))}")
     event(f"streams dropped: {min(2, sum(e.endswith('drop the stream without closing it') for e in world.log))}")
     event(f"injected errors that reached an open: {min(2, sum('got the injected error' in e for e in world.log))}")
+
+
+@settings(max_examples=settings().max_examples * 4)
+@given(keepalive_programs())
+def test_random_keepalive_programs_keep_the_invariants(program: Program) -> None:
+    """I1-I9 hold when tasks release connections and take them again, among closes, pokes and cancels."""
+    world = run(program)
+    assert world.pool is not None
+    stats = world.pool.statistics()
+    event(f"kept alive: {min(stats.kept_alive, 3)}")
+    event(f"release that did not park: {'yes' if stats.not_parked else 'no'}")
+    event(f"cancelled or timed out steps: {min(3, sum('cancelled' in e or 'timed out' in e for e in world.log))}")
 
 
 def _program(config: Config, *tasks: list[Step]) -> Program:
@@ -757,6 +933,23 @@ SCENARIOS: Final[dict[str, tuple[Config, list[list[Step]]]]] = {
         [[Step("open", NEVER_CLOSE), Step("send", 3), Step("recv", 64), Step("close"), Step("sleep", 1000)]],
     ),
     "aclose in the fallback": (Config(recycle=False), [[Step("open", ANSWER_CLOSE), Step("send", 3), Step("close")]]),
+    "release (park)": (Config(), [[Step("open", ECHO), Step("send", 3), Step("release")]]),
+    "release while a task waits for the same open (hand-off)": (
+        Config(capacity=1),
+        [[Step("open", ECHO), Step("send", 3), Step("sleep", 10), Step("release")], [Step("open", ECHO)]],
+    ),
+    "release of an unclean stream (close protocol)": (
+        Config(),
+        [[Step("open", ECHO), Step("send", 3), Step("sleep", 10), Step("send_eof"), Step("release")]],
+    ),
+    "open that takes a parked connection": (
+        Config(),
+        [[Step("open", ECHO), Step("send", 2), Step("release"), Step("open", ECHO)]],
+    ),
+    "open that takes a parked connection at a full pool": (
+        Config(capacity=1),
+        [[Step("open", ECHO), Step("release"), Step("open", ECHO)]],
+    ),
 }
 
 

@@ -18,7 +18,8 @@ async def test_pool_repr_shows_counts_and_state(start_server: StartServer) -> No
     server = await start_server(never_close)
     async with trio_recycle.open_socket_pool(capacity=2) as pool:
         assert repr(pool) == (
-            "<trio_recycle.SocketPool open, recycling: 0/2 sockets (0 in use, 0 idle, 0 draining), 0 tasks waiting>"
+            "<trio_recycle.SocketPool open, recycling: 0/2 sockets"
+            " (0 in use, 0 idle, 0 parked, 0 draining), 0 tasks waiting>"
         )
         first = await pool.open_tcp_stream(server.host, server.port)
         second = await pool.open_tcp_stream(server.host, server.port)
@@ -26,11 +27,12 @@ async def test_pool_repr_shows_counts_and_state(start_server: StartServer) -> No
             nursery.start_soon(pool.open_tcp_stream, server.host, server.port)
             await trio.testing.wait_all_tasks_blocked()
             assert repr(pool) == (
-                "<trio_recycle.SocketPool open, recycling: 2/2 sockets (2 in use, 0 idle, 0 draining), 1 tasks waiting>"
+                "<trio_recycle.SocketPool open, recycling: 2/2 sockets"
+                " (2 in use, 0 idle, 0 parked, 0 draining), 1 tasks waiting>"
             )
             nursery.cancel_scope.cancel()
         await first.aclose()  # no FIN from never_close: drains in the background
-        assert "(1 in use, 0 idle, 1 draining)" in repr(pool)
+        assert "(1 in use, 0 idle, 0 parked, 1 draining)" in repr(pool)
         await second.aclose()
     assert repr(pool).startswith("<trio_recycle.SocketPool closed, recycling: 0/2 sockets")
 

@@ -43,9 +43,10 @@ if sys.version_info < (3, 11):  # pragma: no cover
 from ._pooled_socket import drain_datagrams
 
 if TYPE_CHECKING:
-    from ._pooled_socket import PooledSocket
+    from ._pooled_socket import OpenKey, PooledSocket
 
 __all__ = [
+    "all_failed",
     "connect_pooled",
     "connect_socket",
     "connect_udp",
@@ -73,6 +74,7 @@ class SocketSource(Protocol):
         peer: object,
         *,
         replacing: PooledSocket | None = None,
+        origin: OpenKey | None = None,
     ) -> PooledSocket: ...
 
     def discard_socket(self, psock: PooledSocket) -> None: ...
@@ -238,9 +240,13 @@ async def connect_socket(sock: socket.socket, sockaddr: object) -> None:
         raise OSError(err, f"Error connecting to {sockaddr!r}: {os.strerror(err)}")
 
 
-async def _attempt(source: SocketSource, target: Target, local_address: str | None) -> PooledSocket:
+async def _attempt(
+    source: SocketSource, target: Target, local_address: str | None, origin: OpenKey | None
+) -> PooledSocket:
     family, type, proto, sockaddr = target
-    psock = await source.acquire_socket(family, type, proto, local_address, sockaddr)
+    psock = await source.acquire_socket(family, type, proto, local_address, sockaddr, origin=origin)
+    if psock.handed_live:
+        return psock  # a released connection of the same open, handed to this waiter
     try:
         await connect_socket(psock.sock, sockaddr)
     except BaseException:
@@ -277,14 +283,14 @@ async def connect_udp(source: SocketSource, host: str | bytes, port: int, *, loc
             source.discard_socket(psock)
             raise
         return psock
-    raise _all_failed(host, port, errors) from errors[-1][1]
+    raise all_failed(host, port, errors) from errors[-1][1]
 
 
 class _Abandoned(OSError):
     """An attempt whose place in a full pool a later attempt took over."""
 
 
-def _all_failed(host: str | bytes, port: int, errors: list[tuple[object, OSError]]) -> OSError:
+def all_failed(host: str | bytes, port: int, errors: list[tuple[object, OSError]]) -> OSError:
     details = "; ".join(f"{addr!r}: {exc}" for addr, exc in errors)
     message = f"all attempts to connect to {_format_host_port(host, port)} failed: {details}"
     # An abandoned attempt has no errno of its own: it does not stop the
@@ -302,8 +308,14 @@ async def connect_pooled(
     *,
     happy_eyeballs_delay: float | None,
     local_address: str | None,
+    origin: OpenKey | None = None,
 ) -> PooledSocket:
-    """Connect a pooled TCP socket to ``host:port``; see SocketPool.open_tcp_stream."""
+    """Connect a pooled TCP socket to ``host:port``; see SocketPool.open_tcp_stream.
+
+    ``origin``: the open's (host, port, local_address). A task that waits for
+    capacity may then be handed a live connection released by a stream of
+    the same open (``psock.handed_live``), which needs no connect.
+    """
     # An IP literal resolves synchronously from the cache: no coroutine,
     # no copy, nothing to reorder when there is one address.
     numeric = _numeric_targets(host, port, socket.SOCK_STREAM)
@@ -313,9 +325,9 @@ async def connect_pooled(
         targets = await _resolve(host, port, socket.SOCK_STREAM, numeric)
     if len(targets) == 1:
         try:
-            return await _attempt(source, targets[0], local_address)
+            return await _attempt(source, targets[0], local_address, origin)
         except OSError as exc:
-            raise _all_failed(host, port, [(targets[0][3], exc)]) from exc
+            raise all_failed(host, port, [(targets[0][3], exc)]) from exc
 
     delay = math.inf if happy_eyeballs_delay is None else happy_eyeballs_delay
     winner: PooledSocket | None = None
@@ -342,7 +354,7 @@ async def connect_pooled(
                 waiting.append(scope)
                 try:
                     return await source.acquire_socket(
-                        family, type, proto, local_address, sockaddr, replacing=replacing
+                        family, type, proto, local_address, sockaddr, replacing=replacing, origin=origin
                     )
                 finally:
                     waiting.remove(scope)
@@ -357,7 +369,8 @@ async def connect_pooled(
             for scope in waiting:
                 scope.deadline = min(scope.deadline, deadline)
             try:
-                await connect_socket(psock.sock, sockaddr)
+                if not psock.handed_live:
+                    await connect_socket(psock.sock, sockaddr)
             except BaseException:
                 source.discard_socket(psock)
                 raise
@@ -396,5 +409,5 @@ async def connect_pooled(
         raise closed
     if winner is None:
         group = ExceptionGroup("every connection attempt failed", [exc for _, exc in errors])
-        raise _all_failed(host, port, errors) from group
+        raise all_failed(host, port, errors) from group
     return winner

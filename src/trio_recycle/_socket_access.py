@@ -37,6 +37,10 @@ class Home(Protocol):
 
     def return_socket(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None: ...
 
+    def release_socket(
+        self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool, parkable: bool
+    ) -> None: ...
+
     def socket_dropped(self, psock: PooledSocket) -> None: ...
 
 
