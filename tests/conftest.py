@@ -24,6 +24,7 @@ settings.register_profile("default", max_examples=25, deadline=None, suppress_he
 settings.register_profile("ci", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+TCP_ESTABLISHED = 1
 TCP_CLOSE = 7
 TCP_TIME_WAIT = 6
 
@@ -327,11 +328,15 @@ def bytes_queued(sock: socket.socket) -> int:
 
 
 def idle_sockets(pool: SocketPool) -> list[socket.socket]:
-    return [psock.sock for psock in pool._idle_lru]
+    return [psock.sock for psock in pool._store.sockets(parked=False)]
+
+
+def parked_sockets(pool: SocketPool) -> list[socket.socket]:
+    return [psock.sock for psock in pool._store.sockets(parked=True)]
 
 
 def owned_sockets(pool: SocketPool) -> list[socket.socket]:
-    return [p.sock for p in (*pool._idle_lru, *pool._in_use, *pool._draining)]
+    return [p.sock for p in (*pool._store.sockets(), *pool._in_use, *pool._draining)]
 
 
 def assert_idle_disconnected(pool: SocketPool) -> None:
@@ -346,10 +351,18 @@ def assert_idle_disconnected(pool: SocketPool) -> None:
         assert bytes_queued(sock) == 0
 
 
+def assert_parked_clean(pool: SocketPool) -> None:
+    """I9: every parked connection is established, watched, with nothing queued."""
+    for psock in pool._store.sockets(parked=True):
+        assert tcp_state(psock.sock) == TCP_ESTABLISHED
+        assert psock in pool._watch
+        assert bytes_queued(psock.sock) == 0
+
+
 def assert_capacity(pool: SocketPool) -> None:
-    """I4: idle + in_use + draining <= capacity, each an open descriptor we own."""
+    """I4: idle + in_use + draining + parked <= capacity, each an open descriptor we own."""
     stats = pool.statistics()
-    owned = stats.idle + stats.in_use + stats.draining
+    owned = stats.idle + stats.in_use + stats.draining + stats.parked
     assert owned <= stats.capacity
     assert stats.created - stats.discarded == owned
     open_fds = fd_inodes()

@@ -258,7 +258,7 @@ def check(world: World) -> None:
         assert_capacity(world.pool)
     except AssertionError as exc:
         world.violate(f"I4: {world.pool.statistics()}: {exc}")
-    for psock in world.pool._idle_lru:
+    for psock in world.pool._store.sockets():
         world.created_inodes.add(socket_inode(psock.sock))
 
 
@@ -271,7 +271,7 @@ class CapacityWatch(trio.abc.Instrument):
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         stats = self.pool.statistics()
-        owned = stats.idle + stats.in_use + stats.draining
+        owned = stats.idle + stats.in_use + stats.draining + stats.parked
         if owned > stats.capacity or stats.created - stats.discarded != owned:
             self.world.violate(f"I4 after a step of {task.name}: {stats}")
 

@@ -180,7 +180,7 @@ async def test_i5_exit_closes_everything(
         await draining.aclose()  # -> draining (the holder never closes)
         stats = pool.statistics()
         assert (stats.idle, stats.in_use, stats.draining) == (1, 1, 1)
-        inodes = [socket_inode(p.sock) for p in (*pool._idle_lru, *pool._in_use, *pool._draining)]
+        inodes = [socket_inode(p.sock) for p in (*pool._store.sockets(), *pool._in_use, *pool._draining)]
         entered = trio.current_time()
     assert trio.current_time() - entered < 1000  # did not wait for the drain
     left = set(fd_inodes().values())
@@ -358,11 +358,11 @@ async def test_no_socket_call_in_steady_state(start_server: StartServer, loopbac
     server = await start_server(answer_then_close, loopback)
     async with trio_recycle.open_socket_pool(capacity=1) as pool:
         await cycle(pool, server)
-        (psock,) = pool._idle_lru
+        (psock,) = pool._store.sockets()
         inode = socket_inode(psock.sock)
         for i in range(200):
             assert await cycle(pool, server, b"%d" % i) == b"ok:%d" % i
-        (same,) = pool._idle_lru
+        (same,) = pool._store.sockets()
         assert socket_inode(same.sock) == inode
         stats = pool.statistics()
         assert (stats.created, stats.reused, stats.recycled) == (1, 200, 201)
@@ -715,7 +715,7 @@ async def test_drain_finishing_as_the_pool_exits_leaks_nothing() -> None:
                 assert peer.recv(100) == b""  # our FIN
                 peer.close()  # the peer's FIN arrives now
                 await trio.lowlevel.checkpoint()
-            leaked += sum(p.sock.fileno() != -1 for p in pool._idle_lru)
+            leaked += sum(p.sock.fileno() != -1 for p in pool._store.sockets())
             stats = pool.statistics()
             assert (stats.idle, stats.in_use, stats.draining) == (0, 0, 0)
             assert stats.created == stats.discarded

@@ -45,7 +45,15 @@ from ._pooled_socket import drain_datagrams
 if TYPE_CHECKING:
     from ._pooled_socket import PooledSocket
 
-__all__ = ["connect_pooled", "connect_socket", "connect_udp", "resolve", "validate_delay", "validate_endpoint"]
+__all__ = [
+    "all_failed",
+    "connect_pooled",
+    "connect_socket",
+    "connect_udp",
+    "resolve",
+    "validate_delay",
+    "validate_endpoint",
+]
 
 Target = tuple[int, int, int, object]  # family, type, proto, sockaddr
 
@@ -230,14 +238,14 @@ async def connect_udp(source: SocketSource, host: str | bytes, port: int, *, loc
             source.discard_socket(psock)
             raise
         return psock
-    raise _all_failed(host, port, errors) from errors[-1][1]
+    raise all_failed(host, port, errors) from errors[-1][1]
 
 
 class _Abandoned(OSError):
     """An attempt whose place in a full pool a later attempt took over."""
 
 
-def _all_failed(host: str | bytes, port: int, errors: list[tuple[object, OSError]]) -> OSError:
+def all_failed(host: str | bytes, port: int, errors: list[tuple[object, OSError]]) -> OSError:
     details = "; ".join(f"{addr!r}: {exc}" for addr, exc in errors)
     message = f"all attempts to connect to {_format_host_port(host, port)} failed: {details}"
     # An abandoned attempt has no errno of its own: it does not stop the
@@ -268,7 +276,7 @@ async def connect_pooled(
         try:
             return await _attempt(source, targets[0], local_address)
         except OSError as exc:
-            raise _all_failed(host, port, [(targets[0][3], exc)]) from exc
+            raise all_failed(host, port, [(targets[0][3], exc)]) from exc
 
     delay = math.inf if happy_eyeballs_delay is None else happy_eyeballs_delay
     winner: PooledSocket | None = None
@@ -327,5 +335,5 @@ async def connect_pooled(
         raise closed
     if winner is None:
         group = ExceptionGroup("every connection attempt failed", [exc for _, exc in errors])
-        raise _all_failed(host, port, errors) from group
+        raise all_failed(host, port, errors) from group
     return winner

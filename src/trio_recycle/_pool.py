@@ -1,20 +1,28 @@
-"""SocketPool and open_socket_pool: capacity, idle sockets, the drain nursery, statistics."""
+"""SocketPool and open_socket_pool: capacity, waiting, hand-off, keep-alive, statistics."""
 
-# Bookkeeping. Every descriptor the pool owns is in exactly one of three
-# places: `_idle` (disconnected, waiting), `_in_use` (handed to a caller,
-# connecting or wrapped in a stream), `_draining` (a background task waits
-# for the peer's FIN). Their sizes add up to the descriptors open, which is
-# at most `capacity` (invariant I4). `created - discarded` equals the same
-# sum at every checkpoint.
+# Bookkeeping. Every descriptor the pool owns is in exactly one of four
+# places: `_store` (idle: disconnected, waiting; or parked: a live
+# connection released for another exchange, watched by `_watch`),
+# `_in_use` (handed to a caller, connecting or wrapped in a stream),
+# `_draining` (a background task waits for the peer's FIN). Their sizes add
+# up to the descriptors open, which is at most `capacity` (invariant I4).
+# `created - discarded` equals the same sum at every checkpoint.
 #
 # Waiting is FIFO and hand-off is direct, like trio.CapacityLimiter: a task
 # that finds the pool full parks in `_waiters`; whoever frees a socket or a
-# slot gives it straight to the first waiter (re-created for the waiter's
-# peer if it does not match) before anybody else can take it. So a task
-# arriving later can never overtake one that is waiting, and while anyone
-# waits there is nothing idle: an arriving task that finds the pool full but
-# some socket idle (for another peer) closes the least recently used idle
-# socket and takes its place instead of waiting.
+# slot gives it straight to the first waiter that can be served (re-created
+# for the waiter's peer if it does not match) before anybody else can take
+# it. So a task arriving later can never overtake one that is waiting, and
+# while anyone waits there is nothing idle or parked: an arriving task that
+# finds the pool full but some socket idle or parked (for another peer)
+# closes the least recently used of them and takes its place instead of
+# waiting, and a stream released while tasks wait is not parked.
+#
+# capacity_per_peer bounds the sockets in use, draining or parked toward one
+# peer address (idle sockets are disconnected and count for nobody). A
+# waiter whose peer is at its limit is skipped, not served, so it never
+# blocks the waiters of other peers behind it; among the waiters that can
+# be served the order stays first come first served.
 
 from __future__ import annotations
 
@@ -27,12 +35,14 @@ import attrs
 import outcome
 import trio
 
-from ._connect import connect_pooled, connect_udp, validate_delay, validate_endpoint
+from ._connect import all_failed, connect_pooled, connect_socket, connect_udp, validate_delay, validate_endpoint
 from ._disconnect import can_recycle
 from ._drain import read_available, wait_for_fin
-from ._pooled_socket import PooledSocket, PoolKey, SocketOption
+from ._pooled_socket import OpenKey, PooledSocket, PoolKey, SocketOption
+from ._store import SocketStore
 from ._stream import RecyclingStream
 from ._udp import RecyclingUDPSocket
+from ._watch import Watch
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
@@ -45,6 +55,8 @@ DEFAULT_CAPACITY: Final = 64
 DEFAULT_EOF_TIMEOUT: Final = 5.0
 #: Default for ``open_socket_pool(drain_limit=...)``, in bytes.
 DEFAULT_DRAIN_LIMIT: Final = 65536
+#: Default for ``open_socket_pool(keepalive_expiry=...)``, in seconds.
+DEFAULT_KEEPALIVE_EXPIRY: Final = 5.0
 
 
 # TCP defaults, the same as trio.SocketStream's (trio issue #72); both
@@ -64,21 +76,30 @@ _TCP_DEFAULTS: Final[tuple[SocketOption, ...]] = tuple(
 class PoolStatistics:
     """A snapshot of a `SocketPool`, from `SocketPool.statistics`.
 
-    The first five fields are the state now; the last four are counts over
-    the pool's life.
+    The fields from ``capacity`` to ``tasks_waiting`` and ``parked`` are
+    the state now; the others are counts over the pool's life. The sockets
+    the pool owns are ``idle + in_use + draining + parked``.
 
     Attributes:
       capacity: The most sockets the pool may own at once.
       idle: Disconnected sockets waiting to be reused.
       in_use: Sockets handed out: connecting, or behind an open stream.
       draining: Closed streams whose socket waits for the peer's FIN.
-      tasks_waiting: Tasks blocked because ``capacity`` sockets are owned.
+      tasks_waiting: Tasks blocked because ``capacity`` sockets are owned
+          (or ``capacity_per_peer`` sockets toward their peer).
       created: ``socket()`` calls made.
       reused: Opens served by an idle socket instead of a new one.
       recycled: Disconnects that put a socket back idle, or straight into
           the hands of a task waiting for the same peer.
       discarded: Sockets closed instead of recycled (failed connects,
           peers that sent no FIN in time, evictions, the pool's exit).
+      parked: Live connections released with `RecyclingStream.release`
+          and waiting, watched, for an open of the same host and port.
+      kept_alive: Opens served by a parked connection: no DNS, no
+          ``connect()``.
+      not_parked: `RecyclingStream.release` calls that ran the close
+          protocol instead of parking (something unread, an EOF, an error,
+          an option that cannot be undone, a task waiting, the pool's exit).
     """
 
     capacity: int
@@ -90,6 +111,9 @@ class PoolStatistics:
     reused: int
     recycled: int
     discarded: int
+    parked: int = 0
+    kept_alive: int = 0
+    not_parked: int = 0
 
 
 @attrs.frozen
@@ -99,6 +123,7 @@ class _Request:
     proto: int
     local_address: str | None
     key: PoolKey
+    peer: object
 
 
 class _Owner(Protocol):
@@ -125,16 +150,25 @@ class SocketPool:
     _recycle: bool
     _socket_options: tuple[SocketOption, ...]
     _nursery: trio.Nursery
-    _idle: dict[PoolKey, list[PooledSocket]] = attrs.field(factory=dict)
-    _idle_lru: dict[PooledSocket, None] = attrs.field(factory=dict)
+    _keepalive_expiry: float = DEFAULT_KEEPALIVE_EXPIRY
+    _capacity_per_peer: int | None = None
+    _store: SocketStore = attrs.field(factory=SocketStore)
+    _watch: Watch = attrs.field(init=False)
     _in_use: dict[PooledSocket, _Owner | None] = attrs.field(factory=dict)
     _draining: set[PooledSocket] = attrs.field(factory=set)
     _waiters: dict[trio.lowlevel.Task, _Request] = attrs.field(factory=dict)
+    #: Sockets counted against ``capacity_per_peer``, by peer address.
+    _per_peer: dict[object, int] = attrs.field(factory=dict)
     _closed: bool = False
     _created: int = 0
     _reused: int = 0
     _recycled: int = 0
     _discarded: int = 0
+    _kept_alive: int = 0
+    _not_parked: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self._watch = Watch(self._keepalive_expiry, self._parked_event, self._parked_expired)
 
     # ------------------------------------------------------------------
     # Public API
@@ -157,6 +191,15 @@ class SocketPool:
         address before (or any idle one of the right family when the pool
         was opened with ``peer_affinity=False``), otherwise a new one. When
         ``capacity`` sockets are owned, it waits, first come first served.
+
+        Before any of that, a live connection that an earlier stream of the
+        same ``host``, ``port`` and ``local_address`` gave back with
+        `RecyclingStream.release` is taken, the most recently parked first:
+        no DNS, no ``connect()``, one non-blocking look at the socket. If
+        the peer has closed it meanwhile, the socket is disconnected and
+        connected again to the same address within this call; if it holds
+        unread bytes or an error, it is closed and the next one is tried.
+        The stream's `~RecyclingStream.kept_alive` says which happened.
 
         Args:
           host: The host to connect to: an IPv4 or IPv6 literal (resolved
@@ -186,6 +229,11 @@ class SocketPool:
         if local_address is not None and not isinstance(local_address, str):
             raise TypeError(f"local_address must be str or None, not {local_address!r}")
         self._check_open()
+        open_key = (host, port, local_address)
+        if self._store.parked_count and self._store.has_parked(open_key):
+            stream = await self._take_parked(open_key)
+            if stream is not None:
+                return stream
         psock = await connect_pooled(
             self,
             host,
@@ -199,6 +247,67 @@ class SocketPool:
         self._check_open()
         if self._in_use.get(psock, _GONE) is not None:  # pragma: no cover - defensive
             raise trio.ClosedResourceError("the socket was closed while it was connecting")
+        psock.open_key = open_key
+        stream = RecyclingStream(self, psock, psock.sock)
+        self._in_use[psock] = stream
+        return stream
+
+    async def _take_parked(self, open_key: OpenKey) -> RecyclingStream | None:
+        """Serve an open with a parked connection of ``open_key``; None: none was alive.
+
+        A connection whose peer closed meanwhile is disconnected and
+        connected again to the same address here (no DNS); the caller then
+        gets a fresh connection all the same.
+        """
+        # Before taking anything, as in acquire_socket; after it, nothing
+        # below awaits until the stream exists, except a reconnect, whose
+        # failure discards the socket like any failed connect.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while (psock := self._store.take_parked(open_key)) is not None:
+            self._watch.remove(psock)
+            try:
+                peeked = psock.sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                self._kept_alive += 1
+                stream = RecyclingStream(self, psock, psock.sock, kept_alive=True)
+                self._in_use[psock] = stream
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return stream
+            except OSError:
+                self._close_psock(psock)
+                self._free_slot()
+                continue
+            if peeked:
+                # Bytes nobody asked for (a second answer, say): they must
+                # never reach the next owner (I9). Discarded by the close
+                # protocol with the rest of the connection.
+                self._in_use[psock] = None
+                self.return_socket(psock, eof_seen=False, eof_sent=False, healthy=True)
+                continue
+            return await self._reconnect(psock, open_key)
+        return None
+
+    async def _reconnect(self, psock: PooledSocket, open_key: OpenKey) -> RecyclingStream:
+        """The peer closed a parked connection first: disconnect it and connect it again."""
+        peer = psock.peer
+        if not psock.reset_for_reuse():
+            self._close_psock(psock)
+            self._free_slot()
+            family, type, proto, _, _ = psock.key
+            psock = await self.acquire_socket(family, type, proto, open_key[2], peer)
+        else:
+            self._recycled += 1
+            self._reused += 1
+            self._in_use[psock] = None
+        try:
+            await connect_socket(psock.sock, peer)
+        except BaseException as exc:
+            self.discard_socket(psock)
+            if isinstance(exc, OSError):
+                raise all_failed(open_key[0], open_key[1], [(peer, exc)]) from exc
+            raise
+        self._check_open()
+        psock.open_key = open_key
         stream = RecyclingStream(self, psock, psock.sock)
         self._in_use[psock] = stream
         return stream
@@ -260,9 +369,10 @@ class SocketPool:
           PoolStatistics: the state now (idle, in use, draining, waiting)
           and the counts over the pool's life.
         """
+        store = self._store
         return PoolStatistics(
             capacity=self._capacity,
-            idle=len(self._idle_lru),
+            idle=store.idle_count,
             in_use=len(self._in_use),
             draining=len(self._draining),
             tasks_waiting=len(self._waiters),
@@ -270,6 +380,9 @@ class SocketPool:
             reused=self._reused,
             recycled=self._recycled,
             discarded=self._discarded,
+            parked=store.parked_count,
+            kept_alive=self._kept_alive,
+            not_parked=self._not_parked,
         )
 
     @property
@@ -320,34 +433,43 @@ class SocketPool:
         # idle socket only to close it in its error path.
         await trio.lowlevel.checkpoint_if_cancelled()
         key = (family, type, proto, local_address, peer if self._peer_affinity else None)
+        request = _Request(family, type, proto, local_address, key, peer)
         if (
             replacing is not None
             and self._in_use.get(replacing, _GONE) is None
-            and (self._waiters or (self._owned() >= self._capacity and not self._idle_lru))
+            and (self._waiters or (self._owned() >= self._capacity and not self._store))
             and _still_in_syn_sent(replacing.sock)
         ):
             # Create first: if that fails, the sibling keeps connecting.
             # Nothing here awaits, so the moment with one socket too many
             # is never seen at a checkpoint (I4).
-            taking_over = self._create(_Request(family, type, proto, local_address, key))
+            taking_over = self._create(request)
             del self._in_use[replacing]
             trio.lowlevel.notify_closing(replacing.sock)
             self._close_psock(replacing)
-            self._in_use[taking_over] = None
+            self._give(taking_over, peer)
             return taking_over
-        if not self._waiters:
-            psock = self._take_idle(key)
-            if psock is not None:
-                self._reused += 1
-                self._in_use[psock] = None
-                return psock
-            if self._owned() >= self._capacity and self._idle_lru:
-                self._discard(next(iter(self._idle_lru)))
-            if self._owned() < self._capacity:
-                psock = self._create(_Request(family, type, proto, local_address, key))
-                self._in_use[psock] = None
-                return psock
-        request = _Request(family, type, proto, local_address, key)
+        if not self._waiters or not self._someone_servable():
+            if self._capacity_per_peer is not None and self._peer_full(peer):
+                # A parked connection to the same peer (of another host
+                # name, say) makes room, as an idle socket does below.
+                victim = self._store.oldest_parked_for(peer)
+                if victim is not None:
+                    self._evict(victim)
+            if self._capacity_per_peer is None or not self._peer_full(peer):
+                psock = self._store.take_idle(key)
+                if psock is not None:
+                    self._reused += 1
+                    self._give(psock, peer)
+                    return psock
+                if self._owned() >= self._capacity:
+                    victim = self._store.oldest()
+                    if victim is not None:
+                        self._evict(victim)
+                if self._owned() < self._capacity:
+                    psock = self._create(request)
+                    self._give(psock, peer)
+                    return psock
         task = trio.lowlevel.current_task()
         self._waiters[task] = request
 
@@ -369,6 +491,34 @@ class SocketPool:
         self._close_psock(psock)
         self._free_slot()
 
+    def _give(self, psock: PooledSocket, peer: object) -> None:
+        """Hand ``psock`` out for a connection to ``peer``: in use from now on."""
+        psock.peer = peer
+        if self._capacity_per_peer is not None:
+            psock.counted_peer = peer
+            self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        self._in_use[psock] = None
+
+    def _uncount(self, psock: PooledSocket) -> None:
+        peer = psock.counted_peer
+        if peer is not None:
+            psock.counted_peer = None
+            left = self._per_peer[peer] - 1
+            if left:
+                self._per_peer[peer] = left
+            else:
+                del self._per_peer[peer]
+
+    def _peer_full(self, peer: object) -> bool:
+        limit = self._capacity_per_peer
+        return limit is not None and self._per_peer.get(peer, 0) >= limit
+
+    def _someone_servable(self) -> bool:
+        """Whether a waiter's peer is below its limit (every waiter is, without one)."""
+        if self._capacity_per_peer is None:
+            return True
+        return any(not self._peer_full(request.peer) for request in self._waiters.values())
+
     # ------------------------------------------------------------------
     # Giving sockets back (the Home protocol of _socket_access)
 
@@ -376,6 +526,85 @@ class SocketPool:
         """A stream was closed: recycle, drain or close its socket."""
         if self._in_use.pop(psock, _GONE) is _GONE:
             return  # the pool's exit closed it already
+        self._close_protocol(psock, eof_seen=eof_seen, eof_sent=eof_sent, healthy=healthy)
+
+    def release_socket(
+        self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool, parkable: bool
+    ) -> None:
+        """A stream was released: park the live connection if it is clean, else as `return_socket`.
+
+        ``parkable`` False: the stream knows the connection is not clean
+        (a send cut short, another task inside the stream).
+        """
+        if self._in_use.pop(psock, _GONE) is _GONE:
+            return  # the pool's exit closed it already
+        if (
+            parkable
+            and healthy
+            and not (eof_seen or eof_sent or self._closed or self._waiters)
+            and psock.open_key is not None
+        ):
+            try:
+                # The answer may have had more bytes than the caller read,
+                # or the peer may have closed already: either way the
+                # connection is not the clean one the next owner expects.
+                peeked = psock.sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                if psock.restore_options():
+                    try:
+                        self._watch.add(psock, self._nursery)
+                    except OSError:
+                        pass
+                    else:
+                        self._store.park(psock, psock.open_key)
+                        return
+            except OSError:
+                healthy = False
+            else:
+                eof_seen = not peeked
+        self._not_parked += 1
+        self._close_protocol(psock, eof_seen=eof_seen, eof_sent=eof_sent, healthy=healthy)
+
+    def _parked_event(self, psock: PooledSocket) -> None:
+        """The watch saw something on a parked connection: the peer's FIN, bytes or an error."""
+        self._store.remove(psock)
+        try:
+            peeked = psock.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:  # pragma: no cover - level-triggered: something was there
+            self._watch.add(psock, self._nursery)
+            self._store.park(psock, psock.open_key)  # type: ignore[arg-type]
+            return
+        except OSError:
+            self._close_psock(psock)
+            self._free_slot()
+            return
+        if peeked:
+            # Unsolicited bytes (I9): discarded with the connection, never
+            # handed out. The close protocol may still recycle it, if the
+            # peer's FIN follows them.
+            self._close_protocol(psock, eof_seen=False, eof_sent=False, healthy=True)
+        else:
+            # The peer closed first: disconnecting now leaves no TIME_WAIT
+            # anywhere and frees the peer's state at once.
+            self._recycle_or_close(psock)
+
+    def _parked_expired(self, psock: PooledSocket) -> None:
+        """A connection stayed parked for keepalive_expiry: close it politely (our FIN, then the drain)."""
+        self._store.remove(psock)
+        self._close_protocol(psock, eof_seen=False, eof_sent=False, healthy=True)
+
+    def _evict(self, psock: PooledSocket) -> None:
+        """Close an idle socket or a parked connection to make room for an open."""
+        if self._store.remove(psock):
+            # A parked connection is closed at once, not drained: the room
+            # is needed now. With nothing unread, close() sends our FIN and
+            # the kernel finishes the connection; TIME_WAIT stays with us,
+            # as after any close we start.
+            self._watch.remove(psock)
+        self._close_psock(psock)
+
+    def _close_protocol(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None:
+        """Recycle, drain or close a socket that belongs to no place any more."""
         if not (self._recycle and healthy) or psock.tainted:
             self._close_psock(psock)
             self._free_slot()
@@ -429,7 +658,7 @@ class SocketPool:
     # Internals
 
     def _owned(self) -> int:
-        return len(self._idle_lru) + len(self._in_use) + len(self._draining)
+        return len(self._store) + len(self._in_use) + len(self._draining)
 
     def _create(self, request: _Request) -> PooledSocket:
         options = self._socket_options
@@ -446,34 +675,17 @@ class SocketPool:
         self._created += 1
         return psock
 
-    def _take_idle(self, key: PoolKey) -> PooledSocket | None:
-        stack = self._idle.get(key)
-        if not stack:
-            return None
-        psock = stack.pop()
-        if not stack:
-            del self._idle[key]
-        del self._idle_lru[psock]
-        return psock
-
     def _put_idle(self, psock: PooledSocket) -> None:
-        if self._waiters:
-            self._hand_off(psock)
-        else:
-            self._recycled += 1
-            self._idle.setdefault(psock.key, []).append(psock)
-            self._idle_lru[psock] = None
-
-    def _discard(self, psock: PooledSocket) -> None:
-        """Close an idle socket (eviction)."""
-        stack = self._idle[psock.key]
-        stack.remove(psock)
-        if not stack:
-            del self._idle[psock.key]
-        del self._idle_lru[psock]
-        self._close_psock(psock)
+        """A disconnected socket: to the first waiter who can use it, else idle."""
+        self._uncount(psock)
+        psock.peer = psock.open_key = None
+        if self._waiters and self._hand_off(psock):
+            return
+        self._recycled += 1
+        self._store.put_idle(psock)
 
     def _close_psock(self, psock: PooledSocket) -> None:
+        self._uncount(psock)
         psock.close()
         self._discarded += 1
 
@@ -481,17 +693,30 @@ class SocketPool:
         if self._waiters and not self._closed:
             self._hand_off(None)
 
-    def _hand_off(self, psock: PooledSocket | None) -> None:
-        """Give a recycled socket, or a freed slot, to the first waiter."""
-        while self._waiters:
-            task = next(iter(self._waiters))
+    def _next_waiter(self) -> trio.lowlevel.Task | None:
+        """The first waiter whose peer is below ``capacity_per_peer`` (the first, without a limit)."""
+        if self._capacity_per_peer is None:
+            return next(iter(self._waiters), None)
+        for task, request in self._waiters.items():
+            if not self._peer_full(request.peer):
+                return task
+        return None
+
+    def _hand_off(self, psock: PooledSocket | None) -> bool:
+        """Give a recycled socket, or a freed slot, to the first waiter that can be served.
+
+        Returns:
+          Whether ``psock`` was used up (given, or closed to make room); when
+          False the caller keeps it.
+        """
+        while (task := self._next_waiter()) is not None:
             request = self._waiters.pop(task)
             if psock is not None and psock.key == request.key:
                 self._recycled += 1
                 self._reused += 1
-                self._in_use[psock] = None
+                self._give(psock, request.peer)
                 trio.lowlevel.reschedule(task, outcome.Value(psock))
-                return
+                return True
             if psock is not None:
                 self._close_psock(psock)
                 psock = None
@@ -500,11 +725,10 @@ class SocketPool:
             except OSError as exc:
                 trio.lowlevel.reschedule(task, outcome.Error(exc))
                 continue  # the slot is still free: next waiter
-            self._in_use[new] = None
+            self._give(new, request.peer)
             trio.lowlevel.reschedule(task, outcome.Value(new))
-            return
-        if psock is not None:
-            self._put_idle(psock)
+            return True
+        return psock is None
 
     def _close(self) -> None:
         """The pool's block exited: close everything, fail every waiter."""
@@ -525,10 +749,10 @@ class SocketPool:
             trio.lowlevel.notify_closing(psock.sock)
             self._close_psock(psock)
         self._in_use.clear()
-        for psock in list(self._idle_lru):
+        # The watch first: its epoll must not hold descriptors being closed.
+        self._watch.close()
+        for psock in self._store.clear():
             self._close_psock(psock)
-        self._idle.clear()
-        self._idle_lru.clear()
         self._nursery.cancel_scope.cancel()
 
 
@@ -582,6 +806,8 @@ async def open_socket_pool(
     peer_affinity: bool = True,
     recycle: bool = True,
     socket_options: Iterable[tuple[int, int, int | bytes]] = (),
+    keepalive_expiry: float = DEFAULT_KEEPALIVE_EXPIRY,
+    capacity_per_peer: int | None = None,
 ) -> AsyncIterator[SocketPool]:
     """Open a `SocketPool` for the duration of an ``async with`` block.
 
@@ -625,14 +851,29 @@ async def open_socket_pool(
           ``TCP_NOTSENT_LOWAT`` 16 KiB for TCP, as in `trio.SocketStream`).
           Options the kernel resets on disconnect (``TCP_MAXSEG``,
           ``TCP_WINDOW_CLAMP``) are set again after every recycle.
+      keepalive_expiry: Seconds a live connection given back with
+          `RecyclingStream.release` stays parked at most; then the pool
+          closes it politely (our FIN, then the usual drain). 5 by default,
+          httpcore's choice: below the idle timeouts of common servers
+          (uvicorn 5 s, nginx 75 s, Apache 5 s, Node.js 5 s), so that the
+          pool usually closes first instead of racing the server's close.
+          The watch handles a server that closes first anyway.
+          ``math.inf`` keeps connections parked until the peer closes them.
+      capacity_per_peer: The most sockets in use, draining or parked
+          toward one peer address at once (idle sockets are disconnected
+          and count for nobody); None (the default) sets no limit below
+          ``capacity``. What aiohttp calls ``limit_per_host`` and nginx
+          ``max_conns``: one slow upstream cannot take the whole pool.
+          Opens beyond it wait without holding up opens to other peers.
 
     Yields:
       SocketPool: the open pool.
 
     Raises:
       TypeError: an argument has the wrong type (the message names it).
-      ValueError: ``capacity`` < 1, or a negative or NaN ``eof_timeout`` or
-          ``drain_limit``.
+      ValueError: ``capacity`` or ``capacity_per_peer`` < 1, or a
+          negative or NaN ``eof_timeout``, ``drain_limit`` or
+          ``keepalive_expiry``.
     """
     if not isinstance(capacity, int) or isinstance(capacity, bool):
         raise TypeError(f"capacity must be an int, not {capacity!r}")
@@ -645,6 +886,12 @@ async def open_socket_pool(
     if not isinstance(recycle, bool):
         raise TypeError(f"recycle must be a bool, not {recycle!r}")
     options = _check_options(socket_options)
+    _check_number("keepalive_expiry", keepalive_expiry, integer=False)
+    if capacity_per_peer is not None:
+        if not isinstance(capacity_per_peer, int) or isinstance(capacity_per_peer, bool):
+            raise TypeError(f"capacity_per_peer must be an int or None, not {capacity_per_peer!r}")
+        if capacity_per_peer < 1:
+            raise ValueError(f"capacity_per_peer must be >= 1 or None, not {capacity_per_peer!r}")
     body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         pool = SocketPool(
@@ -655,6 +902,8 @@ async def open_socket_pool(
             recycle and can_recycle(),
             options,
             nursery,
+            float(keepalive_expiry),
+            capacity_per_peer,
         )
         try:
             yield pool

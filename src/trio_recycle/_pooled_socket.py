@@ -50,7 +50,7 @@ from ._disconnect import TCP_CLOSE, disconnect
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-__all__ = ["OptionValue", "PoolKey", "PooledSocket", "SocketOption"]
+__all__ = ["OpenKey", "OptionValue", "PoolKey", "PooledSocket", "SocketOption"]
 
 #: A value accepted by ``setsockopt``: an integer or a bytes-like buffer.
 OptionValue = Union[int, bytes]  # noqa: UP007 - a runtime alias, `|` needs 3.10+ objects
@@ -59,6 +59,9 @@ SocketOption = tuple[int, int, OptionValue]
 #: What an idle socket must match to be reused: (family, type, proto,
 #: local address or None, peer address or None when affinity is off).
 PoolKey = tuple[int, int, int, object, object]
+#: What a parked live connection must match to be taken: the ``host``,
+#: ``port`` and ``local_address`` of the open that made it.
+OpenKey = tuple[Union[str, bytes], int, Union[str, None]]  # noqa: UP007 - runtime alias
 
 
 def _opt(level_name: str, option_name: str) -> tuple[int, int] | None:
@@ -175,7 +178,16 @@ class PooledSocket:
     saved_options: dict[tuple[int, int], int] = attrs.field(factory=dict)
     #: A user set an option we cannot restore: close instead of recycling.
     tainted: bool = False
+    #: A user set an option that only a disconnect undoes (TCP_MAXSEG,
+    #: TCP_WINDOW_CLAMP): the live connection must not be parked.
+    unparkable: bool = False
     uses: int = 0
+    #: The address the socket is connected (or connecting) to, while it is.
+    peer: object = None
+    #: The open that made the current connection, for parking it.
+    open_key: OpenKey | None = None
+    #: The peer this socket counts against under ``capacity_per_peer``.
+    counted_peer: object = None
 
     @classmethod
     def create(
@@ -228,7 +240,10 @@ class PooledSocket:
     def note_user_option(self, level: int, option: int, value: object) -> None:
         """Remember how to undo a user's ``setsockopt`` before it happens."""
         pair = (level, option)
-        if pair in self.saved_options or pair in reset_by_disconnect(self.sock.type):
+        if pair in self.saved_options:
+            return
+        if pair in reset_by_disconnect(self.sock.type):
+            self.unparkable = True
             return
         if pair not in RESTORABLE_OPTIONS or not isinstance(value, int):
             self.tainted = True
@@ -264,15 +279,35 @@ class PooledSocket:
             if sock.type == socket.SOCK_DGRAM and not drain_datagrams(sock):
                 return False
             if self.saved_options:
-                saved = sorted(self.saved_options.items(), key=lambda item: item[0] not in _RESTORE_FIRST)
-                for (level, option), original in saved:
-                    sock.setsockopt(level, option, original)
-                self.saved_options.clear()
+                self._restore_saved()
             for level, option, value in self.reapply:
                 sock.setsockopt(level, option, value)
         except OSError:
             return False
+        self.unparkable = False
         return True
+
+    def restore_options(self) -> bool:
+        """Undo a user's options on a live connection before it is parked; True if it may be.
+
+        The restorable options are put back as after a disconnect. An option
+        that only a disconnect undoes (`unparkable`) or that cannot be
+        restored at all (`tainted`) keeps the connection from being parked.
+        """
+        if self.tainted or self.unparkable:
+            return False
+        if self.saved_options:
+            try:
+                self._restore_saved()
+            except OSError:
+                return False
+        return True
+
+    def _restore_saved(self) -> None:
+        saved = sorted(self.saved_options.items(), key=lambda item: item[0] not in _RESTORE_FIRST)
+        for (level, option), original in saved:
+            self.sock.setsockopt(level, option, original)
+        self.saved_options.clear()
 
     def close(self) -> None:
         """Close the descriptor (idempotent)."""

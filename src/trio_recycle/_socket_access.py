@@ -27,6 +27,10 @@ class Home(Protocol):
 
     def return_socket(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None: ...
 
+    def release_socket(
+        self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool, parkable: bool
+    ) -> None: ...
+
 
 class SocketAccess:
     """``setsockopt``/``getsockopt``/``getpeername``/``getsockname`` behind a closed check.

@@ -61,6 +61,10 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     later call raises `trio.ClosedResourceError` and can never reach the
     socket's next owner, and tasks blocked in this stream are woken with
     `trio.ClosedResourceError`.
+
+    `release` ends the stream the same way but gives the live connection
+    back for another exchange with the same peer (keep-alive), when it is
+    clean; see there.
     """
 
     _home: Home
@@ -70,6 +74,11 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     _eof_seen: bool = False
     _eof_sent: bool = False
     _healthy: bool = True
+    #: The connection continues one that an earlier stream released.
+    _kept_alive: bool = False
+    #: A send_all ended early (cancelled or failed): the peer may hold part
+    #: of a message, so the connection must not serve another exchange.
+    _send_cut: bool = False
     #: trio's ConflictDetector, inlined: one task at a time on the send side.
     _sending: bool = False
     #: Tasks blocked in wait_readable/wait_writable on our socket right now.
@@ -121,6 +130,9 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
                     except OSError as exc:
                         self._healthy = False
                         raise translate_oserror(exc) from exc
+                    except BaseException:
+                        self._send_cut = True
+                        raise
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
@@ -230,3 +242,60 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
                 healthy=self._healthy,
             )
         await trio.lowlevel.checkpoint()
+
+    async def release(self) -> None:
+        """End the stream and give its live connection back for another exchange.
+
+        Like `aclose`, this closes the stream at once: every later call
+        raises `trio.ClosedResourceError`, and tasks blocked in it are
+        woken with it. The connection itself is *parked* in the pool, still
+        connected, for the next `SocketPool.open_tcp_stream` with the same
+        ``host``, ``port`` and ``local_address``, but only when it is clean:
+
+        * nothing unread is queued (the pool looks without blocking), so
+          call it only after reading the whole answer;
+        * no EOF was received or sent, and no call failed or was cut short
+          (a cancelled `send_all` may have sent half a message);
+        * no other task is inside the stream;
+        * every option set with `setsockopt` can be restored (they are, as
+          after a recycle), and none is of the kind that only a disconnect
+          undoes (``TCP_MAXSEG``, ``TCP_WINDOW_CLAMP``);
+        * no task waits for capacity, and the pool is open.
+
+        Otherwise the connection goes through the close protocol exactly as
+        in `aclose` (counted in `PoolStatistics.not_parked`). Use it only
+        where the protocol says the connection may carry another exchange
+        (HTTP/1.1 without ``Connection: close``, for example): the pool
+        cannot know. Like `aclose`, it never waits, and when cancelled it
+        still releases or closes.
+
+        A parked connection is watched: when the peer closes it, it is
+        disconnected and goes back idle; when bytes arrive unasked, it is
+        closed; after ``keepalive_expiry`` seconds it is closed politely.
+        """
+        if not self._closed:
+            self._closed = True
+            parkable = not (self._send_cut or self._sending or self._waiting)
+            if self._waiting:
+                trio.lowlevel.notify_closing(self._sock)
+            self._home.release_socket(
+                self._psock,
+                eof_seen=self._eof_seen,
+                eof_sent=self._eof_sent,
+                healthy=self._healthy,
+                parkable=parkable,
+            )
+        await trio.lowlevel.checkpoint()
+
+    @property
+    def kept_alive(self) -> bool:
+        """Whether this stream continues a connection that an earlier stream released.
+
+        True when `SocketPool.open_tcp_stream` took a parked connection
+        (`release`), False for a connection made by this open. A protocol
+        layer uses it to decide whether a request that failed before any
+        byte of the answer arrived may be retried on a fresh connection:
+        the peer may have closed the kept connection just as the request
+        went out (the stale-connection race), which a fresh one rules out.
+        """
+        return self._kept_alive
