@@ -302,6 +302,9 @@ async def response_head(up: h11.Connection, upstream: trio.abc.ReceiveStream, at
             raise UpstreamError(502, f"upstream sent {type(event).__name__} instead of a response")
 
 
+#: Stale kept-alive connections one request may meet before it fails: a bound
+#: for an upstream that closes every kept-alive connection as it is used.
+MAX_STALE: Final = 8
 #: Methods whose request may be sent twice with the effect of once (RFC 9110 section 9.2.2).
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 
@@ -435,28 +438,35 @@ class Proxy:
         deadline: trio.CancelScope,
         held: list[trio.abc.HalfCloseableStream],
     ) -> tuple[h11.Response, h11.Connection]:
-        """Connect, send the request and read the response head, retrying once if the connection was stale.
+        """Connect, send the request and read the response head, sending it again if the connection was stale.
 
         A kept-alive connection can be closed by the upstream (its idle
         timeout) while our request is on the wire: the request then meets a
         reset or an EOF, and the upstream has not acted on it. When that
         happens before any byte of an answer came back, an idempotent
         request (RFC 9110 section 9.2.2) whose every byte we still hold is
-        sent once more on another connection, as urllib3 and aiohttp do.
-        Anything else fails (502). The connection in use is appended to
+        sent again on the next connection, as urllib3 and aiohttp do.
+        Anything else fails (502). Several kept-alive connections may have
+        gone stale at once (the upstream's idle timer closes all that
+        waited as long): each one met is closed, and the request goes on to
+        the next, until one that was not kept alive, which cannot be stale,
+        or `MAX_STALE` of them. The connection in use is appended to
         ``held``, so that the caller gives it back whatever happens.
         """
-        held.append(await self.upstream.connect())
         attempt = Attempt()
-        try:
-            return await self.exchange(conn, client, request, held[-1], deadline, attempt)
-        except (h11.RemoteProtocolError, trio.BrokenResourceError):
-            if not (self.retry_stale and is_stale(held[-1], request, attempt)):
-                raise
-        self.stats.retried += 1
-        await held.pop().aclose()
-        held.append(await self.upstream.connect())
-        return await self.replay(attempt.sent, held[-1])
+        stale = 0
+        while True:
+            held.append(await self.upstream.connect())
+            try:
+                if stale == 0:
+                    return await self.exchange(conn, client, request, held[-1], deadline, attempt)
+                return await self.replay(attempt.sent, held[-1], attempt)
+            except (h11.RemoteProtocolError, trio.BrokenResourceError):
+                if not (self.retry_stale and stale < MAX_STALE and is_stale(held[-1], request, attempt)):
+                    raise
+            stale += 1
+            self.stats.retried += 1
+            await held.pop().aclose()
 
     async def exchange(
         self,
@@ -510,12 +520,12 @@ class Proxy:
         return await response_head(up, upstream, attempt), up
 
     async def replay(
-        self, sent: list[h11.Event], upstream: trio.abc.HalfCloseableStream
+        self, sent: list[h11.Event], upstream: trio.abc.HalfCloseableStream, attempt: Attempt
     ) -> tuple[h11.Response, h11.Connection]:
         """Send a whole request again, on ``upstream``, and read the response head."""
         up = h11.Connection(h11.CLIENT)
         await upstream.send_all(b"".join(up.send(event) or b"" for event in sent))
-        return await response_head(up, upstream, Attempt()), up
+        return await response_head(up, upstream, attempt), up
 
     async def request_body_event(self, conn: h11.Connection, client: trio.abc.Stream) -> h11.Event:
         """Read on in the client's request body, within ``CLIENT_TIMEOUT``."""
