@@ -124,7 +124,7 @@ class Args:
     modes: tuple[str, ...]
     side_by_side: bool
     json_path: str | None
-    keepalive_requests: int = 100
+    keepalive_requests: int = 20
     keepalive_timeout: float = 0.5
     upstream_command: str | None = None
 
@@ -424,7 +424,7 @@ async def run_round(modes: tuple[str, ...], args: Args, label: str, progress: Pr
         run.time_wait = count_time_wait(c.upstream.port)
         check_report(run)
         progress.show(
-            f"  {label} {run.mode:10} {run.measured / run.seconds:7,.0f} requests/s, {run.requests:,} requests,"
+            f"  {label} {run.mode:20} {run.measured / run.seconds:7,.0f} requests/s, {run.requests:,} requests,"
             f" {sum(run.failures.values())} failed, {run.socket_calls:,} socket() calls,"
             f" {run.time_wait:,} TIME_WAIT",
             final=True,
@@ -570,7 +570,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     parser.add_argument(
         "--keepalive-requests",
         type=int,
-        default=100,
+        default=20,
         metavar="K",
         help="the upstream closes a connection after K requests (default %(default)s)",
     )
