@@ -8,7 +8,8 @@ same host and port takes it: no ``connect()``, no ``socket()``. When the
 server closes a connection (its request limit, its idle timeout) the pool
 recycles the socket. A request that meets the stale-connection race (the
 server closed a kept-alive connection just as the request went out) is sent
-once more, which ``stream.kept_alive`` makes safe to decide. It prints the
+again on the next connection, which ``stream.kept_alive`` makes safe to
+decide. It prints the
 pool's statistics: ``created`` (sockets made) stays small, ``kept_alive``
 counts the requests that took a live connection. It needs nothing but
 trio; responses must carry a ``Content-Length``.
@@ -37,6 +38,10 @@ import trio_recycle
 MAX_HEAD: Final = 65536
 #: Seconds one request may take before it counts as failed.
 REQUEST_TIMEOUT: Final = 10.0
+#: Stale kept-alive connections one request may meet before it fails. The
+#: server's idle timer closes every connection that waited as long at once,
+#: so a request can meet several in a row; each is closed as it is met.
+MAX_STALE: Final = 8
 
 
 @attrs.frozen
@@ -91,7 +96,7 @@ async def read_response(stream: trio.abc.ReceiveStream) -> Response:
 async def fetch(pool: trio_recycle.SocketPool, host: str, port: int, path: str) -> Response:
     """GET ``path``; give the connection back live when the response allows it."""
     request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
-    for _ in range(2):
+    for _ in range(MAX_STALE):
         stream = await pool.open_tcp_stream(host, port)
         async with stream:  # closes on any exception: never parks a broken connection
             try:
@@ -100,14 +105,15 @@ async def fetch(pool: trio_recycle.SocketPool, host: str, port: int, path: str) 
             except (StaleConnection, trio.BrokenResourceError):
                 # The server closed a kept-alive connection as our request
                 # went out: it never saw the request, so a GET may be sent
-                # again. A fresh connection that fails is a real failure.
+                # again, on the next connection. A connection made for this
+                # request cannot be stale: its failure is a real one.
                 if stream.kept_alive:
                     continue
                 raise
             if response.keep_alive:
                 await stream.release()
             return response
-    raise StaleConnection("two kept-alive connections in a row were stale")
+    raise StaleConnection(f"{MAX_STALE} kept-alive connections in a row were stale")
 
 
 async def main(args: Args) -> None:
