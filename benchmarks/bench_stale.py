@@ -18,7 +18,7 @@ sending a response" or a reset. Three clients make the same requests:
 Every request is a GET whose answer names its path; anything else counts
 as a failure. Each client gets a fresh upstream, ``--clients`` tasks each
 sending ``--requests / --clients`` requests in turn, pausing ``--gap``
-seconds after each answer, give or take ``--jitter`` (20 % by default):
+seconds after each answer, give or take ``--jitter`` (10 % by default):
 without it, which client loses the race depends on how fast it answers
 (a client whose next request always lands just after the server's FIN
 never meets the race), and the jitter sweeps every client across the
@@ -26,7 +26,7 @@ moment of the close alike. ``--repeats`` runs each, the order rotating.
 
 Run it with::
 
-    python benchmarks/bench_stale.py                 # 3 x 1000 requests per client, about 30 s
+    python benchmarks/bench_stale.py                 # 3 x 1000 requests per client, about 20 s
     python benchmarks/bench_stale.py --quick
     python benchmarks/bench_stale.py --gap 0.1 --requests 2000
 
@@ -260,12 +260,12 @@ async def main(settings: Settings) -> int:
 def parse_args(argv: list[str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(description="The stale-connection race: httpx's default client and the pool.")
     parser.add_argument("--requests", type=int, help="requests per run (default 1000; --quick: 200)")
-    parser.add_argument("--clients", type=int, default=20, help="client tasks (default 20)")
+    parser.add_argument("--clients", type=int, default=10, help="client tasks (default 10)")
     parser.add_argument(
         "--gap", type=float, default=0.05, help="the pause and the idle timeout, seconds (default 0.05)"
     )
     parser.add_argument(
-        "--jitter", type=float, default=0.2, help="each pause is gap x (1 +- jitter), uniform (default 0.2)"
+        "--jitter", type=float, default=0.1, help="each pause is gap x (1 +- jitter), uniform (default 0.1)"
     )
     parser.add_argument("--repeats", type=int, help="runs per client (default 3; --quick: 1)")
     parser.add_argument("--quick", action="store_true", help="a smoke run")
