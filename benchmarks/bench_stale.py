@@ -262,7 +262,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--requests", type=int, help="requests per run (default 1000; --quick: 200)")
     parser.add_argument("--clients", type=int, default=10, help="client tasks (default 10)")
     parser.add_argument(
-        "--gap", type=float, default=0.05, help="the pause and the idle timeout, seconds (default 0.05)"
+        "--gap", type=float, default=0.02, help="the pause and the idle timeout, seconds (default 0.02)"
     )
     parser.add_argument(
         "--jitter", type=float, default=0.1, help="each pause is gap x (1 +- jitter), uniform (default 0.1)"
