@@ -15,7 +15,8 @@ four ways, one run each per round, the order alternating:
 Against four upstreams (``--scenarios``):
 
 * ``closing``         -- ``examples/upstream_server.py``, closes after every response;
-* ``keepalive``       -- ``examples/upstream_server.py --keepalive-requests 100 --keepalive-timeout 5``;
+* ``keepalive``       -- ``examples/upstream_server.py --keepalive-requests 20 --keepalive-timeout 0.5``
+  (the demo's upstream);
 * ``nginx-closing``   -- nginx with ``keepalive_timeout 0``;
 * ``nginx-keepalive`` -- nginx with ``keepalive_timeout 75s`` and ``keepalive_requests 100``.
 
@@ -83,8 +84,8 @@ SCENARIOS: Final = {
         ["--keepalive-requests", "1"],
     ),
     "keepalive": (
-        "examples/upstream_server.py, keeps a connection for 100 requests, closes it after 5 s idle",
-        ["--keepalive-requests", "100", "--keepalive-timeout", "5"],
+        "examples/upstream_server.py, keeps a connection for 20 requests, closes it after 0.5 s idle",
+        ["--keepalive-requests", "20", "--keepalive-timeout", "0.5"],
     ),
     "nginx-closing": (
         "nginx, keepalive_timeout 0 (closes after every response)",
@@ -271,7 +272,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser = argparse.ArgumentParser(description="Benchmark the reverse proxy example (runs examples/demo.py).")
     parser.add_argument("--duration", type=float, help="seconds measured per run (default 4; --quick: 0.5)")
     parser.add_argument("--rounds", type=int, help="runs per mode (default 3; --quick: 1)")
-    parser.add_argument("--connections", type=int, default=64, help="client connections (default 64)")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=32,
+        help="client connections (default 32: enough to keep the proxy busy, and few enough upstream connections"
+        " that each carries the 100 requests after which nginx closes it)",
+    )
     parser.add_argument("--size", type=int, default=1024, help="response body bytes (default 1024)")
     parser.add_argument("--side-by-side", action="store_true", help="load the four proxies at the same time")
     parser.add_argument(
