@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket
 import struct
@@ -179,6 +180,66 @@ async def half_close(stream: trio.SocketStream, server: Server) -> None:
     while await stream.receive_some():
         pass
     server.received.append(b"<eof>")
+
+
+@attrs.define(eq=False)
+class KeepAlive:
+    """How `keep_alive` serves: answers per connection, idle timeout, extra bytes."""
+
+    #: Close after this many answers (None: never).
+    requests: int | None = None
+    #: Close a connection idle this long, in seconds (None: never).
+    idle: float | None = None
+    #: Sent right after every answer, in the same write: bytes past the
+    #: end of the answer (a buggy or hostile upstream).
+    trailer: bytes = b""
+    #: Sent when the event is set, after the first answer (unsolicited bytes
+    #: while the client holds the connection idle).
+    late: tuple[trio.Event, bytes] | None = None
+    #: Each answer: (connection number, exchange number, request).
+    answers: list[tuple[int, int, bytes]] = attrs.field(factory=list)
+
+
+def keep_alive(config: KeepAlive) -> Handler:
+    """A line protocol server that keeps connections alive: ``<conn>.<n>:<request line>`` per request line."""
+
+    async def handler(stream: trio.SocketStream, server: Server) -> None:
+        conn = server.new_id()
+        buffer = b""
+        exchange = 0
+        while config.requests is None or exchange < config.requests:
+            while b"\n" not in buffer:
+                with trio.move_on_after(math.inf if config.idle is None else config.idle) as idle:
+                    data = await stream.receive_some()
+                if idle.cancelled_caught or not data:
+                    return
+                buffer += data
+            line, _, buffer = buffer.partition(b"\n")
+            exchange += 1
+            server.received.append(line)
+            config.answers.append((conn, exchange, line))
+            await stream.send_all(b"%d.%d:%s\n" % (conn, exchange, line) + config.trailer)
+            if config.late is not None and exchange == 1:
+                event, late = config.late
+                await event.wait()
+                await stream.send_all(late)
+
+    return handler
+
+
+async def exchange(stream: trio.abc.Stream, request: bytes) -> tuple[int, int, bytes]:
+    """Send one request line and read exactly its answer line: (conn, exchange, echoed request)."""
+    await stream.send_all(request + b"\n")
+    answer = b""
+    while not answer.endswith(b"\n"):
+        # One byte at a time: never read past the end of the answer.
+        chunk = await stream.receive_some(1)
+        if not chunk:
+            raise EOFError(f"the server closed after {answer!r}")
+        answer += chunk
+    head, _, echoed = answer[:-1].partition(b":")
+    conn, _, number = head.partition(b".")
+    return int(conn), int(number), echoed
 
 
 UDPPeer = Callable[..., Awaitable[trio.socket.SocketType]]

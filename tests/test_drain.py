@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import struct
@@ -10,7 +11,9 @@ import pytest
 import trio
 import trio.testing
 
-from trio_recycle._drain import read_available, wait_for_fin
+from trio_recycle._drain import READ_BUDGET, read_available, wait_for_fin
+
+from .conftest import bytes_queued
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -83,3 +86,19 @@ async def test_wait_for_fin_gives_up_past_the_limit() -> None:
     with client, server:
         server.sendall(b"x" * 5000)
         assert await wait_for_fin(client, 4000, 4500) is False
+
+
+def test_one_call_reads_at_most_the_budget() -> None:
+    """With megabytes queued and a huge limit, one call stops after READ_BUDGET bytes: the loop is not stalled."""
+    client, server = tcp_pair()
+    with client, server:
+        server.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while sent < 8 * READ_BUDGET:
+                sent += server.send(b"f" * 65536)
+        assert sent > READ_BUDGET
+        eof, received = read_available(client, 1 << 40)
+        assert not eof
+        assert 0 < received < READ_BUDGET + 65536  # the last recv() may pass the budget
+        assert bytes_queued(client) > 0

@@ -527,7 +527,7 @@ async def test_pool_exit_fails_waiters(start_server: StartServer) -> None:
     server = await start_server(answer_then_close)
     errors: list[BaseException] = []
     async with trio.open_nursery() as nursery, trio_recycle.open_socket_pool(capacity=1) as pool:
-        await pool.open_tcp_stream("127.0.0.1", server.port)
+        held = await pool.open_tcp_stream("127.0.0.1", server.port)
 
         async def waiter() -> None:
             try:
@@ -539,6 +539,8 @@ async def test_pool_exit_fails_waiters(start_server: StartServer) -> None:
         await trio.testing.wait_all_tasks_blocked()
     assert len(errors) == 1
     assert "closed" in str(errors[0])
+    with pytest.raises(trio.ClosedResourceError):
+        held.getpeername()  # closed by the exit
 
 
 # ----------------------------------------------------------------------
@@ -634,6 +636,13 @@ async def test_coupled_options_do_not_leak(start_server: StartServer) -> None:
         ({"recycle": None}, TypeError, "recycle"),
         ({"socket_options": [(1, 2)]}, TypeError, "socket_options"),
         ({"socket_options": 5}, TypeError, "socket_options"),
+        ({"keepalive_expiry": -1}, ValueError, "keepalive_expiry"),
+        ({"keepalive_expiry": math.nan}, ValueError, "keepalive_expiry"),
+        ({"keepalive_expiry": "5"}, TypeError, "keepalive_expiry"),
+        ({"keepalive_expiry": None}, TypeError, "keepalive_expiry"),
+        ({"capacity_per_peer": 0}, ValueError, "capacity_per_peer"),
+        ({"capacity_per_peer": 1.5}, TypeError, "capacity_per_peer"),
+        ({"capacity_per_peer": True}, TypeError, "capacity_per_peer"),
     ],
 )
 async def test_bad_pool_arguments(kwargs: dict[str, object], error: type[Exception], name: str) -> None:

@@ -64,10 +64,12 @@ async def test_pool_exit_while_a_happy_eyeballs_attempt_waits(
             errors.append(exc)
 
     async with trio.open_nursery() as outer, trio_recycle.open_socket_pool(capacity=1) as pool:
-        await pool.open_tcp_stream("127.0.0.1", server.port)
+        held = await pool.open_tcp_stream("127.0.0.1", server.port)
         outer.start_soon(opener, pool)
         await trio.testing.wait_all_tasks_blocked()
         assert pool.statistics().tasks_waiting == 1
+    with pytest.raises(trio.ClosedResourceError):
+        held.getpeername()  # closed by the exit, never dropped before it
     assert len(errors) == 1
     assert isinstance(errors[0], trio.ClosedResourceError), repr(errors[0])
 

@@ -43,7 +43,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
 from ._pooled_socket import drain_datagrams
 
 if TYPE_CHECKING:
-    from ._pooled_socket import PooledSocket
+    from ._pooled_socket import OpenKey, PooledSocket
 
 __all__ = [
     "all_failed",
@@ -53,6 +53,7 @@ __all__ = [
     "resolve",
     "validate_delay",
     "validate_endpoint",
+    "validate_local_address",
 ]
 
 Target = tuple[int, int, int, object]  # family, type, proto, sockaddr
@@ -73,6 +74,7 @@ class SocketSource(Protocol):
         peer: object,
         *,
         replacing: PooledSocket | None = None,
+        origin: OpenKey | None = None,
     ) -> PooledSocket: ...
 
     def discard_socket(self, psock: PooledSocket) -> None: ...
@@ -94,6 +96,41 @@ def validate_endpoint(host: object, port: object) -> None:
         raise TypeError(f"port must be int, not {port!r}")
     if not 1 <= port <= 65535:
         raise ValueError(f"port must be in range 1-65535, not {port!r}")
+
+
+_LOCAL_CACHE_SIZE = 512
+_local_addresses: set[str] = set()
+
+
+def validate_local_address(local_address: object) -> None:
+    """Check ``local_address``: None, or an IPv4 or IPv6 literal (a scope ID allowed).
+
+    A host name is refused rather than resolved: ``bind()`` would resolve
+    it with a blocking lookup inside the event loop. NUL bytes are refused
+    because the C library would silently cut the string there.
+
+    Raises:
+      TypeError: not a str.
+      ValueError: not an IP literal; the message names ``local_address``.
+    """
+    if local_address is None or local_address in _local_addresses:
+        return
+    if not isinstance(local_address, str):
+        raise TypeError(f"local_address must be str or None, not {local_address!r}")
+    if "\x00" not in local_address:
+        try:
+            socket.getaddrinfo(local_address, 0, flags=socket.AI_NUMERICHOST)
+        except (socket.gaierror, UnicodeError):
+            pass
+        else:
+            if len(_local_addresses) >= _LOCAL_CACHE_SIZE:
+                _local_addresses.clear()
+            _local_addresses.add(local_address)
+            return
+    raise ValueError(
+        f"local_address must be an IPv4 or IPv6 address literal such as '127.0.0.1' or '::1', "
+        f"not {local_address!r} (a host name is not resolved: bind() would block the event loop)"
+    )
 
 
 def validate_delay(happy_eyeballs_delay: object) -> None:
@@ -199,9 +236,13 @@ async def connect_socket(sock: socket.socket, sockaddr: object) -> None:
         raise OSError(err, f"Error connecting to {sockaddr!r}: {os.strerror(err)}")
 
 
-async def _attempt(source: SocketSource, target: Target, local_address: str | None) -> PooledSocket:
+async def _attempt(
+    source: SocketSource, target: Target, local_address: str | None, origin: OpenKey | None
+) -> PooledSocket:
     family, type, proto, sockaddr = target
-    psock = await source.acquire_socket(family, type, proto, local_address, sockaddr)
+    psock = await source.acquire_socket(family, type, proto, local_address, sockaddr, origin=origin)
+    if psock.handed_live:
+        return psock  # a released connection of the same open, handed to this waiter
     try:
         await connect_socket(psock.sock, sockaddr)
     except BaseException:
@@ -263,8 +304,14 @@ async def connect_pooled(
     *,
     happy_eyeballs_delay: float | None,
     local_address: str | None,
+    origin: OpenKey | None = None,
 ) -> PooledSocket:
-    """Connect a pooled TCP socket to ``host:port``; see SocketPool.open_tcp_stream."""
+    """Connect a pooled TCP socket to ``host:port``; see SocketPool.open_tcp_stream.
+
+    ``origin``: the open's (host, port, local_address). A task that waits for
+    capacity may then be handed a live connection released by a stream of
+    the same open (``psock.handed_live``), which needs no connect.
+    """
     # An IP literal resolves synchronously from the cache: no coroutine,
     # no copy, nothing to reorder when there is one address.
     numeric = _numeric_targets(host, port, socket.SOCK_STREAM)
@@ -274,7 +321,7 @@ async def connect_pooled(
         targets = await _resolve(host, port, socket.SOCK_STREAM, numeric)
     if len(targets) == 1:
         try:
-            return await _attempt(source, targets[0], local_address)
+            return await _attempt(source, targets[0], local_address, origin)
         except OSError as exc:
             raise all_failed(host, port, [(targets[0][3], exc)]) from exc
 
@@ -287,16 +334,39 @@ async def connect_pooled(
     # waiting for capacity that only that attempt's failure would free
     # (minutes of SYN retries toward a silent address).
     connecting: list[PooledSocket] = []
+    # The attempts of this open still waiting for capacity. When a sibling
+    # gets a place and starts connecting, each of them decides again
+    # `delay` seconds later: the sibling gets the same head start as any
+    # happy-eyeballs attempt, and if its SYN is still unanswered by then,
+    # the waiting attempt takes over its place instead of queueing behind
+    # it (issue 9: two attempts queued at a full pool, the first one
+    # toward a silent address, used to wait for its SYN retries to end).
+    waiting: list[trio.CancelScope] = []
+
+    async def acquire(family: int, type: int, proto: int, sockaddr: object) -> PooledSocket:
+        while True:
+            replacing = connecting[0] if connecting else None
+            with trio.CancelScope() as scope:
+                waiting.append(scope)
+                try:
+                    return await source.acquire_socket(
+                        family, type, proto, local_address, sockaddr, replacing=replacing, origin=origin
+                    )
+                finally:
+                    waiting.remove(scope)
 
     async def attempt(target: Target, failed: trio.Event, nursery: trio.Nursery) -> None:
         nonlocal winner, closed
         family, type, proto, sockaddr = target
         try:
-            replacing = connecting[0] if connecting else None
-            psock = await source.acquire_socket(family, type, proto, local_address, sockaddr, replacing=replacing)
+            psock = await acquire(family, type, proto, sockaddr)
             connecting.append(psock)
+            deadline = trio.current_time() + delay
+            for scope in waiting:
+                scope.deadline = min(scope.deadline, deadline)
             try:
-                await connect_socket(psock.sock, sockaddr)
+                if not psock.handed_live:
+                    await connect_socket(psock.sock, sockaddr)
             except BaseException:
                 source.discard_socket(psock)
                 raise

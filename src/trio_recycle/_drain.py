@@ -19,21 +19,31 @@ import trio
 if TYPE_CHECKING:
     import socket
 
-__all__ = ["read_available", "wait_for_fin"]
+__all__ = ["READ_BUDGET", "read_available", "wait_for_fin"]
 
 _SCRATCH: Final = bytearray(65536)
+
+#: The most bytes one read_available() call discards (four recv() calls
+#: into the scratch buffer, tens of microseconds). A fast peer refills the
+#: queue as fast as it is read, so without a bound a large drain_limit
+#: would keep the event loop in one synchronous loop: aclose() hands the
+#: rest to the drain task, and the drain task waits for readability (a
+#: trip through the I/O manager, which lets every other task run) between
+#: two calls.
+READ_BUDGET: Final = 4 * len(_SCRATCH)
 
 
 def read_available(sock: socket.socket, limit: int) -> tuple[bool, int]:
     """Discard what is queued, without blocking: (the FIN was there, bytes read).
 
-    Stops once more than ``limit`` bytes were read.
+    Stops once more than ``limit`` bytes were read, or `READ_BUDGET` bytes
+    in this call (the last recv() may pass either by less than 64 KiB).
 
     Raises:
       OSError: from recv(), for example ECONNRESET.
     """
     received = 0
-    while received <= limit:
+    while received <= limit and received < READ_BUDGET:
         try:
             count = sock.recv_into(_SCRATCH)
         except BlockingIOError:

@@ -21,3 +21,25 @@ def translate_oserror(exc: OSError) -> trio.ClosedResourceError | trio.BrokenRes
 def closed_stream_error() -> trio.ClosedResourceError:
     """The error for any call on a stream or socket after its ``aclose``."""
     return trio.ClosedResourceError("this stream was already closed")
+
+
+def wrong_run_error(what: str) -> RuntimeError:
+    """The error for a call from a trio.run other than the pool's."""
+    return RuntimeError(
+        f"this {what} belongs to a trio_recycle.SocketPool of another trio.run: a pool, its streams and "
+        "its UDP sockets may only be used from the run (the thread) that opened the pool"
+    )
+
+
+def check_run(token: trio.lowlevel.TrioToken, what: str) -> None:
+    """For synchronous methods: raise `wrong_run_error` inside a run that is not ``token``'s.
+
+    Outside any run (a plain thread, or after the run) nothing is checked:
+    there is no event loop to confuse.
+    """
+    try:
+        current = trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return
+    if current is not token:
+        raise wrong_run_error(what)

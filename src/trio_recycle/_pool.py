@@ -18,6 +18,18 @@
 # closes the least recently used of them and takes its place instead of
 # waiting, and a stream released while tasks wait is not parked.
 #
+# Failures while a waiter's socket is made (socket(), setsockopt(), bind(),
+# whatever they raise) belong to that waiter: _hand_off gives the error to
+# its task and offers the slot to the next waiter, so the aclose() or the
+# drain task that freed the slot never sees it. Out of descriptors
+# (EMFILE/ENFILE), _create first evicts the least recently used idle socket
+# or parked connection and retries once. If socket() still fails, every
+# queued waiter gets the error at once: the limit is the process's, the pool
+# gets no event when some other part of the program frees a descriptor, and
+# a waiter left queued in front of a free slot would block everyone behind
+# it with no bound. Failing fast is what trio.open_tcp_stream does in the
+# same spot.
+#
 # capacity_per_peer bounds the sockets in use, draining or parked toward one
 # peer address (idle sockets are disconnected and count for nobody). A
 # waiter whose peer is at its limit is skipped, not served, so it never
@@ -26,18 +38,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import socket
-from contextlib import asynccontextmanager
+import weakref
 from typing import TYPE_CHECKING, Final, Protocol, final
 
 import attrs
 import outcome
 import trio
 
-from ._connect import all_failed, connect_pooled, connect_socket, connect_udp, validate_delay, validate_endpoint
+from ._connect import (
+    all_failed,
+    connect_pooled,
+    connect_socket,
+    connect_udp,
+    validate_delay,
+    validate_endpoint,
+    validate_local_address,
+)
 from ._disconnect import can_recycle
 from ._drain import read_available, wait_for_fin
+from ._errors import check_run, wrong_run_error
 from ._pooled_socket import OpenKey, PooledSocket, PoolKey, SocketOption
 from ._store import SocketStore
 from ._stream import RecyclingStream
@@ -124,6 +147,7 @@ class _Request:
     local_address: str | None
     key: PoolKey
     peer: object
+    origin: OpenKey | None = None
 
 
 class _Owner(Protocol):
@@ -154,12 +178,17 @@ class SocketPool:
     _capacity_per_peer: int | None = None
     _store: SocketStore = attrs.field(factory=SocketStore)
     _watch: Watch = attrs.field(init=False)
-    _in_use: dict[PooledSocket, _Owner | None] = attrs.field(factory=dict)
+    #: Socket -> a weak reference to its open stream (None while it
+    #: connects). Weak, so that a stream dropped without aclose() can be
+    #: garbage-collected and give its place back (see socket_dropped).
+    _in_use: dict[PooledSocket, weakref.ref[_Owner] | None] = attrs.field(factory=dict)
     _draining: set[PooledSocket] = attrs.field(factory=set)
     _waiters: dict[trio.lowlevel.Task, _Request] = attrs.field(factory=dict)
     #: Sockets counted against ``capacity_per_peer``, by peer address.
     _per_peer: dict[object, int] = attrs.field(factory=dict)
     _closed: bool = False
+    #: The pool's own run: finalizers hand their work to it.
+    _token: trio.lowlevel.TrioToken = attrs.field(factory=trio.lowlevel.current_trio_token)
     _created: int = 0
     _reused: int = 0
     _recycled: int = 0
@@ -210,37 +239,51 @@ class SocketPool:
               attempt to fail. trio's default.
           local_address: Local IP address to bind the socket to before
               connecting, as in `trio.open_tcp_stream`; sockets bound to
-              different local addresses are kept apart in the pool.
+              different local addresses are kept apart in the pool. It
+              must be an IP literal: a host name is refused, because
+              ``bind()`` would resolve it with a blocking lookup.
 
         Returns:
           RecyclingStream: the connected stream. Close it (``async with``)
-          to give the socket back.
+          to give the socket back, or `~RecyclingStream.release` it to keep
+          the connection alive for the next open.
 
         Raises:
-          TypeError: ``host`` is not str/bytes or ``port`` is not an int.
-          ValueError: ``port`` or ``happy_eyeballs_delay`` is out of range.
+          TypeError: ``host`` is not str/bytes, ``port`` is not an int, or
+              ``local_address`` is not a str.
+          ValueError: ``port`` or ``happy_eyeballs_delay`` is out of range,
+              or ``local_address`` is not an IP literal.
           socket.gaierror: the host name cannot be resolved.
           OSError: every connection attempt failed; the message names each
               address with its error.
           trio.ClosedResourceError: the pool's block has exited.
+          RuntimeError: called from a trio.run other than the pool's.
         """
+        if trio.lowlevel.current_trio_token() is not self._token:
+            raise wrong_run_error("SocketPool")
         validate_endpoint(host, port)
         validate_delay(happy_eyeballs_delay)
-        if local_address is not None and not isinstance(local_address, str):
-            raise TypeError(f"local_address must be str or None, not {local_address!r}")
-        self._check_open()
+        validate_local_address(local_address)
         open_key = (host, port, local_address)
-        if self._store.parked_count and self._store.has_parked(open_key):
-            stream = await self._take_parked(open_key)
-            if stream is not None:
-                return stream
-        psock = await connect_pooled(
-            self,
-            host,
-            port,
-            happy_eyeballs_delay=happy_eyeballs_delay,
-            local_address=local_address,
-        )
+        try:
+            self._check_open()
+            if self._store.parked_count and self._store.has_parked(open_key):
+                stream = await self._take_parked(open_key)
+                if stream is not None:
+                    return stream
+            psock = await connect_pooled(
+                self,
+                host,
+                port,
+                happy_eyeballs_delay=happy_eyeballs_delay,
+                local_address=local_address,
+                origin=open_key,
+            )
+        except Exception:
+            # A failed open is a checkpoint too, like trio's socket calls:
+            # a retry loop must not starve the other tasks (EMFILE, bind()).
+            await trio.lowlevel.checkpoint()
+            raise
         # The pool's exit can come between the winning attempt and here (the
         # happy-eyeballs nursery still had to wind down): then the socket is
         # closed already.
@@ -248,8 +291,12 @@ class SocketPool:
         if self._in_use.get(psock, _GONE) is not None:  # pragma: no cover - defensive
             raise trio.ClosedResourceError("the socket was closed while it was connecting")
         psock.open_key = open_key
-        stream = RecyclingStream(self, psock, psock.sock)
-        self._in_use[psock] = stream
+        kept_alive = psock.handed_live
+        if kept_alive:
+            psock.handed_live = False
+            self._kept_alive += 1
+        stream = RecyclingStream(self, psock, psock.sock, kept_alive=kept_alive)
+        self._in_use[psock] = weakref.ref(stream)
         return stream
 
     async def _take_parked(self, open_key: OpenKey) -> RecyclingStream | None:
@@ -270,7 +317,7 @@ class SocketPool:
             except BlockingIOError:
                 self._kept_alive += 1
                 stream = RecyclingStream(self, psock, psock.sock, kept_alive=True)
-                self._in_use[psock] = stream
+                self._in_use[psock] = weakref.ref(stream)
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return stream
             except OSError:
@@ -309,7 +356,7 @@ class SocketPool:
         self._check_open()
         psock.open_key = open_key
         stream = RecyclingStream(self, psock, psock.sock)
-        self._in_use[psock] = stream
+        self._in_use[psock] = weakref.ref(stream)
         return stream
 
     async def open_udp_socket(
@@ -334,8 +381,9 @@ class SocketPool:
               without a thread) or a name.
           port: The port, an int from 1 to 65535.
           local_address: Local IP address to bind the socket to, as in
-              `open_tcp_stream`; None lets the kernel choose. The local port
-              is always the kernel's choice, a new one for every owner.
+              `open_tcp_stream` (an IP literal); None lets the kernel
+              choose. The local port is always the kernel's choice, a new
+              one for every owner.
 
         Returns:
           RecyclingUDPSocket: the connected socket. Close it (``async
@@ -344,31 +392,43 @@ class SocketPool:
         Raises:
           TypeError: ``host`` is not str/bytes, ``port`` is not an int, or
               ``local_address`` is not a str.
-          ValueError: ``port`` is out of range.
+          ValueError: ``port`` is out of range, or ``local_address`` is not
+              an IP literal.
           socket.gaierror: the host name cannot be resolved.
           OSError: no address could be connected to (for example no route);
               the message names each address with its error.
           trio.ClosedResourceError: the pool's block has exited.
+          RuntimeError: called from a trio.run other than the pool's.
         """
+        if trio.lowlevel.current_trio_token() is not self._token:
+            raise wrong_run_error("SocketPool")
         validate_endpoint(host, port)
-        if local_address is not None and not isinstance(local_address, str):
-            raise TypeError(f"local_address must be str or None, not {local_address!r}")
-        self._check_open()
-        psock = await connect_udp(self, host, port, local_address=local_address)
+        validate_local_address(local_address)
+        try:
+            self._check_open()
+            psock = await connect_udp(self, host, port, local_address=local_address)
+        except Exception:
+            await trio.lowlevel.checkpoint()  # as in open_tcp_stream
+            raise
         self._check_open()  # as in open_tcp_stream
         if self._in_use.get(psock, _GONE) is not None:  # pragma: no cover - defensive
             raise trio.ClosedResourceError("the socket was closed while it was connecting")
         udp = RecyclingUDPSocket(self, psock, psock.sock)
-        self._in_use[psock] = udp
+        self._in_use[psock] = weakref.ref(udp)
         return udp
 
     def statistics(self) -> PoolStatistics:
         """Return a snapshot of this pool's state and counters.
 
         Returns:
-          PoolStatistics: the state now (idle, in use, draining, waiting)
-          and the counts over the pool's life.
+          PoolStatistics: the state now (idle, in use, draining, waiting,
+          parked) and the counts over the pool's life.
+
+        Raises:
+          RuntimeError: called from a trio.run other than the pool's (from
+              no run at all, for example after it, is fine).
         """
+        check_run(self._token, "SocketPool")
         store = self._store
         return PoolStatistics(
             capacity=self._capacity,
@@ -388,6 +448,7 @@ class SocketPool:
     @property
     def closed(self) -> bool:
         """Whether the pool's ``async with`` block has exited."""
+        check_run(self._token, "SocketPool")
         return self._closed
 
     @property
@@ -398,6 +459,7 @@ class SocketPool:
         `can_recycle` is False: the pool then closes every socket instead,
         with the same API.
         """
+        check_run(self._token, "SocketPool")
         return self._recycle
 
     # ------------------------------------------------------------------
@@ -418,8 +480,13 @@ class SocketPool:
         peer: object,
         *,
         replacing: PooledSocket | None = None,
+        origin: OpenKey | None = None,
     ) -> PooledSocket:
         """Take an idle socket for ``peer`` or a new one, waiting for capacity.
+
+        ``origin``: the (host, port, local_address) of the open. When this
+        call waits, a stream of the same open released meanwhile may hand
+        its live connection over directly (``handed_live`` is then set).
 
         ``replacing``: a socket of the same open still connecting (happy
         eyeballs). If this call would have to wait and that socket's SYN is
@@ -433,22 +500,14 @@ class SocketPool:
         # idle socket only to close it in its error path.
         await trio.lowlevel.checkpoint_if_cancelled()
         key = (family, type, proto, local_address, peer if self._peer_affinity else None)
-        request = _Request(family, type, proto, local_address, key, peer)
+        request = _Request(family, type, proto, local_address, key, peer, origin)
         if (
             replacing is not None
             and self._in_use.get(replacing, _GONE) is None
             and (self._waiters or (self._owned() >= self._capacity and not self._store))
             and _still_in_syn_sent(replacing.sock)
         ):
-            # Create first: if that fails, the sibling keeps connecting.
-            # Nothing here awaits, so the moment with one socket too many
-            # is never seen at a checkpoint (I4).
-            taking_over = self._create(request)
-            del self._in_use[replacing]
-            trio.lowlevel.notify_closing(replacing.sock)
-            self._close_psock(replacing)
-            self._give(taking_over, peer)
-            return taking_over
+            return self._take_over(replacing, request)
         if not self._waiters or not self._someone_servable():
             if self._capacity_per_peer is not None and self._peer_full(peer):
                 # A parked connection to the same peer (of another host
@@ -474,7 +533,9 @@ class SocketPool:
         self._waiters[task] = request
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            del self._waiters[task]
+            # Only a task still queued can be here: _hand_off and _close
+            # reschedule every task they take off the queue.
+            self._waiters.pop(task, None)
             return trio.lowlevel.Abort.SUCCEEDED
 
         psock = await trio.lowlevel.wait_task_rescheduled(abort)
@@ -483,6 +544,30 @@ class SocketPool:
         # is gone with the pool.
         self._check_open()
         return psock
+
+    def _take_over(self, replacing: PooledSocket, request: _Request) -> PooledSocket:
+        """Close a sibling attempt still in SYN_SENT and give its place to a new socket."""
+        # Create first: if that fails, the sibling keeps connecting.
+        # Nothing here awaits, so the moment with one socket too many is
+        # never seen at a checkpoint (I4).
+        try:
+            taking_over = self._create(request)
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_DESCRIPTORS:
+                raise
+            taking_over = None
+        del self._in_use[replacing]
+        trio.lowlevel.notify_closing(replacing.sock)
+        self._close_psock(replacing)
+        if taking_over is None:
+            # At RLIMIT_NOFILE the sibling's descriptor is the one we need.
+            try:
+                taking_over = self._create(request)
+            except BaseException:
+                self._free_slot()
+                raise
+        self._give(taking_over, request.peer)
+        return taking_over
 
     def discard_socket(self, psock: PooledSocket) -> None:
         """Close a socket that was taken but never became an open stream."""
@@ -495,9 +580,12 @@ class SocketPool:
         """Hand ``psock`` out for a connection to ``peer``: in use from now on."""
         psock.peer = peer
         if self._capacity_per_peer is not None:
-            psock.counted_peer = peer
-            self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+            self._count(psock, peer)
         self._in_use[psock] = None
+
+    def _count(self, psock: PooledSocket, peer: object) -> None:
+        psock.counted_peer = peer
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
 
     def _uncount(self, psock: PooledSocket) -> None:
         peer = psock.counted_peer
@@ -538,32 +626,51 @@ class SocketPool:
         """
         if self._in_use.pop(psock, _GONE) is _GONE:
             return  # the pool's exit closed it already
-        if (
-            parkable
-            and healthy
-            and not (eof_seen or eof_sent or self._closed or self._waiters)
-            and psock.open_key is not None
-        ):
+        if parkable and healthy and not (eof_seen or eof_sent or self._closed) and psock.open_key is not None:
             try:
                 # The answer may have had more bytes than the caller read,
                 # or the peer may have closed already: either way the
                 # connection is not the clean one the next owner expects.
                 peeked = psock.sock.recv(1, socket.MSG_PEEK)
             except BlockingIOError:
-                if psock.restore_options():
-                    try:
-                        self._watch.add(psock, self._nursery)
-                    except OSError:
-                        pass
-                    else:
-                        self._store.park(psock, psock.open_key)
-                        return
+                if psock.restore_options() and self._keep(psock):
+                    return
             except OSError:
                 healthy = False
             else:
                 eof_seen = not peeked
         self._not_parked += 1
         self._close_protocol(psock, eof_seen=eof_seen, eof_sent=eof_sent, healthy=healthy)
+
+    def _keep(self, psock: PooledSocket) -> bool:
+        """A clean live connection: to a task waiting for the same open, else parked; False: neither."""
+        if self._waiters:
+            # Its own place does not count against its peer while the first
+            # waiter that could be served is chosen.
+            peer = psock.counted_peer
+            self._uncount(psock)
+            task = self._next_waiter()
+            if task is not None:
+                request = self._waiters[task]
+                if request.origin == psock.open_key and request.peer == psock.peer:
+                    del self._waiters[task]
+                    psock.handed_live = True
+                    self._give(psock, psock.peer)
+                    trio.lowlevel.reschedule(task, outcome.Value(psock))
+                    return True
+            if peer is not None:
+                self._count(psock, peer)
+            if task is not None:
+                # No parking while a task that the room could serve waits:
+                # the close protocol frees the room.
+                return False
+        try:
+            self._watch.add(psock, self._nursery)
+        except OSError:
+            return False
+        assert psock.open_key is not None
+        self._store.park(psock, psock.open_key)
+        return True
 
     def _parked_event(self, psock: PooledSocket) -> None:
         """The watch saw something on a parked connection: the peer's FIN, bytes or an error."""
@@ -629,6 +736,25 @@ class SocketPool:
             self._draining.add(psock)
             self._nursery.start_soon(self._drain, psock, received)
 
+    def socket_dropped(self, psock: PooledSocket) -> None:
+        """A stream was garbage-collected without aclose(): reclaim its socket.
+
+        Called from the stream's ``__del__``, which can run in any thread and
+        between any two bytecodes of the pool's own code, so it touches no
+        bookkeeping: the work goes to the pool's run as a callback.
+        """
+        # RunFinishedError: the run is over, and the pool's exit closed every socket.
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._reclaim, psock)
+
+    def _reclaim(self, psock: PooledSocket) -> None:
+        # Its state is unknown (unread data, no FIN): close, never recycle.
+        if self._in_use.pop(psock, _GONE) is _GONE:
+            return  # the pool's exit came first, or it was released
+        trio.lowlevel.notify_closing(psock.sock)
+        self._close_psock(psock)
+        self._free_slot()
+
     async def _drain(self, psock: PooledSocket, received: int) -> None:
         fin = False
         try:
@@ -664,14 +790,18 @@ class SocketPool:
         options = self._socket_options
         if request.type == socket.SOCK_STREAM:
             options = _TCP_DEFAULTS + options
-        psock = PooledSocket.create(
-            request.family,
-            request.type,
-            request.proto,
-            request.local_address,
-            options,
-            request.key,
-        )
+        args = (request.family, request.type, request.proto, request.local_address, options, request.key)
+        try:
+            psock = PooledSocket.create(*args)
+        except OSError as exc:
+            # Out of descriptors while sockets sit idle or parked for other
+            # peers: evict the least recently used, as at capacity, and
+            # retry once.
+            victim = self._store.oldest()
+            if exc.errno not in _OUT_OF_DESCRIPTORS or victim is None:
+                raise
+            self._evict(victim)
+            psock = PooledSocket.create(*args)
         self._created += 1
         return psock
 
@@ -722,7 +852,10 @@ class SocketPool:
                 psock = None
             try:
                 new = self._create(request)
-            except OSError as exc:
+            except Exception as exc:
+                # The waiter's own failure (its local_address, the
+                # descriptors running out): it goes to that task alone, not
+                # to whoever freed the slot (an aclose(), a drain task).
                 trio.lowlevel.reschedule(task, outcome.Error(exc))
                 continue  # the slot is still free: next waiter
             self._give(new, request.peer)
@@ -743,7 +876,8 @@ class SocketPool:
                 "this SocketPool is closed: the `async with open_socket_pool()` block has exited"
             )
             trio.lowlevel.reschedule(task, outcome.Error(error))
-        for psock, owner in list(self._in_use.items()):
+        for psock, ref in list(self._in_use.items()):
+            owner = ref() if ref is not None else None
             if owner is not None:
                 owner._force_close()
             trio.lowlevel.notify_closing(psock.sock)
@@ -757,6 +891,10 @@ class SocketPool:
 
 
 _GONE: Final = object()
+#: socket() errors that closing one of our own descriptors can cure.
+_OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+_C_INT_MIN: Final = -(2**31)
+_C_INT_MAX: Final = 2**31 - 1
 _TCP_SYN_SENT: Final = 2  # include/net/tcp_states.h
 
 
@@ -785,6 +923,10 @@ def _check_options(socket_options: Iterable[SocketOption]) -> tuple[SocketOption
             raise TypeError(
                 f"socket_options entries must be (level: int, option: int, value: int | bytes), not {item!r}"
             )
+        # setsockopt() takes C ints; a larger int fails only at socket
+        # creation, and a value with a misleading "bytes-like object" error.
+        if not all(_C_INT_MIN <= part <= _C_INT_MAX for part in item if isinstance(part, int)):
+            raise ValueError(f"socket_options entries must hold C int values (32-bit signed), not {item!r}")
     return options
 
 
@@ -797,7 +939,7 @@ def _check_number(name: str, value: object, *, integer: bool) -> None:
         raise ValueError(f"{name} must be >= 0, not {value!r}")
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def open_socket_pool(
     *,
     capacity: int = DEFAULT_CAPACITY,
@@ -871,9 +1013,9 @@ async def open_socket_pool(
 
     Raises:
       TypeError: an argument has the wrong type (the message names it).
-      ValueError: ``capacity`` or ``capacity_per_peer`` < 1, or a
-          negative or NaN ``eof_timeout``, ``drain_limit`` or
-          ``keepalive_expiry``.
+      ValueError: ``capacity`` or ``capacity_per_peer`` < 1, a negative or
+          NaN ``eof_timeout``, ``drain_limit`` or ``keepalive_expiry``, or a
+          ``socket_options`` int that does not fit a C int.
     """
     if not isinstance(capacity, int) or isinstance(capacity, bool):
         raise TypeError(f"capacity must be an int, not {capacity!r}")

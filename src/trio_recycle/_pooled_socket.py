@@ -188,6 +188,9 @@ class PooledSocket:
     open_key: OpenKey | None = None
     #: The peer this socket counts against under ``capacity_per_peer``.
     counted_peer: object = None
+    #: Handed to a waiting open still connected (a released connection):
+    #: the open skips its connect and makes a kept-alive stream.
+    handed_live: bool = False
 
     @classmethod
     def create(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Final, Protocol, overload
 
 import trio
 
-from ._errors import closed_stream_error
+from ._errors import check_run, closed_stream_error
 
 if TYPE_CHECKING:
     import socket
@@ -31,6 +32,8 @@ class Home(Protocol):
         self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool, parkable: bool
     ) -> None: ...
 
+    def socket_dropped(self, psock: PooledSocket) -> None: ...
+
 
 class SocketAccess:
     """``setsockopt``/``getsockopt``/``getpeername``/``getsockname`` behind a closed check.
@@ -43,9 +46,31 @@ class SocketAccess:
 
     __slots__ = ()
 
+    _home: Home
     _closed: bool
     _psock: PooledSocket
     _sock: socket.socket
+    _token: trio.lowlevel.TrioToken
+
+    def __del__(self) -> None:
+        # Dropped without aclose(): like trio's own sockets, say so with a
+        # ResourceWarning, and let the pool close the socket (its state is
+        # unknown) and give its place to the next task. The warning comes
+        # last: under the "error" filter it raises, and the rest must run.
+        try:
+            if self._closed:
+                return
+        except AttributeError:  # pragma: no cover - __init__ never finished
+            return
+        self._closed = True  # type: ignore[misc]  # a slot of the attrs subclass
+        self._home.socket_dropped(self._psock)
+        warnings.warn(
+            f"unclosed {type(self).__name__} {self._sock!r} was garbage-collected: its socket is closed, "
+            "not recycled; close it with `async with` or aclose()",
+            ResourceWarning,
+            stacklevel=1,
+            source=self,
+        )
 
     def _force_close(self) -> None:
         """Mark closed and wake blocked tasks; the pool closes the socket."""
@@ -72,9 +97,11 @@ class SocketAccess:
         of recycled.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.ClosedResourceError: closed already.
           OSError: from the system call.
         """
+        check_run(self._token, type(self).__name__)
         if self._closed:
             raise closed_stream_error()
         self._psock.note_user_option(level, option, value)
@@ -103,8 +130,10 @@ class SocketAccess:
               size reads that many bytes of a structure or string option.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.ClosedResourceError: closed already.
         """
+        check_run(self._token, type(self).__name__)
         if self._closed:
             raise closed_stream_error()
         if buffersize == 0:
@@ -115,8 +144,10 @@ class SocketAccess:
         """The peer's address, as :meth:`socket.socket.getpeername` gives it.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.ClosedResourceError: closed already.
         """
+        check_run(self._token, type(self).__name__)
         if self._closed:
             raise closed_stream_error()
         address: tuple[str, int] | tuple[str, int, int, int] = self._sock.getpeername()
@@ -126,8 +157,10 @@ class SocketAccess:
         """Our local address, as :meth:`socket.socket.getsockname` gives it.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.ClosedResourceError: closed already.
         """
+        check_run(self._token, type(self).__name__)
         if self._closed:
             raise closed_stream_error()
         address: tuple[str, int] | tuple[str, int, int, int] = self._sock.getsockname()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, final
 import attrs
 import trio
 
-from ._errors import closed_stream_error, translate_oserror
+from ._errors import closed_stream_error, translate_oserror, wrong_run_error
 from ._socket_access import DEFAULT_RECEIVE_SIZE, Home, SocketAccess
 
 if TYPE_CHECKING:
@@ -30,6 +30,12 @@ if TYPE_CHECKING:
     from ._pooled_socket import PooledSocket
 
 __all__ = ["RecyclingStream"]
+
+# Every public method first checks that it runs in the pool's own trio.run
+# (issue 9): from another run, the waits would register the descriptor with
+# the wrong event loop and aclose() would touch the pool's bookkeeping from
+# the wrong thread. One call and one identity test, about 0.1 us.
+_current_trio_token = trio.lowlevel.current_trio_token
 
 
 @final
@@ -62,7 +68,13 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     socket's next owner, and tasks blocked in this stream are woken with
     `trio.ClosedResourceError`.
 
-    `release` ends the stream the same way but gives the live connection
+    A stream that is garbage-collected without being closed emits a
+    :exc:`ResourceWarning`, like trio's own sockets; the pool then closes
+    its socket (never recycles it: its state is unknown) and gives its
+    place to the next task. The pool holds only a weak reference to an
+    open stream.
+
+    `release` ends the stream like `aclose` but gives the live connection
     back for another exchange with the same peer (keep-alive), when it is
     clean; see there.
     """
@@ -83,6 +95,8 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     _sending: bool = False
     #: Tasks blocked in wait_readable/wait_writable on our socket right now.
     _waiting: int = 0
+    #: The pool's run, the only one this stream may be used from.
+    _token: trio.lowlevel.TrioToken = attrs.field(factory=_current_trio_token)
 
     def _enter_send(self) -> None:
         # Closed wins over busy: the task that was sending when another task
@@ -93,6 +107,15 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         if self._sending:
             raise trio.BusyResourceError("another task is currently sending data on this RecyclingStream")
         self._sending = True
+
+    async def _enter_send_or_checkpoint(self) -> None:
+        # Every failing call is a checkpoint, as in trio's socket layer: a
+        # loop that retries a closed or busy stream must not starve the run.
+        try:
+            self._enter_send()
+        except (trio.ClosedResourceError, trio.BusyResourceError):
+            await trio.lowlevel.checkpoint()
+            raise
 
     async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
         self._waiting += 1
@@ -105,34 +128,45 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         """Send all of ``data``; see `trio.abc.SendStream.send_all`.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.BusyResourceError: another task is sending on this stream.
           trio.ClosedResourceError: the stream is closed, or `send_eof` was
               called.
           trio.BrokenResourceError: the connection broke (the peer reset
               it, for example); the socket will not be recycled.
         """
-        self._enter_send()
+        if _current_trio_token() is not self._token:
+            raise wrong_run_error("RecyclingStream")
+        try:
+            self._enter_send()
+        except (trio.ClosedResourceError, trio.BusyResourceError):
+            await trio.lowlevel.checkpoint()  # inlined _enter_send_or_checkpoint (hot path)
+            raise
         try:
             if self._eof_sent:
+                await trio.lowlevel.checkpoint()
                 raise trio.ClosedResourceError("can't send data after sending EOF")
             with memoryview(data) as view:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 sock = self._sock
                 total = 0
                 length = len(view)
-                while total < length:
-                    if self._closed:
-                        raise closed_stream_error()
-                    try:
-                        total += sock.send(view[total:] if total else view)
-                    except BlockingIOError:
-                        await self._wait(trio.lowlevel.wait_writable)
-                    except OSError as exc:
-                        self._healthy = False
-                        raise translate_oserror(exc) from exc
-                    except BaseException:
-                        self._send_cut = True
-                        raise
+                try:
+                    while total < length:
+                        if self._closed:
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                            raise closed_stream_error()
+                        try:
+                            total += sock.send(view[total:] if total else view)
+                        except BlockingIOError:
+                            await self._wait(trio.lowlevel.wait_writable)
+                        except OSError as exc:
+                            self._healthy = False
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                            raise translate_oserror(exc) from exc
+                except BaseException:
+                    self._send_cut = True
+                    raise
                 await trio.lowlevel.cancel_shielded_checkpoint()
         finally:
             self._sending = False
@@ -141,10 +175,13 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         """Wait until the socket can take more data; see `trio.abc.SendStream.wait_send_all_might_not_block`.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.BusyResourceError: another task is sending on this stream.
           trio.ClosedResourceError: the stream is closed.
         """
-        self._enter_send()
+        if _current_trio_token() is not self._token:
+            raise wrong_run_error("RecyclingStream")
+        await self._enter_send_or_checkpoint()
         try:
             await self._wait(trio.lowlevel.wait_writable)
         finally:
@@ -157,11 +194,14 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         stream is closed, once the peer's FIN has arrived too.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.BusyResourceError: another task is sending on this stream.
           trio.ClosedResourceError: the stream is closed.
           trio.BrokenResourceError: the connection broke.
         """
-        self._enter_send()
+        if _current_trio_token() is not self._token:
+            raise wrong_run_error("RecyclingStream")
+        await self._enter_send_or_checkpoint()
         try:
             await trio.lowlevel.checkpoint()
             if self._closed:
@@ -191,11 +231,14 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
           bytes: at least one byte, or ``b""`` at end of stream.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.BusyResourceError: another task is receiving on this stream.
           trio.ClosedResourceError: the stream is closed.
           trio.BrokenResourceError: the connection broke (the socket will
               not be recycled).
         """
+        if _current_trio_token() is not self._token:
+            raise wrong_run_error("RecyclingStream")
         if max_bytes is None:
             max_bytes = DEFAULT_RECEIVE_SIZE
         elif not isinstance(max_bytes, int):
@@ -206,6 +249,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         sock = self._sock
         while True:
             if self._closed:
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 raise closed_stream_error()
             try:
                 data = sock.recv(max_bytes)
@@ -213,6 +257,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
                 await self._wait(trio.lowlevel.wait_readable)
             except OSError as exc:
                 self._healthy = False
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 raise translate_oserror(exc) from exc
             else:
                 if not data:
@@ -225,7 +270,13 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
 
         See the class description for what happens to the socket. Like every
         trio ``aclose``, it closes even when cancelled.
+
+        Raises:
+          RuntimeError: called from a trio.run other than the pool's; the
+              stream is left as it was.
         """
+        if _current_trio_token() is not self._token:
+            raise wrong_run_error("RecyclingStream")
         if not self._closed:
             self._closed = True
             # notify_closing() wakes tasks blocked on the socket and drops it
@@ -260,19 +311,30 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         * every option set with `setsockopt` can be restored (they are, as
           after a recycle), and none is of the kind that only a disconnect
           undoes (``TCP_MAXSEG``, ``TCP_WINDOW_CLAMP``);
-        * no task waits for capacity, and the pool is open.
+        * the pool is open.
 
-        Otherwise the connection goes through the close protocol exactly as
-        in `aclose` (counted in `PoolStatistics.not_parked`). Use it only
-        where the protocol says the connection may carry another exchange
-        (HTTP/1.1 without ``Connection: close``, for example): the pool
-        cannot know. Like `aclose`, it never waits, and when cancelled it
-        still releases or closes.
+        A task waiting for capacity that opens the same ``host``, ``port``
+        and ``local_address`` is handed the connection directly; while
+        other tasks wait that the room could serve, nothing is parked.
+        Otherwise, and whenever the connection is not clean, it goes
+        through the close protocol exactly as in `aclose` (counted in
+        `PoolStatistics.not_parked`). Use it only where the protocol says
+        the connection may carry another exchange (HTTP/1.1 without
+        ``Connection: close``, for example): the pool cannot know. Like
+        `aclose`, it never waits, and when cancelled it still releases or
+        closes.
 
         A parked connection is watched: when the peer closes it, it is
         disconnected and goes back idle; when bytes arrive unasked, it is
-        closed; after ``keepalive_expiry`` seconds it is closed politely.
+        never handed out again; after ``keepalive_expiry`` seconds it is
+        closed politely.
+
+        Raises:
+          RuntimeError: called from a trio.run other than the pool's; the
+              stream is left as it was.
         """
+        if _current_trio_token() is not self._token:
+            raise wrong_run_error("RecyclingStream")
         if not self._closed:
             self._closed = True
             parkable = not (self._send_cut or self._sending or self._waiting)
@@ -292,10 +354,11 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         """Whether this stream continues a connection that an earlier stream released.
 
         True when `SocketPool.open_tcp_stream` took a parked connection
-        (`release`), False for a connection made by this open. A protocol
-        layer uses it to decide whether a request that failed before any
-        byte of the answer arrived may be retried on a fresh connection:
-        the peer may have closed the kept connection just as the request
-        went out (the stale-connection race), which a fresh one rules out.
+        (see `release`), False for a connection made by this open. A
+        protocol layer uses it to decide whether a request that failed
+        before any byte of the answer arrived may be retried on a fresh
+        connection: the peer may have closed the kept connection just as
+        the request went out (the stale-connection race), which a fresh
+        connection rules out.
         """
         return self._kept_alive

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Final, NoReturn, final
 import attrs
 import trio
 
-from ._errors import CLOSED_ERRNOS, closed_stream_error, translate_oserror
+from ._errors import CLOSED_ERRNOS, closed_stream_error, translate_oserror, wrong_run_error
 from ._socket_access import DEFAULT_RECEIVE_SIZE, Home, SocketAccess
 
 if TYPE_CHECKING:
@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from ._pooled_socket import PooledSocket
 
 __all__ = ["RecyclingUDPSocket"]
+
+# As in _stream.py: every public method checks the run first.
+_current_trio_token = trio.lowlevel.current_trio_token
 
 # Errors that concern one datagram, or report an ICMP error once; the
 # socket is as good as before. Any other error closes it instead of
@@ -101,6 +104,8 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
     _sock: socket.socket
     _closed: bool = False
     _healthy: bool = True
+    #: The pool's run, the only one this socket may be used from.
+    _token: trio.lowlevel.TrioToken = attrs.field(factory=_current_trio_token)
 
     async def send(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` as one datagram to the connected peer.
@@ -109,6 +114,7 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
         buffer is full this waits until it is not.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.ClosedResourceError: the socket was closed, before or during
               the call.
           trio.BusyResourceError: another task is already blocked in `send`
@@ -118,16 +124,21 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
               for an earlier datagram) or ``EMSGSIZE``. The socket stays
               usable.
         """
+        if _current_trio_token() is not self._token:
+            raise wrong_run_error("RecyclingUDPSocket")
         await trio.lowlevel.checkpoint_if_cancelled()
         sock = self._sock
         while True:
             if self._closed:
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 raise closed_stream_error()
             try:
                 sock.send(data)
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(sock)
             except OSError as exc:
+                # A failing call is a checkpoint too, as in trio.socket.
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 self._raise_for(exc)
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -146,6 +157,7 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
           stream: UDP has none.
 
         Raises:
+          RuntimeError: called from a trio.run other than the pool's.
           trio.ClosedResourceError: the socket was closed, before or during
               the call.
           trio.BusyResourceError: another task is already blocked in
@@ -153,6 +165,8 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
           OSError: an ICMP error for an earlier datagram, for example
               :exc:`ConnectionRefusedError`. The socket stays usable.
         """
+        if _current_trio_token() is not self._token:
+            raise wrong_run_error("RecyclingUDPSocket")
         if not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
             raise TypeError(f"max_bytes must be an int, not {type(max_bytes).__name__}")
         if max_bytes < 1:
@@ -161,12 +175,15 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
         sock = self._sock
         while True:
             if self._closed:
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 raise closed_stream_error()
             try:
                 data = sock.recv(max_bytes)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
             except OSError as exc:
+                # A failing call is a checkpoint too, as in trio.socket.
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 self._raise_for(exc)
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -187,6 +204,8 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
         they finish even when this call is cancelled (like every trio
         ``aclose``, it closes even then).
         """
+        if _current_trio_token() is not self._token:
+            raise wrong_run_error("RecyclingUDPSocket")
         if not self._closed:
             self._closed = True
             trio.lowlevel.notify_closing(self._sock)

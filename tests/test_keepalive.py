@@ -1,0 +1,698 @@
+"""Keep-alive: release(), parked connections, the watch, expiry, per-peer limits (I1, I2, I4-I6, I9)."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import struct
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+import trio_recycle
+
+from .conftest import (
+    KeepAlive,
+    StartServer,
+    assert_capacity,
+    assert_idle_disconnected,
+    assert_parked_clean,
+    drained,
+    exchange,
+    fd_inodes,
+    keep_alive,
+    parked_sockets,
+    socket_inode,
+    time_wait_count,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from trio_recycle import RecyclingStream, SocketPool
+
+#: A valid-looking second answer: what response-queue poisoning would
+#: make the next owner read as the answer to its own request.
+POISON = b"666.1:not your answer\n"
+
+
+async def until(predicate: Callable[[], bool], limit: float = 2.0) -> float:
+    """Wait (bounded) until ``predicate()`` holds; return the seconds it took.
+
+    For what the kernel does on its own (a FIN arriving from another
+    task's close): trio has no event for it, so poll briefly.
+    """
+    start = trio.current_time()
+    with trio.fail_after(limit):
+        while not predicate():  # noqa: ASYNC110 - what the kernel does has no trio Event
+            await trio.sleep(0.001)
+    return trio.current_time() - start
+
+
+def check(pool: SocketPool) -> None:
+    assert_capacity(pool)
+    assert_idle_disconnected(pool)
+    assert_parked_clean(pool)
+
+
+# ----------------------------------------------------------------------
+# Release and take
+
+
+async def test_release_parks_and_the_next_open_continues_the_connection(
+    start_server: StartServer, loopback: str, recycle: bool
+) -> None:
+    """I1 across live reuse: each exchange gets its own answer, numbered in order on one connection."""
+    config = KeepAlive()
+    server = await start_server(keep_alive(config), loopback)
+    async with trio_recycle.open_socket_pool(capacity=2, recycle=recycle) as pool:
+        for n in range(1, 6):
+            stream = await pool.open_tcp_stream(loopback, server.port)
+            assert stream.kept_alive is (n > 1)
+            assert await exchange(stream, b"request %d" % n) == (1, n, b"request %d" % n)
+            await stream.release()
+            check(pool)
+            stats = pool.statistics()
+            assert (stats.parked, stats.in_use, stats.idle) == (1, 0, 0)
+        stats = pool.statistics()
+        assert (stats.created, stats.kept_alive, stats.not_parked) == (1, 4, 0)
+    assert server.accepted == 1
+
+
+async def test_concurrent_exchanges_never_see_each_others_answers(start_server: StartServer) -> None:
+    """I1 with many tasks sharing parked connections: every answer carries the task's own request."""
+    config = KeepAlive(requests=7)  # and the server closes now and then
+    server = await start_server(keep_alive(config))
+    exchanges: dict[int, list[int]] = {}
+    async with trio_recycle.open_socket_pool(capacity=4) as pool:
+
+        async def worker(n: int) -> None:
+            for i in range(30):
+                request = b"task %d exchange %d" % (n, i)
+                stream = await pool.open_tcp_stream(server.host, server.port)
+                try:
+                    conn, number, echoed = await exchange(stream, request)
+                except EOFError:
+                    assert stream.kept_alive  # the server's close raced this request
+                    await stream.aclose()
+                    continue
+                assert echoed == request
+                exchanges.setdefault(conn, []).append(number)
+                await stream.release()
+                check(pool)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(8):
+                nursery.start_soon(worker, n)
+        stats = pool.statistics()
+        assert stats.kept_alive > 0
+        assert stats.recycled > 0  # connections the server closed, disconnected and reused
+    for numbers in exchanges.values():
+        assert numbers == list(range(1, len(numbers) + 1))
+
+
+async def test_released_handle_is_dead_and_cannot_reach_the_next_owner(start_server: StartServer) -> None:
+    """I2: after release() every call raises ClosedResourceError, while the connection serves another stream."""
+    server = await start_server(keep_alive(KeepAlive()))
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        old = await pool.open_tcp_stream(server.host, server.port)
+        await exchange(old, b"one")
+        await old.release()
+        new = await pool.open_tcp_stream(server.host, server.port)
+        assert new.kept_alive
+        with pytest.raises(trio.ClosedResourceError):
+            await old.send_all(b"stale\n")
+        with pytest.raises(trio.ClosedResourceError):
+            await old.receive_some()
+        with pytest.raises(trio.ClosedResourceError):
+            await old.send_eof()
+        with pytest.raises(trio.ClosedResourceError):
+            await old.wait_send_all_might_not_block()
+        with pytest.raises(trio.ClosedResourceError):
+            old.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        with pytest.raises(trio.ClosedResourceError):
+            old.getpeername()
+        await old.release()  # again: nothing happens
+        await old.aclose()
+        assert await exchange(new, b"two") == (1, 2, b"two")
+        assert server.received == [b"one", b"two"]
+        await new.release()
+        assert pool.statistics().parked == 1
+
+
+async def test_release_wakes_a_task_blocked_in_the_stream_and_does_not_park(start_server: StartServer) -> None:
+    """A task blocked in receive_some gets ClosedResourceError; a stream in use by another task is not parked."""
+    server = await start_server(keep_alive(KeepAlive()))
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        async with trio.open_nursery() as nursery:
+
+            async def reader() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await stream.receive_some()
+
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            await stream.release()
+        stats = pool.statistics()
+        assert (stats.parked, stats.not_parked) == (0, 1)
+        await drained(pool)
+        check(pool)
+
+
+async def test_release_and_take_are_checkpoints_and_cancellation_leaks_nothing(start_server: StartServer) -> None:
+    """I6: a cancelled release() still parks; a cancelled open takes nothing; both are checkpoints."""
+    server = await start_server(keep_alive(KeepAlive()))
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        await exchange(stream, b"one")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await stream.release()
+        assert scope.cancelled_caught
+        assert pool.statistics().parked == 1
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await pool.open_tcp_stream(server.host, server.port)
+        assert scope.cancelled_caught
+        assert pool.statistics().parked == 1
+        with trio.testing.assert_checkpoints():
+            stream = await pool.open_tcp_stream(server.host, server.port)
+        assert stream.kept_alive
+        await exchange(stream, b"two")
+        with trio.testing.assert_checkpoints():
+            await stream.release()
+        check(pool)
+        assert server.received == [b"one", b"two"]
+        assert server.accepted == 1
+
+
+async def test_conformance_of_a_kept_alive_stream(start_server: StartServer) -> None:
+    """trio's HalfCloseableStream checks pass on a stream that continues a released connection."""
+    listener_sock = trio.socket.socket()
+    await listener_sock.bind(("127.0.0.1", 0))
+    listener_sock.listen(16)
+    port = listener_sock.getsockname()[1]
+    listener = trio.SocketListener(listener_sock)
+    async with trio_recycle.open_socket_pool(capacity=4) as pool:
+
+        async def make_pair() -> tuple[RecyclingStream, trio.SocketStream]:
+            first = await pool.open_tcp_stream("127.0.0.1", port)
+            server_side = await listener.accept()
+            await first.release()
+            stream = await pool.open_tcp_stream("127.0.0.1", port)
+            assert stream.kept_alive
+            return stream, server_side
+
+        async def client_first() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
+            return await make_pair()
+
+        async def server_first() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
+            client, server_side = await make_pair()
+            return server_side, client
+
+        await trio.testing.check_half_closeable_stream(client_first, None)
+        await trio.testing.check_half_closeable_stream(server_first, None)
+    await listener.aclose()
+
+
+# ----------------------------------------------------------------------
+# What release() refuses to park
+
+
+async def test_release_with_bytes_past_the_answer_closes_instead(start_server: StartServer) -> None:
+    """Response-queue poisoning at release(): a second answer queued behind the first is never handed on."""
+    config = KeepAlive(trailer=POISON)
+    server = await start_server(keep_alive(config))
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        assert await exchange(stream, b"one") == (1, 1, b"one")
+        await until(lambda: _queued(stream) > 0)
+        await stream.release()
+        stats = pool.statistics()
+        assert (stats.parked, stats.not_parked) == (0, 1)
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        assert not stream.kept_alive
+        assert await exchange(stream, b"two") == (2, 1, b"two")
+        await stream.aclose()
+        check(pool)
+
+
+def _queued(stream: RecyclingStream) -> int:
+    import fcntl
+    import termios
+
+    buf = fcntl.ioctl(stream._sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", buf)[0])
+
+
+@pytest.mark.parametrize("how", ["eof_seen", "eof_sent", "send_cut", "broken"])
+async def test_release_of_an_unclean_stream_runs_the_close_protocol(start_server: StartServer, how: str) -> None:
+    """An EOF seen or sent, a send cut short, or an error: release() closes like aclose() and counts it."""
+    # The server stops reading after its first answer until `stalled` is
+    # set, so that a big send_all blocks and can be cut short.
+    stalled = trio.Event()
+    config = KeepAlive(requests=1 if how == "eof_seen" else None, late=(stalled, b"") if how == "send_cut" else None)
+    server = await start_server(keep_alive(config))
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        await exchange(stream, b"one")
+        if how == "eof_seen":
+            assert await stream.receive_some() == b""
+        elif how == "eof_sent":
+            await stream.send_eof()
+        elif how == "send_cut":
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(stream.send_all, b"x" * 20_000_000)
+                    await trio.testing.wait_all_tasks_blocked()
+                    scope.cancel()
+            assert stream._send_cut
+        else:
+            stream._healthy = False  # what a failed system call leaves behind
+        await stream.release()
+        stats = pool.statistics()
+        assert (stats.parked, stats.not_parked) == (0, 1)
+        stalled.set()
+        await drained(pool)
+        check(pool)
+        if how == "broken":
+            assert pool.statistics().discarded == 1
+        else:
+            assert pool.statistics().idle == 1
+
+
+async def test_user_options_are_restored_before_parking(start_server: StartServer) -> None:
+    """A restorable option set through one stream is back to the pool's value for the next one."""
+    server = await start_server(keep_alive(KeepAlive()))
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        await exchange(stream, b"one")
+        await stream.release()
+        assert pool.statistics().parked == 1
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        assert stream.kept_alive
+        assert stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert stream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+        await stream.release()
+
+
+@pytest.mark.parametrize(
+    ("level", "option", "value"),
+    [
+        (socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1000),  # undone only by a disconnect
+        (socket.SOL_SOCKET, socket.SO_RCVBUF, 65536),  # not restorable at all
+    ],
+)
+async def test_options_that_cannot_be_undone_keep_the_connection_from_parking(
+    start_server: StartServer, level: int, option: int, value: int
+) -> None:
+    """TCP_MAXSEG on a live connection, or an unrestorable option: not parked."""
+    server = await start_server(keep_alive(KeepAlive()))
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        stream.setsockopt(level, option, value)
+        await exchange(stream, b"one")
+        await stream.release()
+        assert (pool.statistics().parked, pool.statistics().not_parked) == (0, 1)
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        assert not stream.kept_alive
+        await stream.aclose()
+
+
+@pytest.mark.parametrize("same_open", [True, False], ids=["same open", "other open"])
+async def test_release_while_a_task_waits(start_server: StartServer, same_open: bool) -> None:
+    """A waiter of the same open is handed the live connection; for any other, nothing is parked."""
+    server = await start_server(keep_alive(KeepAlive()))
+    host = server.host if same_open else "127.000.000.001"  # the same address, another open
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        await exchange(stream, b"one")
+        async with trio.open_nursery() as nursery:
+
+            async def waiter() -> None:
+                other = await pool.open_tcp_stream(host, server.port)
+                assert other.kept_alive is same_open
+                expected = (1, 2, b"two") if same_open else (2, 1, b"two")
+                assert await exchange(other, b"two") == expected
+                await other.release()
+
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.statistics().tasks_waiting == 1
+            await stream.release()
+        stats = pool.statistics()
+        assert (stats.not_parked, stats.parked, stats.kept_alive) == (0, 1, 1) if same_open else (1, 1, 0)
+        check(pool)
+
+
+# ----------------------------------------------------------------------
+# Taking: the liveness check
+
+
+def _raw_listener() -> socket.socket:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    return listener
+
+
+async def _park_one(pool: SocketPool, listener: socket.socket) -> socket.socket:
+    port = listener.getsockname()[1]
+    stream = await pool.open_tcp_stream("127.0.0.1", port)
+    conn, _ = listener.accept()
+    await stream.release()
+    assert pool.statistics().parked == 1
+    return conn
+
+
+async def test_take_finds_the_peer_gone_and_connects_afresh() -> None:
+    """A FIN that arrived since the watch last ran: disconnected, connected again in the same open."""
+    with _raw_listener() as listener:
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            conn = await _park_one(pool, listener)
+            # Closed and taken in one task step: the watch cannot run in between.
+            conn.close()
+            (psock,) = pool._store.sockets(parked=True)
+            await until_kernel(lambda: _peek(psock.sock) == b"")
+            stream = await pool.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
+            assert not stream.kept_alive
+            fresh, _ = listener.accept()
+            await stream.send_all(b"hello")
+            assert fresh.recv(5) == b"hello"
+            stats = pool.statistics()
+            assert (stats.created, stats.recycled, stats.reused, stats.kept_alive) == (1, 1, 1, 0)
+            await stream.aclose()
+            fresh.close()
+
+
+async def test_take_finds_unsolicited_bytes_and_never_hands_them_on() -> None:
+    """Response-queue poisoning at take: bytes queued on a parked connection close it; the open gets a fresh one."""
+    with _raw_listener() as listener:
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            conn = await _park_one(pool, listener)
+            conn.sendall(POISON)
+            (psock,) = pool._store.sockets(parked=True)
+            await until_kernel(lambda: _peek(psock.sock) == POISON[:1])
+            stream = await pool.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
+            assert not stream.kept_alive
+            fresh, _ = listener.accept()
+            fresh.sendall(b"yours\n")
+            assert await stream.receive_some() == b"yours\n"
+            assert pool.statistics().not_parked == 0
+            await stream.aclose()
+            fresh.close()
+            conn.close()
+
+
+async def until_kernel(predicate: Callable[[], bool]) -> None:
+    """Wait, without a checkpoint of the pool's watcher in between, until the kernel has delivered."""
+    for _ in range(1000):
+        if predicate():
+            return
+        os.sched_yield()
+    pytest.fail("the kernel did not deliver in time")  # pragma: no cover
+
+
+def _peek(sock: socket.socket) -> bytes | None:
+    try:
+        return sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return None
+
+
+# ----------------------------------------------------------------------
+# The watch
+
+
+async def test_peer_close_while_parked_is_idle_within_50_ms(start_server: StartServer, loopback: str) -> None:
+    """The server's idle timeout: the parked connection is disconnected at once; no TIME_WAIT anywhere."""
+    server = await start_server(keep_alive(KeepAlive(idle=0.05)), loopback)
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        stream = await pool.open_tcp_stream(loopback, server.port)
+        await exchange(stream, b"one")
+        await stream.release()
+        finished = server.finished
+        await until(lambda: server.finished > finished)
+        took = await until(lambda: pool.statistics().idle == 1)
+        assert took < 0.05
+        stats = pool.statistics()
+        assert (stats.parked, stats.recycled, stats.discarded) == (0, 1, 0)
+        check(pool)
+        assert time_wait_count(server.port) == 0
+        stream = await pool.open_tcp_stream(loopback, server.port)
+        assert not stream.kept_alive
+        assert pool.statistics().reused == 1
+        await stream.aclose()
+
+
+async def test_watch_closes_a_connection_that_gets_unsolicited_bytes(start_server: StartServer) -> None:
+    """Response-queue poisoning while parked: the watch closes the connection; nobody reads the bytes."""
+    late = trio.Event()
+    server = await start_server(keep_alive(KeepAlive(late=(late, POISON))))
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        await exchange(stream, b"one")
+        await stream.release()
+        late.set()
+        took = await until(lambda: pool.statistics().parked == 0)
+        assert took < 0.05
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        assert not stream.kept_alive
+        assert await exchange(stream, b"two") == (2, 1, b"two")
+        await stream.aclose()
+        await drained(pool)
+        check(pool)
+
+
+async def test_watch_closes_a_connection_that_is_reset(start_server: StartServer) -> None:
+    """An error on a parked connection (the peer's RST): closed, the slot free again."""
+    with _raw_listener() as listener:
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            conn = await _park_one(pool, listener)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            await until(lambda: pool.statistics().parked == 0)
+            stats = pool.statistics()
+            assert (stats.discarded, stats.idle) == (1, 0)
+            check(pool)
+
+
+async def test_expiry_closes_politely(start_server: StartServer, autojump_clock: trio.testing.MockClock) -> None:
+    """After keepalive_expiry: our FIN, the server's FIN, and the socket recycled; not a moment before."""
+    server = await start_server(keep_alive(KeepAlive()))
+    async with trio_recycle.open_socket_pool(capacity=2, keepalive_expiry=10) as pool:
+        for _ in range(2):
+            stream = await pool.open_tcp_stream(server.host, server.port)
+            await exchange(stream, b"x")
+            await stream.release()
+            await trio.sleep(6)
+        # The first expired at 10 s, the second, parked at 6 s, not yet.
+        assert pool.statistics().parked == 1
+        await trio.sleep(3.9)
+        assert pool.statistics().parked == 1
+        await trio.sleep(0.2)
+        assert pool.statistics().parked == 0
+        await drained(pool)
+        stats = pool.statistics()
+        assert (stats.idle, stats.recycled, stats.discarded) == (1, 1, 0)
+        assert server.accepted == 1
+        check(pool)
+
+
+async def test_recycle_off_parks_and_closes_what_the_peer_closes(start_server: StartServer) -> None:
+    """recycle=False still keeps connections alive; a peer's close then closes the socket."""
+    server = await start_server(keep_alive(KeepAlive(requests=2)))
+    async with trio_recycle.open_socket_pool(capacity=1, recycle=False) as pool:
+        for n in (1, 2):
+            stream = await pool.open_tcp_stream(server.host, server.port)
+            assert await exchange(stream, b"r") == (1, n, b"r")
+            await stream.release()
+        await until(lambda: pool.statistics().parked == 0)
+        stats = pool.statistics()
+        assert (stats.kept_alive, stats.recycled, stats.discarded, stats.idle) == (1, 0, 1, 0)
+
+
+# ----------------------------------------------------------------------
+# Accounting
+
+
+async def test_full_pool_evicts_the_least_recently_used_idle_or_parked(start_server: StartServer) -> None:
+    """I4 with parked connections: at a full pool the oldest of idle and parked sockets makes room."""
+    keep = await start_server(keep_alive(KeepAlive()))
+    keep2 = await start_server(keep_alive(KeepAlive()))
+    async with trio_recycle.open_socket_pool(capacity=2) as pool:
+        a = await pool.open_tcp_stream(keep.host, keep.port)
+        await exchange(a, b"a")
+        b = await pool.open_tcp_stream(keep2.host, keep2.port)
+        await exchange(b, b"b")
+        await a.release()  # oldest
+        await b.release()
+        (oldest, _) = pool._store.sockets()
+        c = await pool.open_tcp_stream(keep2.host, keep2.port)  # takes b's
+        assert c.kept_alive
+        d = await pool.open_tcp_stream("127.0.0.1", keep2.port)  # other open key: evicts a's
+        assert not d.kept_alive
+        assert oldest.sock.fileno() == -1
+        stats = pool.statistics()
+        assert (stats.parked, stats.in_use, stats.discarded) == (0, 2, 1)
+        check(pool)
+        await c.aclose()
+        await d.aclose()
+
+
+async def test_capacity_per_peer_bounds_one_peer_without_blocking_others(start_server: StartServer) -> None:
+    """capacity_per_peer: the second open to a peer waits; an open to another peer behind it does not."""
+    slow = await start_server(keep_alive(KeepAlive()))
+    other = await start_server(keep_alive(KeepAlive()))
+    async with trio_recycle.open_socket_pool(capacity=4, capacity_per_peer=1) as pool:
+        held = await pool.open_tcp_stream(slow.host, slow.port)
+        await exchange(held, b"held")
+        got: list[str] = []
+        async with trio.open_nursery() as nursery:
+
+            async def second() -> None:
+                stream = await pool.open_tcp_stream(slow.host, slow.port)
+                got.append("slow")
+                await exchange(stream, b"second")
+                await stream.release()
+
+            nursery.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.statistics().tasks_waiting == 1
+            stream = await pool.open_tcp_stream(other.host, other.port)  # not held up
+            got.append("other")
+            await exchange(stream, b"o")
+            await stream.release()
+            assert got == ["other"]
+            assert_capacity(pool)
+            await held.release()  # a task waits: closed politely, then the waiter's turn
+        assert got == ["other", "slow"]
+        stats = pool.statistics()
+        assert stats.tasks_waiting == 0
+        assert stats.parked == 2, stats
+        check(pool)
+
+
+async def test_capacity_per_peer_evicts_a_parked_connection_of_the_same_peer(start_server: StartServer) -> None:
+    """At the per-peer limit, a parked connection to that peer under another open key makes room."""
+    server = await start_server(keep_alive(KeepAlive()))
+    async with trio_recycle.open_socket_pool(capacity=4, capacity_per_peer=1) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port, local_address="127.0.0.1")
+        await exchange(stream, b"x")
+        await stream.release()
+        with trio.fail_after(1):
+            stream = await pool.open_tcp_stream(server.host, server.port)
+        assert not stream.kept_alive
+        stats = pool.statistics()
+        assert (stats.parked, stats.discarded) == (0, 1)
+        await stream.aclose()
+
+
+async def test_exit_closes_parked_connections_and_the_watch(start_server: StartServer, fd_baseline: set[str]) -> None:
+    """I5: the pool's exit closes every parked connection, the epoll and the watcher task."""
+    server = await start_server(keep_alive(KeepAlive()))
+    async with trio_recycle.open_socket_pool(capacity=3) as pool:
+        for _ in range(3):
+            streams = [await pool.open_tcp_stream(server.host, server.port) for _ in range(3)]
+            for stream in streams:
+                await exchange(stream, b"x")
+                await stream.release()
+        assert pool.statistics().parked == 3
+        inodes = {socket_inode(s) for s in parked_sockets(pool)}
+        epoll = pool._watch._epoll
+        assert epoll is not None
+        epoll_fd = epoll.fileno()
+        assert "anon_inode:[eventpoll]" in fd_inodes()[epoll_fd]
+    assert epoll.closed
+    assert not inodes & set(fd_inodes().values())
+    # The watcher task ran in the pool's nursery, which the exit waited for.
+    assert pool._watch._closed
+
+
+# ----------------------------------------------------------------------
+# Servers that close: after K requests, after T ms idle, at random
+
+
+@pytest.mark.parametrize("config", [KeepAlive(requests=3), KeepAlive(idle=0.02)], ids=["K=3", "idle=20ms"])
+async def test_servers_that_close_cost_no_failed_exchange_when_idle(
+    start_server: StartServer, config: KeepAlive
+) -> None:
+    """Closes seen while parked are absorbed by the watch; a close after the K-th answer costs one retry at most."""
+    server = await start_server(keep_alive(config))
+    failures = 0
+    async with trio_recycle.open_socket_pool(capacity=2) as pool:
+        for n in range(40):
+            stream = await pool.open_tcp_stream(server.host, server.port)
+            try:
+                _, _, echoed = await exchange(stream, b"%d" % n)
+            except (EOFError, trio.BrokenResourceError):
+                assert stream.kept_alive
+                failures += 1
+                await stream.aclose()
+                continue
+            assert echoed == b"%d" % n
+            await stream.release()
+            if n % 5 == 4:
+                await trio.sleep(0.03)
+            check(pool)
+        stats = pool.statistics()
+    assert stats.created <= 2
+    assert stats.recycled > 0
+    assert failures <= 40 // 3 + 1
+
+
+async def test_server_closing_at_random(start_server: StartServer) -> None:
+    """A server that closes at random after an answer: I1, I3, I4, I9 hold after every exchange."""
+    rng = random.Random(10)
+
+    async def random_close(stream: trio.SocketStream, server: object) -> None:
+        number = rng.randrange(1_000_000)
+        count = 0
+        buffer = b""
+        while True:
+            while b"\n" not in buffer:
+                data = await stream.receive_some()
+                if not data:
+                    return
+                buffer += data
+            line, _, buffer = buffer.partition(b"\n")
+            count += 1
+            await stream.send_all(b"%d.%d:%s\n" % (number, count, line))
+            if rng.random() < 0.3:
+                return
+
+    server = await start_server(random_close)
+    seen: dict[int, int] = {}
+    async with trio_recycle.open_socket_pool(capacity=3) as pool:
+
+        async def worker(n: int) -> None:
+            for i in range(25):
+                stream = await pool.open_tcp_stream(server.host, server.port)
+                request = b"%d/%d" % (n, i)
+                try:
+                    conn, count, echoed = await exchange(stream, request)
+                except (EOFError, trio.BrokenResourceError):
+                    assert stream.kept_alive
+                    await stream.aclose()
+                    continue
+                assert echoed == request
+                assert seen.get(conn, 0) == count - 1
+                seen[conn] = count
+                if rng.random() < 0.8:
+                    await stream.release()
+                else:
+                    await stream.aclose()
+                check(pool)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(4):
+                nursery.start_soon(worker, n)
+        assert pool.statistics().kept_alive > 0
+        await drained(pool)
+        check(pool)
