@@ -511,6 +511,42 @@ async def test_idle_timeout_equal_to_the_gap_loses_no_request() -> None:
     assert int(closed[1]) > 0
 
 
+async def test_head_and_post_keep_the_connection_alive(nursery: trio.Nursery) -> None:
+    """A HEAD answer has no body and a POST's body is read to its end: both leave the connection parked."""
+    host, port = await start_upstream(nursery, keepalive_requests=100, size=16)
+    head = b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n"
+    post = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody"
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_proxy(host, port) as proxy:
+            proxy_host, _, proxy_port = proxy.address.rpartition(":")
+            stream = await trio.open_tcp_stream(proxy_host, int(proxy_port))
+            async with stream:
+                await stream.send_all(head)
+                buffer = bytearray()
+                while b"\r\n\r\n" not in buffer:
+                    buffer += await stream.receive_some()
+                assert buffer.startswith(b"HTTP/1.1 200 ")
+                assert buffer.endswith(b"\r\n\r\n")
+            (posted,) = await run_all.exchange(proxy.address, post)
+            assert posted.body.startswith(b"POST /p\nbody")
+            stats = await settled(proxy.pool)
+    assert (stats.created, stats.kept_alive, stats.parked) == (1, 1, 1)
+
+
+def test_command_line_takes_several_upstreams_and_the_keepalive_switches() -> None:
+    args = reverse_proxy.parse_args(
+        ["--upstream", "127.0.0.1:1", "--upstream", "[::1]:2", "--capacity-per-peer", "3", "--no-keepalive"]
+    )
+    assert args.upstreams == (("127.0.0.1", 1), ("::1", 2))
+    assert (args.capacity_per_peer, args.mode) == (3, "recycle")
+    assert reverse_proxy.parse_args(["--upstream", "h:1"]).mode == "keepalive"
+    assert reverse_proxy.parse_args(["--upstream", "h:1", "--no-recycle"]).mode == "keepalive-no-recycle"
+    assert reverse_proxy.parse_args(["--upstream", "h:1", "--no-recycle", "--no-keepalive"]).mode == "no-recycle"
+    assert reverse_proxy.parse_args(["--upstream", "h:1", "--plain"]).mode == "plain"
+    with pytest.raises(SystemExit):
+        reverse_proxy.parse_args(["--upstream", "h:1", "--capacity-per-peer", "0"])
+
+
 def test_run_all_checks_every_example() -> None:
     covered = {script for _, scripts in run_all.CHECKS for script in scripts}
     scripts = {path.name for path in EXAMPLES.glob("*.py") if not path.name.startswith("_")}
