@@ -146,8 +146,8 @@ class PooledUpstream:
 
     def report(self) -> list[str]:
         stats = self.pool.statistics()
-        mode = ("keepalive" if self.keepalive else "") + ("-no-recycle" if not self.pool.recycling else "")
-        return [f"upstream ({mode.strip('-') or 'recycle'}): {stats}", f"upstream socket() calls: {stats.created}"]
+        mode = next(name for name, how in MODES.items() if how == (self.pool.recycling, self.keepalive))
+        return [f"upstream ({mode}): {stats}", f"upstream socket() calls: {stats.created}"]
 
 
 @final
