@@ -37,10 +37,11 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmarks: connect/close cycles with a concurrency sweep, the proxy, the stale-connection race."""
+    """The benchmarks: connect/close cycles, keep-alive exchanges, the proxy, the stale-connection race."""
     # httpx only here: bench_stale.py runs the race against its default client.
     session.install(".[examples]", "matplotlib", "httpx")
     session.run("python", "benchmarks/bench_cycles.py", *session.posargs)
+    session.run("python", "benchmarks/bench_keepalive.py")
     session.run("python", "benchmarks/bench_proxy.py")
     session.run("python", "benchmarks/bench_stale.py")
 

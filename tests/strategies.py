@@ -24,6 +24,7 @@ __all__ = [
     "Program",
     "Step",
     "configs",
+    "keepalive_programs",
     "pattern",
     "programs",
     "steps",
@@ -33,7 +34,20 @@ __all__ = [
 #: ::1, so that sockets of both families share one pool.
 SERVERS: Final = (*ALL_KINDS, "echo@::1", "answer_close@::1")
 #: What a step does; see `Step`.
-OPS: Final = ("open", "send", "recv", "read_eof", "send_eof", "close", "close_other", "poke", "sleep")
+OPS: Final = (
+    "open",
+    "send",
+    "recv",
+    "read_eof",
+    "send_eof",
+    "close",
+    "release",
+    "close_other",
+    "poke",
+    "sleep",
+    "drop",
+    "fail_create",
+)
 #: What a "poke" does with the task's most recently closed (stale) handle.
 POKES: Final = ("send_all", "receive_some", "send_eof", "wait_send", "getsockopt", "aclose")
 
@@ -46,7 +60,12 @@ class Step:
     send -> bytes to send; recv -> ``max_bytes``; poke -> index into `POKES`;
     sleep -> milliseconds (0: a bare checkpoint); close_other -> the task
     whose current stream to close (the owner may be blocked in it);
-    otherwise unused.
+    otherwise unused. ``release`` reads what an echoing server still owes
+    (a protocol releases only after the whole answer) and calls
+    ``stream.release()``. ``drop`` forgets the task's current stream without
+    closing it (it is garbage-collected); ``fail_create`` makes the pool's
+    next socket creation, whoever it is for, raise an exception that is not
+    an OSError.
     ``cancel_at``: None runs the step to completion (or its timeout); k
     cancels it right after its k-th yield to the scheduler, so that the
     k-th checkpoint (or the next unshielded one) raises Cancelled; 0 means
@@ -68,6 +87,10 @@ class Step:
             text = f"sleep {self.arg}ms"
         elif self.op == "close_other":
             text = f"close the stream of task {self.arg}"
+        elif self.op == "drop":
+            text = "drop the stream without closing it"
+        elif self.op == "fail_create":
+            text = "the next socket creation raises a non-OSError"
         else:
             text = self.op
         if self.cancel_at is not None:
@@ -84,12 +107,15 @@ class Config:
     peer_affinity: bool = True
     drain_limit: int = 65536
     eof_timeout: float = 5.0
+    keepalive_expiry: float = 5.0
+    capacity_per_peer: int | None = None
 
     def __str__(self) -> str:
         return (
             f"open_socket_pool(capacity={self.capacity}, recycle={self.recycle}, "
             f"peer_affinity={self.peer_affinity}, drain_limit={self.drain_limit}, "
-            f"eof_timeout={self.eof_timeout})"
+            f"eof_timeout={self.eof_timeout}, keepalive_expiry={self.keepalive_expiry}, "
+            f"capacity_per_peer={self.capacity_per_peer})"
         )
 
 
@@ -131,8 +157,14 @@ _CANCEL: Final = st.sampled_from([None, None, None, None, 0, 1, 2, 3, 5])
 _SERVER: Final = st.one_of(st.integers(0, 1), st.integers(0, len(SERVERS) - 1))
 
 
-def _step(op: str, arg: st.SearchStrategy[int]) -> st.SearchStrategy[Step]:
-    return st.builds(Step, st.just(op), arg, _CANCEL)
+#: Rarer cancellations, so that exchanges complete and connections are kept.
+_RARE_CANCEL: Final = st.sampled_from([None] * 12 + [0, 1, 2, 3, 5])
+
+
+def _step(
+    op: str, arg: st.SearchStrategy[int], cancel: st.SearchStrategy[int | None] = _CANCEL
+) -> st.SearchStrategy[Step]:
+    return st.builds(Step, st.just(op), arg, cancel)
 
 
 def steps() -> st.SearchStrategy[Step]:
@@ -147,10 +179,14 @@ def steps() -> st.SearchStrategy[Step]:
         _step("read_eof", st.just(0)),
         _step("close", st.just(0)),
         _step("open", _SERVER),
+        _step("release", st.just(0)),
+        _step("release", st.just(0)),
         _step("send_eof", st.just(0)),
         _step("poke", st.integers(0, len(POKES) - 1)),
         _step("close_other", st.integers(0, 3)),
         _step("sleep", st.sampled_from([0, 10, 700, 3000])),
+        _step("drop", st.just(0)),
+        _step("fail_create", st.just(0)),
     )
 
 
@@ -165,6 +201,8 @@ def configs() -> st.SearchStrategy[Config]:
         # always exceeds it.
         drain_limit=st.sampled_from([65536, 4096]),
         eof_timeout=st.sampled_from([5.0, 0.5, 30.0]),
+        keepalive_expiry=st.sampled_from([5.0, 0.5, 60.0]),
+        capacity_per_peer=st.sampled_from([None, None, 1, 2]),
     )
 
 
@@ -180,3 +218,36 @@ def programs(max_tasks: int = 4, max_steps: int = 8) -> st.SearchStrategy[Progra
         configs(),
         st.lists(task, min_size=1, max_size=max_tasks).map(tuple),
     )
+
+
+#: Mostly the echo server, whose connections stay open: a parked
+#: connection is taken only by an open of the same server.
+_KEEP_SERVER: Final = st.one_of(st.just(0), st.just(0), st.just(0), st.integers(0, len(SERVERS) - 1))
+
+
+def keepalive_steps() -> st.SearchStrategy[Step]:
+    """Steps of a keep-alive client: exchanges released and taken again, with the rest now and then."""
+    return st.one_of(
+        _step("send", st.integers(1, 48), _RARE_CANCEL),
+        _step("release", st.just(0), _RARE_CANCEL),
+        _step("open", _KEEP_SERVER, _RARE_CANCEL),
+        _step("send", st.integers(1, 48), _RARE_CANCEL),
+        _step("release", st.just(0), _RARE_CANCEL),
+        _step("open", _KEEP_SERVER, _RARE_CANCEL),
+        _step("recv", st.integers(1, 64), _RARE_CANCEL),
+        _step("close", st.just(0), _RARE_CANCEL),
+        _step("poke", st.integers(0, len(POKES) - 1)),
+        _step("close_other", st.integers(0, 3)),
+        _step("send_eof", st.just(0)),
+        _step("sleep", st.sampled_from([0, 10, 700, 3000, 70000])),
+    )
+
+
+def keepalive_programs(max_tasks: int = 4, max_steps: int = 10) -> st.SearchStrategy[Program]:
+    """Like `programs`, but most steps open, send, release and open again: parked connections are taken."""
+    task = st.builds(
+        lambda first, rest: (first, *rest),
+        _step("open", _KEEP_SERVER),
+        st.lists(keepalive_steps(), min_size=3, max_size=max_steps),
+    )
+    return st.builds(Program, configs(), st.lists(task, min_size=1, max_size=max_tasks).map(tuple))

@@ -44,6 +44,21 @@ def test_bench_cycles_quick_run_writes_its_tables(tmp_path: Path) -> None:
     assert plotted or "matplotlib is not installed" in result.stdout
 
 
+KEEPALIVE = BENCH.parent / "bench_keepalive.py"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool's watch is epoll")
+def test_bench_keepalive_quick_run_prints_its_table() -> None:
+    """`bench_keepalive.py --quick` exits 0 and reports the three variants at 1 and 32 tasks."""
+    result = subprocess.run(
+        [sys.executable, str(KEEPALIVE), "--quick"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 32 |")]
+    assert len(rows) == 6
+    assert sum("pool open + release()" in row for row in rows) == 2
+
+
 STALE = BENCH.parent / "bench_stale.py"
 
 

@@ -12,6 +12,7 @@ up, the descriptors are back to their baseline, and no waiter is stuck.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import inspect
 import socket
@@ -656,3 +657,111 @@ async def test_aclose_reads_a_bounded_amount_then_hands_over_to_the_drain() -> N
             stats = pool.statistics()
             assert (stats.idle, stats.recycled) == (1, 1)
             assert_accounts(pool)
+
+
+# ----------------------------------------------------------------------
+# Each failure combined with waiters at capacity, a drain in flight and the pool's exit
+
+
+class Injected(Exception):
+    """The non-OSError the combination tests inject at socket creation."""
+
+
+FAILURES: Final = ("non-OSError at creation", "dropped stream", "call from another run")
+SITUATIONS: Final = ("waiters at capacity", "drain in flight", "pool exit")
+
+
+@pytest.mark.parametrize("situation", SITUATIONS)
+@pytest.mark.parametrize("failure", FAILURES)
+async def test_failure_combined_with(start_server: StartServer, inject: Injector, failure: str, situation: str) -> None:
+    """Three waiters at a full pool (capacity 2); one failure strikes; every waiter ends, the accounts add up."""
+    answer = await start_server(answer_then_close)
+    echo = await start_server(echo_tagged)
+    other = await start_server(answer_then_close)  # waiters ask for another peer: hand-off makes a socket
+    before = socket_fds()
+    outcomes: list[str] = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as outer, trio_recycle.open_socket_pool(capacity=2, eof_timeout=1) as pool:
+            box: list[object] = [await pool.open_tcp_stream(answer.host, answer.port)]
+            second = await pool.open_tcp_stream(echo.host, echo.port)
+
+            async def waiter() -> None:
+                try:
+                    outcomes.append((await cycle(pool, other)).decode())
+                except Injected:
+                    outcomes.append("injected")
+                except trio.ClosedResourceError:
+                    outcomes.append("pool closed")
+
+            for _ in range(3):
+                outer.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.statistics().tasks_waiting == 3
+            if situation == "drain in flight":
+                await second.send_all(b"x")
+                await second.aclose()  # unread: the drain frees this slot later
+            first = box[0]
+            assert isinstance(first, trio_recycle.RecyclingStream)
+            if failure == "non-OSError at creation":
+                inject.fail_next(Injected("injected"))
+                del first
+                await box.pop().aclose()  # type: ignore[attr-defined]
+            elif failure == "dropped stream":
+                del first
+                with pytest.warns(ResourceWarning, match="unclosed RecyclingStream"):
+                    forget(box)
+            else:
+                stray: list[tuple[str, Callable[[], object]]] = [("aclose", first.aclose)]
+                result = await trio.to_thread.run_sync(_in_another_run, stray)
+                assert "another trio.run" in result[0]
+                assert first.getsockname()  # untouched: still open, still ours
+                await first.aclose()
+                del first
+                box.clear()
+            if situation != "pool exit":
+                await second.aclose()
+                while len(outcomes) < 3:
+                    await trio.testing.wait_all_tasks_blocked()
+                await drained(pool)
+                assert_accounts(pool)
+        # The pool's exit failed whoever was still waiting.
+        assert len(outcomes) == 3, outcomes
+        assert set(outcomes) <= {"ok:ping", "injected", "pool closed"}, outcomes
+        # The injected error reached the one waiter whose socket failed, if
+        # a socket was made for a waiter before the exit (the slot of the
+        # stream closed unread frees only when its drain ends).
+        expected = {0, 1} if situation == "pool exit" else {1}
+        assert outcomes.count("injected") in (expected if failure == "non-OSError at creation" else {0}), outcomes
+        if situation != "pool exit":
+            assert "pool closed" not in outcomes
+        stats = pool.statistics()
+        assert (stats.idle, stats.in_use, stats.draining, stats.tasks_waiting) == (0, 0, 0, 0)
+        assert stats.created == stats.discarded
+        await trio.testing.wait_all_tasks_blocked()
+    assert socket_fds() <= before
+
+
+async def test_socket_failing_for_every_waiter_fails_them_all_at_once(
+    start_server: StartServer, inject: Injector
+) -> None:
+    """A freed slot whose socket() keeps failing (EMFILE) fails every queued waiter at once: none is left stuck."""
+    server = await start_server(answer_then_close)
+    other = await start_server(answer_then_close)
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        held = await pool.open_tcp_stream(server.host, server.port)
+        errors: list[int | None] = []
+
+        async def waiter() -> None:
+            with pytest.raises(OSError) as info:
+                await pool.open_tcp_stream(other.host, other.port)
+            errors.append(info.value.errno)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            inject.fail_next(OSError(errno.EMFILE, "Too many open files (injected)"), count=3)
+            await held.aclose()  # unread: drains, then frees the slot
+        assert errors == [errno.EMFILE] * 3
+        assert_accounts(pool)
+        assert await cycle(pool, other) == b"ok:ping"  # the slot is free again

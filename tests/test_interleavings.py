@@ -15,6 +15,9 @@ hostile kind (tests/hostile.py). After every step the interpreter checks:
   checked by an instrument after every task step.
 * I7: no polite server saw a reset before its own FIN, and every disconnect
   the pool makes happens in a TCP state where the peer's FIN has arrived.
+* I10: a stream dropped without aclose() warns and gives its place back;
+  an exception (not an OSError) injected at the pool's next socket creation
+  reaches the task whose open needed that socket, nowhere else.
 
 After the pool's block: I5 (every socket the pool created is closed, no
 task of the pool is left, every handle is dead), and after the run the
@@ -23,9 +26,12 @@ process holds exactly the sockets it held before.
 
 from __future__ import annotations
 
+import gc
 import re
 import socket
 import traceback
+import warnings
+import weakref
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Final
 
@@ -39,8 +45,8 @@ import trio_recycle
 from trio_recycle._pooled_socket import PooledSocket
 
 from .conftest import assert_capacity, assert_idle_disconnected, fd_inodes, has_ipv6, socket_inode, tcp_state
-from .hostile import ALL_KINDS, POLITE_KINDS, HostileServer, dead_address, start_hostile_server
-from .strategies import POKES, SERVERS, Config, Program, Step, pattern, programs
+from .hostile import ALL_KINDS, POLITE_KINDS, Conn, HostileServer, dead_address, start_hostile_server
+from .strategies import POKES, SERVERS, Config, Program, Step, keepalive_programs, pattern, programs
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -107,6 +113,10 @@ class Canceller(trio.abc.Instrument):
 # The interpreter's model of the world
 
 
+class InjectedError(Exception):
+    """What a "fail_create" step makes the pool's next socket creation raise."""
+
+
 @attrs.define(eq=False)
 class StreamModel:
     """What the program knows about one stream it opened."""
@@ -114,7 +124,7 @@ class StreamModel:
     number: int
     task: int
     server: HostileServer
-    stream: RecyclingStream
+    _stream: RecyclingStream | None
     #: Bytes of `pattern` handed to send_all so far (the peer got a prefix).
     attempted: int = 0
     #: A send was cancelled or broke: how much went out is unknown, so stop sending.
@@ -124,6 +134,16 @@ class StreamModel:
     closed: bool = False
     broken: bool = False
     tag: bytes | None = None
+    #: The stream whose released connection this one continues (kept alive).
+    prev: StreamModel | None = None
+    released: bool = False
+    #: Forgotten by a "drop" step: no reference is left.
+    dropped: bool = False
+
+    @property
+    def stream(self) -> RecyclingStream:
+        assert self._stream is not None, f"stream #{self.number} was dropped"
+        return self._stream
 
 
 @attrs.define(eq=False)
@@ -143,12 +163,18 @@ class World:
     tags: dict[bytes, int] = attrs.field(factory=dict)
     conn_of: dict[int, object] = attrs.field(factory=dict)
     opened: int = 0
+    #: The last stream on each pooled socket: the one a kept-alive open continues.
+    last_on: dict[PooledSocket, StreamModel] = attrs.field(factory=dict)
+    #: Streams that share one connection, in order, keyed by the first one's number.
+    chains: dict[int, list[StreamModel]] = attrs.field(factory=dict)
     tasks: list[TaskState] = attrs.field(factory=list)
     #: (task, step index) -> "ok", "cancelled" or "timed out".
     outcomes: dict[tuple[int, int], str] = attrs.field(factory=dict)
     created_inodes: set[str] = attrs.field(factory=set)
     violations: list[str] = attrs.field(factory=list)
     log: list[str] = attrs.field(factory=list)
+    #: Socket creations still to fail with InjectedError ("fail_create").
+    fail_creates: int = 0
     stop: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
     def violate(self, message: str) -> None:
@@ -179,6 +205,14 @@ def _check_stream(world: World, m: StreamModel) -> None:
         return
     if not data:
         return
+    if not _gets_tag(m):
+        # A kept-alive stream: the connection's tag went to an earlier
+        # stream; this one gets only the echo of its own bytes (I1 across
+        # live reuse).
+        expected = pattern(m.number, 0, len(data))
+        if data != expected or len(data) > m.attempted:
+            world.violate(f"I1: kept-alive {name} received {data[:60]!r}, expected {expected[:60]!r}")
+        return
     end = data.find(b">")
     if end < 0:
         if not re.fullmatch(rb"<\d*", data):
@@ -208,6 +242,30 @@ def _check_stream(world: World, m: StreamModel) -> None:
         world.violate(f"I1: {name} received foreign bytes: {rest[:60]!r}, expected {expected[:60]!r}")
 
 
+def _gets_tag(m: StreamModel) -> bool:
+    """Whether the connection's tag comes to this stream: no earlier stream on it sent a byte."""
+    prev = m.prev
+    while prev is not None:
+        if prev.attempted:
+            return False
+        prev = prev.prev
+    return True
+
+
+def _continues_a_chain(world: World, server: HostileServer, conn: Conn, data: bytes) -> bool:
+    """Whether ``data`` is what the streams that shared one kept connection sent, in order (I1)."""
+    for first, chain in world.chains.items():
+        if chain[0].server is not server:
+            continue
+        # All but the last sent everything they attempted: a release needs that.
+        expected = b"".join(pattern(s.number, 0, s.attempted) for s in chain)
+        if data == expected[: len(data)]:
+            if world.conn_of.setdefault(first, conn) is not conn:
+                world.violate(f"I1: the bytes of the streams {[s.number for s in chain]} reached two connections")
+            return True
+    return False
+
+
 def _check_server(world: World, server: HostileServer) -> None:
     for conn in server.conns:
         if conn.reset and server.kind in POLITE_KINDS and world.program.config.recycle:
@@ -221,6 +279,8 @@ def _check_server(world: World, server: HostileServer) -> None:
             world.violate(f"{server} connection {conn.tag!r} failed: {conn.errors!r}")
         data = bytes(conn.received)
         if not data:
+            continue
+        if _continues_a_chain(world, server, conn, data):
             continue
         match = re.match(rb"c(\d+);", data)
         if match is None:
@@ -258,6 +318,11 @@ def check(world: World) -> None:
         assert_capacity(world.pool)
     except AssertionError as exc:
         world.violate(f"I4: {world.pool.statistics()}: {exc}")
+    for psock in world.pool._store.sockets(parked=True):
+        # I9 (what holds between steps): every parked connection is watched.
+        # A FIN or bytes may have arrived since the watcher last ran.
+        if psock not in world.pool._watch:
+            world.violate("I9: a parked connection is not watched")
     for psock in world.pool._store.sockets():
         world.created_inodes.add(socket_inode(psock.sock))
 
@@ -279,17 +344,27 @@ class CapacityWatch(trio.abc.Instrument):
 @contextmanager
 def watching_the_pool(world: World) -> Iterator[None]:
     """Record every socket the pool creates (I5) and the TCP state of every disconnect (I7)."""
-    with watching_pools(world.created_inodes, world.violate):
+    with watching_pools(world.created_inodes, world.violate, world):
         yield
 
 
 @contextmanager
-def watching_pools(created_inodes: set[str], violate: Callable[[str], None]) -> Iterator[None]:
-    """Add the inode of every socket a pool creates to ``created_inodes``; report disconnects without a FIN."""
+def watching_pools(
+    created_inodes: set[str], violate: Callable[[str], None], world: World | None = None
+) -> Iterator[None]:
+    """Add the inode of every socket a pool creates to ``created_inodes``; report disconnects without a FIN.
+
+    With a ``world``, a creation fails with InjectedError while
+    ``world.fail_creates`` is positive.
+    """
     create = PooledSocket.__dict__["create"]
     reset_for_reuse = PooledSocket.reset_for_reuse
 
     def spy_create(*args: object, **kwargs: object) -> PooledSocket:
+        if world is not None and world.fail_creates:
+            world.fail_creates -= 1
+            world.log.append("   socket creation fails with InjectedError")
+            raise InjectedError("injected by a fail_create step")
         psock: PooledSocket = create.__get__(None, PooledSocket)(*args, **kwargs)
         created_inodes.add(socket_inode(psock.sock))
         return psock
@@ -350,12 +425,103 @@ async def _open(world: World, ts: TaskState, step: Step) -> None:
         if server.kind != "dead":
             world.violate(f"open {server} failed: {exc!r}")
         return
+    except InjectedError:
+        # Ours alone (I10): it reached the task whose socket failed.
+        world.log.append(f"   task {ts.number}: the open got the injected error")
+        return
     if server.kind == "dead":
         world.violate("connected to an address where nothing listens")
     m = StreamModel(number, ts.number, server, stream)
+    psock = stream._psock
+    if stream.kept_alive:
+        prev = world.last_on.get(psock)
+        if prev is None or not prev.released or prev.server is not server:
+            world.violate(f"I1: stream #{number} continues a connection nobody released to {server}: {prev}")
+            return
+        m.prev = prev
+        first = prev
+        while first.prev is not None:
+            first = first.prev
+        world.chains.setdefault(first.number, [first]).append(m)
+    world.last_on[psock] = m
     world.streams[number] = m
     ts.current = m
     world.log.append(f"   task {ts.number}: stream #{number} -> {server}")
+
+
+#: Servers that echo each read and keep the connection open: before a
+#: release the task reads what they still owe, as a protocol reads the whole
+#: answer before it gives a connection back.
+ECHOING_KINDS: Final = frozenset({"echo", "never_close", "close_later"})
+
+
+def _owed(m: StreamModel) -> int | None:
+    """Bytes an echoing server still owes this stream; None while its tag is incomplete."""
+    if m.attempted == 0:
+        return 0
+    if not _gets_tag(m):
+        return m.attempted - len(m.received)
+    end = m.received.find(b">")
+    if end < 0:
+        return None
+    return end + 1 + m.attempted - len(m.received)
+
+
+#: Servers whose answer ends with their FIN (or reset): a protocol reads to
+#: the end of it before it decides what to do with the connection.
+ANSWER_THEN_EOF_KINDS: Final = frozenset({"answer_close", "half_close", "answer_reset", "accept_close"})
+
+
+async def _release(world: World, ts: TaskState, m: StreamModel) -> None:
+    kind = m.server.kind
+    if kind in ECHOING_KINDS and not (m.broken or m.send_unknown or m.eof_sent):
+        while (owed := _owed(m)) is None or owed > 0:
+            before = len(m.received)
+            await _receive(world, m, 65536, to_eof=False)
+            if m.broken or len(m.received) == before:
+                break  # the server closed (close_later) or reset
+    elif kind in ANSWER_THEN_EOF_KINDS and not m.broken and (m.attempted or kind == "accept_close"):
+        await _receive(world, m, 65536, to_eof=True)
+    m.closed = True
+    m.released = True
+    if ts.current is m:
+        ts.current = None
+    ts.stale.append(m)
+    try:
+        await m.stream.release()
+    finally:
+        try:
+            m.stream.getpeername()
+        except trio.ClosedResourceError:
+            pass
+        else:
+            world.violate(f"I2: stream #{m.number} still usable after release")
+
+
+async def _drop(world: World, ts: TaskState, m: StreamModel) -> None:
+    """Forget the stream without closing it; the pool must reclaim its socket (I10)."""
+    ts.current = None
+    m.closed = m.dropped = True
+    # Its socket is closed with whatever is unread: the kernel may reset the
+    # peer, as for any socket closed that way (I7 does not apply).
+    m.broken = m.send_unknown = True
+    ref = weakref.ref(m.stream)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m._stream = None
+        if ref() is not None:
+            gc.collect()
+    stream = ref()
+    if stream is not None:
+        # Still referenced from somewhere (a traceback kept alive by an
+        # earlier exception): close it as the program would have.
+        world.log.append(f"   stream #{m.number} is still referenced: closed instead")
+        await stream.aclose()
+        return
+    warned = [w for w in caught if issubclass(w.category, ResourceWarning)]
+    if not any("unclosed RecyclingStream" in str(w.message) for w in warned):
+        world.violate(f"stream #{m.number} was garbage-collected without a ResourceWarning: {caught!r}")
+    await trio.lowlevel.checkpoint()  # the pool reclaims the socket in a callback
 
 
 async def _send(world: World, m: StreamModel, n: int) -> None:
@@ -438,6 +604,9 @@ async def perform(world: World, ts: TaskState, step: Step) -> None:
         await _poke(world, ts, POKES[step.arg])
     elif step.op == "sleep":
         await trio.sleep(step.arg / 1000)
+    elif step.op == "fail_create":
+        world.fail_creates += 1
+        await trio.lowlevel.checkpoint()
     elif step.op == "close_other":
         other = world.tasks[step.arg % len(world.tasks)]
         if other.current is not None and not other.current.closed:
@@ -459,6 +628,10 @@ async def perform(world: World, ts: TaskState, step: Step) -> None:
             await trio.lowlevel.checkpoint()
         elif step.op == "close":
             await _close(world, ts, m)
+        elif step.op == "release":
+            await _release(world, ts, m)
+        elif step.op == "drop":
+            await _drop(world, ts, m)
         elif m.broken:
             await trio.lowlevel.checkpoint()
         elif step.op == "send":
@@ -557,6 +730,8 @@ async def _run_in_pool(world: World, config: Config) -> None:
         peer_affinity=config.peer_affinity,
         drain_limit=config.drain_limit,
         eof_timeout=config.eof_timeout,
+        keepalive_expiry=config.keepalive_expiry,
+        capacity_per_peer=config.capacity_per_peer,
     ) as pool:
         world.pool = pool
         watch = CapacityWatch(world, pool)
@@ -585,11 +760,13 @@ async def _run_in_pool(world: World, config: Config) -> None:
     if left:
         world.violate(f"I5: tasks of the pool still running after its block: {left}")
     stats = pool.statistics()
-    if (stats.idle, stats.in_use, stats.draining, stats.tasks_waiting) != (0, 0, 0, 0) or (
+    if (stats.idle, stats.in_use, stats.draining, stats.tasks_waiting, stats.parked) != (0, 0, 0, 0, 0) or (
         stats.created != stats.discarded
     ):
         world.violate(f"I5: the pool still owns sockets after its block: {stats}")
     for m in world.streams.values():
+        if m.dropped:
+            continue
         try:
             m.stream.getsockname()
         except trio.ClosedResourceError:
@@ -627,6 +804,22 @@ def test_random_programs_keep_the_invariants(program: Program) -> None:
     stats = world.pool.statistics()
     event(f"reused: {'yes' if stats.reused else 'no'}")
     event(f"recycled: {'yes' if stats.recycled else 'no'}")
+    event(f"kept alive: {'yes' if stats.kept_alive else 'no'}")
+    event(f"release that did not park: {'yes' if stats.not_parked else 'no'}")
+    event(f"cancelled or timed out steps: {min(3, sum('cancelled' in e or 'timed out' in e for e in world.log))}")
+    event(f"streams dropped: {min(2, sum(e.endswith('drop the stream without closing it') for e in world.log))}")
+    event(f"injected errors that reached an open: {min(2, sum('got the injected error' in e for e in world.log))}")
+
+
+@settings(max_examples=settings().max_examples * 4)
+@given(keepalive_programs())
+def test_random_keepalive_programs_keep_the_invariants(program: Program) -> None:
+    """I1-I9 hold when tasks release connections and take them again, among closes, pokes and cancels."""
+    world = run(program)
+    assert world.pool is not None
+    stats = world.pool.statistics()
+    event(f"kept alive: {min(stats.kept_alive, 3)}")
+    event(f"release that did not park: {'yes' if stats.not_parked else 'no'}")
     event(f"cancelled or timed out steps: {min(3, sum('cancelled' in e or 'timed out' in e for e in world.log))}")
 
 
@@ -689,6 +882,23 @@ SCENARIOS: Final[dict[str, tuple[Config, list[list[Step]]]]] = {
         [[Step("open", NEVER_CLOSE), Step("send", 3), Step("recv", 64), Step("close"), Step("sleep", 1000)]],
     ),
     "aclose in the fallback": (Config(recycle=False), [[Step("open", ANSWER_CLOSE), Step("send", 3), Step("close")]]),
+    "release (park)": (Config(), [[Step("open", ECHO), Step("send", 3), Step("release")]]),
+    "release while a task waits for the same open (hand-off)": (
+        Config(capacity=1),
+        [[Step("open", ECHO), Step("send", 3), Step("sleep", 10), Step("release")], [Step("open", ECHO)]],
+    ),
+    "release of an unclean stream (close protocol)": (
+        Config(),
+        [[Step("open", ECHO), Step("send", 3), Step("sleep", 10), Step("send_eof"), Step("release")]],
+    ),
+    "open that takes a parked connection": (
+        Config(),
+        [[Step("open", ECHO), Step("send", 2), Step("release"), Step("open", ECHO)]],
+    ),
+    "open that takes a parked connection at a full pool": (
+        Config(capacity=1),
+        [[Step("open", ECHO), Step("release"), Step("open", ECHO)]],
+    ),
 }
 
 

@@ -696,3 +696,23 @@ async def test_server_closing_at_random(start_server: StartServer) -> None:
         assert pool.statistics().kept_alive > 0
         await drained(pool)
         check(pool)
+
+
+async def test_evicting_a_parked_connection_with_unread_bytes_does_not_reset_the_peer(
+    start_server: StartServer,
+) -> None:
+    """I7 at eviction: bytes that arrived since the watch last ran are read first: the peer gets our FIN, no RST."""
+    other = await start_server(keep_alive(KeepAlive()))
+    with _raw_listener() as listener:
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            conn = await _park_one(pool, listener)
+            conn.sendall(b"the end of an answer, late")
+            (psock,) = pool._store.sockets(parked=True)
+            await until_kernel(lambda: _peek(psock.sock) is not None)
+            # Evicted in this task step: the watch has not run.
+            stream = await pool.open_tcp_stream(other.host, other.port)
+            assert pool.statistics().parked == 0
+            conn.settimeout(5)
+            assert conn.recv(100) == b""  # our FIN; a reset would raise ConnectionResetError
+            conn.close()
+            await stream.aclose()

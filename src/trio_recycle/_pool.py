@@ -43,7 +43,7 @@ import errno
 import math
 import socket
 import weakref
-from typing import TYPE_CHECKING, Final, Protocol, final
+from typing import TYPE_CHECKING, Final, Literal, Protocol, final
 
 import attrs
 import outcome
@@ -71,6 +71,10 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
 
 __all__ = ["PoolStatistics", "SocketPool", "open_socket_pool"]
+
+# The pool's methods check first that they run in the pool's own trio.run
+# (issue 9; _stream.py says why).
+_current_trio_token: Final = trio.lowlevel.current_trio_token
 
 #: Default for ``open_socket_pool(capacity=...)``.
 DEFAULT_CAPACITY: Final = 64
@@ -197,7 +201,7 @@ class SocketPool:
     _not_parked: int = 0
 
     def __attrs_post_init__(self) -> None:
-        self._watch = Watch(self._keepalive_expiry, self._parked_event, self._parked_expired)
+        self._watch = Watch(self._keepalive_expiry, self._check_parked, self._parked_expired)
 
     # ------------------------------------------------------------------
     # Public API
@@ -259,7 +263,7 @@ class SocketPool:
           trio.ClosedResourceError: the pool's block has exited.
           RuntimeError: called from a trio.run other than the pool's.
         """
-        if trio.lowlevel.current_trio_token() is not self._token:
+        if _current_trio_token() is not self._token:
             raise wrong_run_error("SocketPool")
         validate_endpoint(host, port)
         validate_delay(happy_eyeballs_delay)
@@ -295,49 +299,42 @@ class SocketPool:
         if kept_alive:
             psock.handed_live = False
             self._kept_alive += 1
-        stream = RecyclingStream(self, psock, psock.sock, kept_alive=kept_alive)
+        stream = RecyclingStream(self, psock, psock.sock, kept_alive=kept_alive, token=self._token)
         self._in_use[psock] = weakref.ref(stream)
         return stream
 
     async def _take_parked(self, open_key: OpenKey) -> RecyclingStream | None:
         """Serve an open with a parked connection of ``open_key``; None: none was alive.
 
-        A connection whose peer closed meanwhile is disconnected and
-        connected again to the same address here (no DNS); the caller then
-        gets a fresh connection all the same.
+        The liveness check is the watch's: one poll of the private epoll
+        finds every parked connection with bytes, a FIN or an error, and
+        each is handled before anything is taken. A connection of this open
+        whose peer closed meanwhile is disconnected and connected again to
+        the same address here (no DNS), if no live one is left.
         """
         # Before taking anything, as in acquire_socket; after it, nothing
         # below awaits until the stream exists, except a reconnect, whose
         # failure discards the socket like any failed connect.
         await trio.lowlevel.checkpoint_if_cancelled()
-        while (psock := self._store.take_parked(open_key)) is not None:
-            self._watch.remove(psock)
-            try:
-                peeked = psock.sock.recv(1, socket.MSG_PEEK)
-            except BlockingIOError:
-                self._kept_alive += 1
-                stream = RecyclingStream(self, psock, psock.sock, kept_alive=True)
-                self._in_use[psock] = weakref.ref(stream)
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return stream
-            except OSError:
-                self._close_psock(psock)
-                self._free_slot()
-                continue
-            if peeked:
-                # Bytes nobody asked for (a second answer, say): they must
-                # never reach the next owner (I9). Discarded by the close
-                # protocol with the rest of the connection.
-                self._in_use[psock] = None
-                self.return_socket(psock, eof_seen=False, eof_sent=False, healthy=True)
-                continue
-            return await self._reconnect(psock, open_key)
-        return None
+        closed_by_peer = self._check_parked(open_key)
+        psock = self._store.take_parked(open_key)
+        if psock is None:
+            if closed_by_peer is None:
+                return None
+            return await self._reconnect(closed_by_peer, open_key)
+        if closed_by_peer is not None:
+            self._recycle_or_close(closed_by_peer)
+        self._watch.remove(psock)
+        self._kept_alive += 1
+        stream = RecyclingStream(self, psock, psock.sock, kept_alive=True, token=self._token)
+        self._in_use[psock] = weakref.ref(stream)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return stream
 
     async def _reconnect(self, psock: PooledSocket, open_key: OpenKey) -> RecyclingStream:
         """The peer closed a parked connection first: disconnect it and connect it again."""
         peer = psock.peer
-        if not psock.reset_for_reuse():
+        if not (self._recycle and psock.reset_for_reuse()):
             self._close_psock(psock)
             self._free_slot()
             family, type, proto, _, _ = psock.key
@@ -355,7 +352,7 @@ class SocketPool:
             raise
         self._check_open()
         psock.open_key = open_key
-        stream = RecyclingStream(self, psock, psock.sock)
+        stream = RecyclingStream(self, psock, psock.sock, token=self._token)
         self._in_use[psock] = weakref.ref(stream)
         return stream
 
@@ -400,7 +397,7 @@ class SocketPool:
           trio.ClosedResourceError: the pool's block has exited.
           RuntimeError: called from a trio.run other than the pool's.
         """
-        if trio.lowlevel.current_trio_token() is not self._token:
+        if _current_trio_token() is not self._token:
             raise wrong_run_error("SocketPool")
         validate_endpoint(host, port)
         validate_local_address(local_address)
@@ -413,7 +410,7 @@ class SocketPool:
         self._check_open()  # as in open_tcp_stream
         if self._in_use.get(psock, _GONE) is not None:  # pragma: no cover - defensive
             raise trio.ClosedResourceError("the socket was closed while it was connecting")
-        udp = RecyclingUDPSocket(self, psock, psock.sock)
+        udp = RecyclingUDPSocket(self, psock, psock.sock, token=self._token)
         self._in_use[psock] = weakref.ref(udp)
         return udp
 
@@ -500,22 +497,23 @@ class SocketPool:
         # idle socket only to close it in its error path.
         await trio.lowlevel.checkpoint_if_cancelled()
         key = (family, type, proto, local_address, peer if self._peer_affinity else None)
-        request = _Request(family, type, proto, local_address, key, peer, origin)
         if (
             replacing is not None
             and self._in_use.get(replacing, _GONE) is None
             and (self._waiters or (self._owned() >= self._capacity and not self._store))
             and _still_in_syn_sent(replacing.sock)
         ):
-            return self._take_over(replacing, request)
+            return self._take_over(replacing, _Request(family, type, proto, local_address, key, peer, origin))
+        limited = self._capacity_per_peer is not None
         if not self._waiters or not self._someone_servable():
-            if self._capacity_per_peer is not None and self._peer_full(peer):
+            if limited and self._peer_full(peer):
                 # A parked connection to the same peer (of another host
                 # name, say) makes room, as an idle socket does below.
                 victim = self._store.oldest_parked_for(peer)
                 if victim is not None:
                     self._evict(victim)
-            if self._capacity_per_peer is None or not self._peer_full(peer):
+                    self._serve_waiters()
+            if not (limited and self._peer_full(peer)):
                 psock = self._store.take_idle(key)
                 if psock is not None:
                     self._reused += 1
@@ -525,10 +523,12 @@ class SocketPool:
                     victim = self._store.oldest()
                     if victim is not None:
                         self._evict(victim)
+                        self._serve_waiters()
                 if self._owned() < self._capacity:
-                    psock = self._create(request)
+                    psock = self._create(_Request(family, type, proto, local_address, key, peer, origin))
                     self._give(psock, peer)
                     return psock
+        request = _Request(family, type, proto, local_address, key, peer, origin)
         task = trio.lowlevel.current_task()
         self._waiters[task] = request
 
@@ -626,24 +626,30 @@ class SocketPool:
         """
         if self._in_use.pop(psock, _GONE) is _GONE:
             return  # the pool's exit closed it already
-        if parkable and healthy and not (eof_seen or eof_sent or self._closed) and psock.open_key is not None:
-            try:
-                # The answer may have had more bytes than the caller read,
-                # or the peer may have closed already: either way the
-                # connection is not the clean one the next owner expects.
-                peeked = psock.sock.recv(1, socket.MSG_PEEK)
-            except BlockingIOError:
-                if psock.restore_options() and self._keep(psock):
-                    return
-            except OSError:
-                healthy = False
-            else:
-                eof_seen = not peeked
+        if (
+            parkable
+            and healthy
+            and not (eof_seen or eof_sent or self._closed)
+            and psock.open_key is not None
+            and psock.restore_options()
+        ):
+            kept = self._keep(psock)
+            if kept == "kept":
+                return
+            if kept == "found unclean":
+                self._not_parked += 1
+                return
         self._not_parked += 1
         self._close_protocol(psock, eof_seen=eof_seen, eof_sent=eof_sent, healthy=healthy)
 
-    def _keep(self, psock: PooledSocket) -> bool:
-        """A clean live connection: to a task waiting for the same open, else parked; False: neither."""
+    def _keep(self, psock: PooledSocket) -> Literal["kept", "refused", "found unclean"]:
+        """A live connection: to a task waiting for the same open, else parked.
+
+        Returns:
+          "kept" (handed over or parked), "refused" (the caller runs the
+          close protocol) or "found unclean" (parked, but the watch found
+          bytes, the peer's FIN or an error at once and handled it).
+        """
         if self._waiters:
             # Its own place does not count against its peer while the first
             # waiter that could be served is chosen.
@@ -652,48 +658,63 @@ class SocketPool:
             task = self._next_waiter()
             if task is not None:
                 request = self._waiters[task]
-                if request.origin == psock.open_key and request.peer == psock.peer:
+                if request.origin == psock.open_key and request.peer == psock.peer and _nothing_queued(psock.sock):
                     del self._waiters[task]
                     psock.handed_live = True
                     self._give(psock, psock.peer)
                     trio.lowlevel.reschedule(task, outcome.Value(psock))
-                    return True
+                    return "kept"
             if peer is not None:
                 self._count(psock, peer)
             if task is not None:
                 # No parking while a task that the room could serve waits:
                 # the close protocol frees the room.
-                return False
+                return "refused"
         try:
             self._watch.add(psock, self._nursery)
         except OSError:
-            return False
+            return "refused"
         assert psock.open_key is not None
         self._store.park(psock, psock.open_key)
-        return True
+        # The check for anything unread: the answer may have had more bytes
+        # than the caller read, or the peer may have closed already. Either
+        # way the connection is not the clean one the next owner expects,
+        # and the watch's handling closes or recycles it.
+        self._check_parked(None)
+        return "kept" if self._store.is_parked(psock) else "found unclean"
 
-    def _parked_event(self, psock: PooledSocket) -> None:
-        """The watch saw something on a parked connection: the peer's FIN, bytes or an error."""
-        self._store.remove(psock)
-        try:
-            peeked = psock.sock.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:  # pragma: no cover - level-triggered: something was there
-            self._watch.add(psock, self._nursery)
-            self._store.park(psock, psock.open_key)  # type: ignore[arg-type]
-            return
-        except OSError:
-            self._close_psock(psock)
-            self._free_slot()
-            return
-        if peeked:
-            # Unsolicited bytes (I9): discarded with the connection, never
-            # handed out. The close protocol may still recycle it, if the
-            # peer's FIN follows them.
-            self._close_protocol(psock, eof_seen=False, eof_sent=False, healthy=True)
-        else:
-            # The peer closed first: disconnecting now leaves no TIME_WAIT
-            # anywhere and frees the peer's state at once.
-            self._recycle_or_close(psock)
+    def _check_parked(self, key: OpenKey | None = None) -> PooledSocket | None:
+        """Handle every parked connection the watch finds ready: the peer's FIN, bytes or an error.
+
+        Returns:
+          With a ``key``: one connection of that key whose peer closed, not
+          yet disconnected, for the caller to reconnect; else None.
+        """
+        closed_by_peer = None
+        for psock in self._watch.ready():
+            self._store.remove(psock)
+            try:
+                peeked = psock.sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:  # pragma: no cover - level-triggered: something was there
+                self._watch.add(psock, self._nursery)
+                self._store.park(psock, psock.open_key)  # type: ignore[arg-type]
+                continue
+            except OSError:
+                self._close_psock(psock)
+                self._free_slot()
+                continue
+            if peeked:
+                # Unsolicited bytes (I9): discarded with the connection,
+                # never handed out. The close protocol may still recycle
+                # it, if the peer's FIN follows them.
+                self._close_protocol(psock, eof_seen=False, eof_sent=False, healthy=True)
+            elif key is not None and closed_by_peer is None and psock.open_key == key:
+                closed_by_peer = psock
+            else:
+                # The peer closed first: disconnecting now leaves no
+                # TIME_WAIT anywhere and frees the peer's state at once.
+                self._recycle_or_close(psock)
+        return closed_by_peer
 
     def _parked_expired(self, psock: PooledSocket) -> None:
         """A connection stayed parked for keepalive_expiry: close it politely (our FIN, then the drain)."""
@@ -704,10 +725,13 @@ class SocketPool:
         """Close an idle socket or a parked connection to make room for an open."""
         if self._store.remove(psock):
             # A parked connection is closed at once, not drained: the room
-            # is needed now. With nothing unread, close() sends our FIN and
-            # the kernel finishes the connection; TIME_WAIT stays with us,
-            # as after any close we start.
+            # is needed now. What arrived since the watch last looked is
+            # read and discarded first: close() with unread bytes would
+            # reset the peer (I7); with none it sends our FIN and the kernel
+            # finishes the connection. TIME_WAIT stays with us, as after
+            # any close we start.
             self._watch.remove(psock)
+            _discard_queued(psock.sock, self._drain_limit)
         self._close_psock(psock)
 
     def _close_protocol(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None:
@@ -774,7 +798,7 @@ class SocketPool:
     def _recycle_or_close(self, psock: PooledSocket) -> None:
         # A drain can see the peer's FIN in the same scheduler round as the
         # pool's exit, after _close() ran: then there is no idle to go to.
-        if not self._closed and psock.reset_for_reuse():
+        if self._recycle and not self._closed and psock.reset_for_reuse():
             self._put_idle(psock)
         else:
             self._close_psock(psock)
@@ -807,7 +831,8 @@ class SocketPool:
 
     def _put_idle(self, psock: PooledSocket) -> None:
         """A disconnected socket: to the first waiter who can use it, else idle."""
-        self._uncount(psock)
+        if psock.counted_peer is not None:
+            self._uncount(psock)
         psock.peer = psock.open_key = None
         if self._waiters and self._hand_off(psock):
             return
@@ -815,12 +840,27 @@ class SocketPool:
         self._store.put_idle(psock)
 
     def _close_psock(self, psock: PooledSocket) -> None:
-        self._uncount(psock)
+        if psock.counted_peer is not None:
+            self._uncount(psock)
         psock.close()
         self._discarded += 1
 
     def _free_slot(self) -> None:
         if self._waiters and not self._closed:
+            self._hand_off(None)
+
+    def _serve_waiters(self) -> None:
+        """After an eviction: serve the waiters it made servable (their peer was at its limit) first.
+
+        Only with ``capacity_per_peer``: without it a waiter is always
+        servable, and an arriving task evicts only when nobody waits.
+        """
+        while self._waiters and self._next_waiter() is not None:
+            if self._owned() >= self._capacity:
+                victim = self._store.oldest()
+                if victim is None:
+                    return
+                self._evict(victim)
             self._hand_off(None)
 
     def _next_waiter(self) -> trio.lowlevel.Task | None:
@@ -886,6 +926,8 @@ class SocketPool:
         # The watch first: its epoll must not hold descriptors being closed.
         self._watch.close()
         for psock in self._store.clear():
+            if psock.open_key is not None:  # parked: as in _evict
+                _discard_queued(psock.sock, self._drain_limit)
             self._close_psock(psock)
         self._nursery.cancel_scope.cancel()
 
@@ -896,6 +938,23 @@ _OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
 _C_INT_MIN: Final = -(2**31)
 _C_INT_MAX: Final = 2**31 - 1
 _TCP_SYN_SENT: Final = 2  # include/net/tcp_states.h
+
+
+def _discard_queued(sock: socket.socket, limit: int) -> None:
+    """Read and drop what a connected socket has queued (up to about ``limit`` bytes) before a close."""
+    with contextlib.suppress(OSError):
+        read_available(sock, limit)
+
+
+def _nothing_queued(sock: socket.socket) -> bool:
+    """Whether a connected socket has nothing to read: no bytes, no FIN, no error."""
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _still_in_syn_sent(sock: socket.socket) -> bool:

@@ -247,22 +247,30 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
             raise ValueError("max_bytes must be >= 1")
         await trio.lowlevel.checkpoint_if_cancelled()
         sock = self._sock
+        # After a wait, which is a full checkpoint, return without another
+        # one, as trio's own socket layer does: one scheduler round per
+        # call that blocks, not two.
+        waited = False
         while True:
             if self._closed:
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 raise closed_stream_error()
             try:
                 data = sock.recv(max_bytes)
             except BlockingIOError:
                 await self._wait(trio.lowlevel.wait_readable)
+                waited = True
             except OSError as exc:
                 self._healthy = False
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 raise translate_oserror(exc) from exc
             else:
                 if not data:
                     self._eof_seen = True
-                await trio.lowlevel.cancel_shielded_checkpoint()
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
 
     async def aclose(self) -> None:

@@ -15,6 +15,11 @@
 #   epoll's own descriptor, which is readable while any registered socket
 #   has an event. Woken, it asks the private epoll what is ready with
 #   poll(0) and hands each connection to the pool.
+# * The same poll(0) is the liveness check: release() registers the socket
+#   and polls, and an open polls before it takes a parked connection. One
+#   epoll_wait(0) covers every parked connection at once and costs less
+#   than a recv(MSG_PEEK) on one (no exception for EAGAIN), and whatever
+#   it finds is handled there and then, as the watcher would.
 # * No trio task ever waits on a parked socket itself, so trio's rule that
 #   only one task may wait on a descriptor (BusyResourceError) is never at
 #   stake: the next owner's first wait_readable is the only one.
@@ -52,13 +57,14 @@ _EVENTS: Final = select.EPOLLIN | select.EPOLLRDHUP
 class Watch:
     """The parked connections' watch; the pool decides what an event means.
 
-    ``on_event(psock)`` is called for a connection with something to read
-    (FIN, data) or an error; ``on_expired(psock)`` for one parked longer
-    than ``expiry`` seconds. Either way it is no longer watched by then.
+    ``on_ready()`` is called when some watched connection has something to
+    read (FIN, data) or an error: the pool then calls `ready` and handles
+    each. ``on_expired(psock)`` is called for one parked longer than
+    ``expiry`` seconds, no longer watched by then.
     """
 
     expiry: float
-    _on_event: Callable[[PooledSocket], None]
+    _on_ready: Callable[[], object]
     _on_expired: Callable[[PooledSocket], None]
     _epoll: select.epoll | None = None
     _by_fd: dict[int, PooledSocket] = attrs.field(factory=dict)
@@ -87,8 +93,13 @@ class Watch:
         epoll.register(fd, _EVENTS)
         self._by_fd[fd] = psock
         deadline = trio.current_time() + self.expiry
-        if not self._deadlines and self._scope is not None:
-            self._scope.deadline = deadline
+        scope = self._scope
+        # Only when the watcher sleeps with no deadline at all: a deadline it
+        # already has is earlier than this one (expiry is constant), and a
+        # wake-up for a connection taken since then only costs a spurious
+        # round. Setting a CancelScope's deadline is the dearest step here.
+        if scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline
         self._deadlines[psock] = deadline
 
     def remove(self, psock: PooledSocket) -> None:
@@ -111,11 +122,9 @@ class Watch:
                 except trio.ClosedResourceError:
                     return  # close(): the pool's exit
             self._scope = None
-            for fd, _ in epoll.poll(0):
-                psock = self._by_fd.get(fd)
-                if psock is not None:
-                    self.remove(psock)
-                    self._on_event(psock)
+            if self.closed:
+                return  # woken, then the pool's exit ran before this task did
+            self._on_ready()
             now = trio.current_time()
             while deadlines:
                 psock, deadline = next(iter(deadlines.items()))
@@ -123,6 +132,24 @@ class Watch:
                     break
                 self.remove(psock)
                 self._on_expired(psock)
+
+    def ready(self) -> list[PooledSocket]:
+        """The watched connections with something to read or an error, no longer watched (no await)."""
+        epoll = self._epoll
+        if epoll is None or not self._deadlines:
+            return []
+        found = []
+        for fd, _ in epoll.poll(0):
+            psock = self._by_fd.get(fd)
+            if psock is not None:
+                self.remove(psock)
+                found.append(psock)
+        return found
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called (the pool's exit)."""
+        return self._closed
 
     def close(self) -> None:
         """Forget every connection and close the epoll (the pool's exit closes the sockets)."""
