@@ -46,6 +46,7 @@ ALL_KINDS: Final = (
     "answer_reset",
     "flood",
     "accept_close",
+    "keep_3",
     "dead",
 )
 #: Kinds whose connections must never see a reset before they have sent
@@ -164,6 +165,22 @@ async def _close_later(stream: trio.SocketStream, conn: Conn, server: HostileSer
         await _echo_until_eof(stream, conn)
 
 
+#: How many reads "keep_3" echoes before it closes (a keep-alive server's request limit).
+KEEP_REQUESTS: Final = 3
+
+
+async def _keep_3(stream: trio.SocketStream, conn: Conn, server: HostileServer) -> None:
+    first = await _read(stream, conn)
+    if not first:
+        return
+    await stream.send_all(conn.tag + first)
+    for _ in range(KEEP_REQUESTS - 1):
+        data = await _read(stream, conn)
+        if not data:
+            return
+        await stream.send_all(data)
+
+
 _HANDLERS: Final[dict[str, Callable[[trio.SocketStream, Conn, HostileServer], Awaitable[None]]]] = {
     "echo": _echo,
     "answer_close": _answer_close,
@@ -173,6 +190,7 @@ _HANDLERS: Final[dict[str, Callable[[trio.SocketStream, Conn, HostileServer], Aw
     "flood": _flood,
     "accept_close": _accept_close,
     "close_later": _close_later,
+    "keep_3": _keep_3,
 }
 
 

@@ -62,7 +62,7 @@ PROGRAM_LIMIT: Final = 5000.0
 READ_LIMIT: Final = 16384
 #: Servers that may reset the client on their own (they close with unread
 #: data, or on purpose): a BrokenResourceError from them is not a bug.
-RESETTING_KINDS: Final = frozenset({"answer_close", "answer_reset", "accept_close", "close_later"})
+RESETTING_KINDS: Final = frozenset({"answer_close", "answer_reset", "accept_close", "close_later", "keep_3"})
 #: TCP states in which the peer's FIN has not arrived: a disconnect there
 #: would reset a peer that had not finished (I7).
 NO_FIN_STATES: Final = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2"}
@@ -452,7 +452,7 @@ async def _open(world: World, ts: TaskState, step: Step) -> None:
 #: Servers that echo each read and keep the connection open: before a
 #: release the task reads what they still owe, as a protocol reads the whole
 #: answer before it gives a connection back.
-ECHOING_KINDS: Final = frozenset({"echo", "never_close", "close_later"})
+ECHOING_KINDS: Final = frozenset({"echo", "never_close", "close_later", "keep_3"})
 
 
 def _owed(m: StreamModel) -> int | None:
