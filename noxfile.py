@@ -152,11 +152,12 @@ def build(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmarks: connect/close cycles with a concurrency sweep, keep-alive exchanges, the proxy, httpx."""
+    """The benchmarks: connect/close cycles, keep-alive exchanges, the proxy, the stale-connection race, httpx."""
     session.install(".[examples,httpx]", "matplotlib")
     session.run("python", "benchmarks/bench_cycles.py", *session.posargs)
     session.run("python", "benchmarks/bench_keepalive.py")
     session.run("python", "benchmarks/bench_proxy.py")
+    session.run("python", "benchmarks/bench_stale.py")
     session.run("python", "benchmarks/bench_httpx.py")
 
 

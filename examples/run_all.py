@@ -304,12 +304,53 @@ async def check_reverse_proxy_http_server() -> str:
 
 
 async def check_demo() -> str:
+    """The four default modes, one short round; and --help explains every mode."""
     output = await run(example("demo.py", "--duration", "1", "--rounds", "1"), 90)
     expect("requests/s through the proxy" in output, f"no table:\n{output}")
     expect("[ok] no failed request" in output, f"failed requests:\n{output}")
-    expect("[ok] no TIME_WAIT on the upstream with recycling" in output, f"TIME_WAIT left:\n{output}")
-    ratio = re.search(r"requests/s of plain: (\S+)", output)
-    return f"table printed, no failure, no TIME_WAIT; throughput ratio {ratio[1] if ratio else '?'} (noisy)"
+    for label in ("recycling only", "keep-alive + recycling"):
+        expect(f"[ok] no TIME_WAIT on the upstream with {label}" in output, f"TIME_WAIT left:\n{output}")
+    expect("[!!]" not in output, f"a check failed:\n{output}")
+    ratio = re.search(r"keep-alive \+ recycling / trio.open_tcp_stream: (\S+) requests/s", output)
+    usage = await run(example("demo.py", "--help"), 30)
+    for mode in ("plain", "no-recycle", "recycle", "keepalive-no-recycle", "keepalive"):
+        expect(f"\n  {mode} " in usage, f"--help does not explain {mode}:\n{usage}")
+    words = " ".join(usage.split())
+    expect("(default plain,recycle,keepalive-no-recycle,keepalive)" in words, f"--help: --modes default:\n{usage}")
+    return f"four modes, no failure, no TIME_WAIT; keep-alive + recycling / plain {ratio[1] if ratio else '?'} (noisy)"
+
+
+async def check_reverse_proxy_keepalive() -> str:
+    """Two keep-alive upstreams in turn: connections kept alive, recycled when an upstream closes."""
+    keep = ("--keepalive-requests", "3", "--size", "32")
+    async with upstream_server(*keep) as first, upstream_server(*keep) as second:
+        argv = ["--upstream", second.address, "--capacity-per-peer", "2"]
+        async with reverse_proxy(first.address, *argv) as proxy:
+            responses = await exchange(proxy.address, *[get(f"/{number}") for number in range(12)])
+            report = await proxy.stop()
+        served = [await first.stop(), await second.stop()]
+    expect([r.status for r in responses] == [200] * 12, f"statuses: {[r.status for r in responses]}")
+    expect(all(r.body.startswith(f"GET /{n}\n".encode()) for n, r in enumerate(responses)), "a body of another request")
+    expect(all("served 6 requests" in text for text in served), f"not taken in turn: {served}")
+    expect_clean_exit(report)
+    stats = re.search(r"created=(\d+).*kept_alive=(\d+)", report)
+    # Each upstream closes after 3 requests: per upstream, 6 requests are 2
+    # connections of 3, the second on the first one's recycled socket.
+    expect(stats is not None and stats[1] == "2" and stats[2] == "8", f"pool statistics: {report}")
+    return "12 requests over 2 upstreams, 2 sockets, 8 on kept-alive connections"
+
+
+async def check_keepalive_client() -> str:
+    async with upstream_server("--keepalive-requests", "50") as upstream:
+        argv = example("keepalive_client.py", "--upstream", upstream.address, "--requests", "1000")
+        output = await run(argv, 60)
+        await upstream.stop()
+    counts = re.search(r"socket\(\) calls: (\d+), requests on a kept-alive connection: (\d+)", output)
+    if counts is None or "0 failed" not in output:
+        raise CheckFailed(f"unexpected output:\n{output}")
+    expect(int(counts[1]) <= 8, f"more sockets than concurrency: {counts[0]}")
+    expect(int(counts[2]) >= 900, f"too few requests on kept-alive connections: {counts[0]}")
+    return f"1000 requests, {counts[1]} socket() calls, {counts[2]} on kept-alive connections"
 
 
 #: Each check, and the example scripts it runs. A new example needs a line
@@ -360,6 +401,8 @@ CHECKS: Final[list[tuple[Callable[[], Awaitable[str]], tuple[str, ...]]]] = [
     (check_reverse_proxy, ("reverse_proxy.py",)),
     (check_reverse_proxy_errors, ("reverse_proxy.py",)),
     (check_reverse_proxy_http_server, ("reverse_proxy.py",)),
+    (check_reverse_proxy_keepalive, ("reverse_proxy.py", "upstream_server.py")),
+    (check_keepalive_client, ("keepalive_client.py",)),
     (check_demo, ("demo.py",)),
     (check_udp_query, ("udp_query.py",)),
     (check_httpx_fetch, ("httpx_fetch.py",)),

@@ -1,11 +1,17 @@
-"""A tiny HTTP upstream that closes the connection after every response.
+"""A tiny HTTP upstream that closes the connection after every response, or keeps it alive.
 
-What it shows: the kind of backend trio-recycle is for. Like an HTTP/1.0
-server, it answers one request per connection with ``Connection: close``
-and closes first, so a client that reads the response to its end (the
-server's FIN) can recycle its socket, and nobody is left with a TIME_WAIT
-entry. The other examples (``reverse_proxy.py``, ``fetcher.py``,
-``demo.py``) run against it; it needs nothing but trio.
+What it shows: the kind of backend trio-recycle is for. By default, like an
+HTTP/1.0 server, it answers one request per connection with
+``Connection: close`` and closes first, so a client that reads the response
+to its end (the server's FIN) can recycle its socket, and nobody is left
+with a TIME_WAIT entry. With ``--keepalive-requests K`` it keeps a
+connection alive for up to K requests, as nginx does (``keepalive_requests``):
+the K-th answer says ``Connection: close``, and a connection idle for
+``--keepalive-timeout`` seconds is closed without a word
+(``keepalive_timeout``). A request with ``Connection: close``, or an
+HTTP/1.0 one, is answered and closed. The other examples
+(``reverse_proxy.py``, ``fetcher.py``, ``demo.py``) run against it; it
+needs nothing but trio.
 
 Each response body is ``"<METHOD> <target>\\n"`` followed by the request
 body, padded with ``.`` to ``--size`` bytes, so a client can check that it
@@ -17,6 +23,7 @@ Run it::
     curl -i http://127.0.0.1:8000/hello
 
 ``--delay 5`` makes it a slow upstream (it waits before answering);
+``--keepalive-requests 100 --keepalive-timeout 5`` a keep-alive one;
 ``--listen 127.0.0.1:0`` picks a free port. It prints
 ``listening on HOST:PORT`` once it accepts connections and, on Ctrl-C,
 how many requests it served.
@@ -36,7 +43,7 @@ import trio
 MAX_HEAD: Final = 65536
 #: Longest request body accepted; bigger ones get 413.
 MAX_BODY: Final = 1 << 20
-#: Seconds a client gets to send its whole request.
+#: Seconds a client gets to send its whole request, once its first byte came.
 REQUEST_TIMEOUT: Final = 10.0
 
 
@@ -46,12 +53,18 @@ class Config:
     port: int
     size: int
     delay: float
+    #: Requests served per connection; the last answer says Connection: close.
+    keepalive_requests: int = 1
+    #: Seconds a kept-alive connection may wait for its next request.
+    keepalive_timeout: float = 5.0
 
 
 @attrs.define
 class Counters:
     served: int = 0
     rejected: int = 0
+    #: Connections closed because they were idle for ``keepalive_timeout``.
+    idle_closed: int = 0
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -59,11 +72,34 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT to listen on (port 0: any free port)")
     parser.add_argument("--size", type=int, default=0, help="pad each response body to this many bytes")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before answering")
+    parser.add_argument(
+        "--keepalive-requests",
+        type=int,
+        default=1,
+        metavar="K",
+        help="requests per connection; the K-th answer says Connection: close (default 1: close after every answer)",
+    )
+    parser.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=5.0,
+        metavar="T",
+        help="seconds a kept-alive connection may stay idle before it is closed (default 5)",
+    )
     args = parser.parse_args(argv)
     host, port = split_host_port(args.listen)
     if args.size < 0 or args.size > MAX_BODY or args.delay < 0:
         parser.error("--size must be in 0..1048576 and --delay >= 0")
-    return Config(host=host, port=port, size=args.size, delay=args.delay)
+    if args.keepalive_requests < 1 or not args.keepalive_timeout > 0:
+        parser.error("--keepalive-requests must be >= 1 and --keepalive-timeout > 0")
+    return Config(
+        host=host,
+        port=port,
+        size=args.size,
+        delay=args.delay,
+        keepalive_requests=args.keepalive_requests,
+        keepalive_timeout=args.keepalive_timeout,
+    )
 
 
 def split_host_port(text: str) -> tuple[str, int]:
@@ -78,9 +114,10 @@ def format_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def response(status: str, body: bytes, *, head_only: bool = False) -> bytes:
+def response(status: str, body: bytes, *, head_only: bool = False, close: bool = True) -> bytes:
+    connection = "Connection: close\r\n" if close else ""
     head = (
-        f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n{connection}\r\n"
     ).encode()
     return head if head_only else head + body
 
@@ -106,9 +143,19 @@ async def receive(sock: socket.socket, buffer: bytearray) -> bool:
             return bool(data)
 
 
-async def read_request(sock: socket.socket) -> tuple[bytes, bytes] | bytes | None:
-    """Return (request line, body), an error response, or None if the client left."""
-    buffer = bytearray()
+@attrs.frozen
+class Request:
+    line: bytes
+    body: bytes
+    #: The client asked to close after this request (Connection: close, or HTTP/1.0).
+    close: bool
+
+
+async def read_request(sock: socket.socket, buffer: bytearray) -> Request | bytes | None:
+    """Return the next request, an error response, or None if the client left.
+
+    ``buffer`` holds what was received beyond the previous request.
+    """
     while (end := buffer.find(b"\r\n\r\n")) < 0:
         if len(buffer) > MAX_HEAD:
             return response("431 Request Header Fields Too Large", b"request head too large\n")
@@ -116,6 +163,7 @@ async def read_request(sock: socket.socket) -> tuple[bytes, bytes] | bytes | Non
             return None
     line, *fields = bytes(buffer[:end]).split(b"\r\n")
     length = 0
+    close = not line.endswith(b"HTTP/1.1")
     for field in fields:
         name, _, value = field.partition(b":")
         name = name.strip().lower()
@@ -125,13 +173,17 @@ async def read_request(sock: socket.socket) -> tuple[bytes, bytes] | bytes | Non
             if not value.strip().isdigit():
                 return response("400 Bad Request", b"bad Content-Length\n")
             length = int(value)
+        if name == b"connection" and b"close" in value.lower():
+            close = True
     if length > MAX_BODY:
         return response("413 Content Too Large", b"request body too large\n")
     del buffer[: end + 4]
     while len(buffer) < length:
         if not await receive(sock, buffer):
             return None
-    return line, bytes(buffer[:length])
+    body = bytes(buffer[:length])
+    del buffer[:length]
+    return Request(line, body, close)
 
 
 async def send_all(sock: socket.socket, data: bytes) -> None:
@@ -147,24 +199,39 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
 
 async def handle(sock: socket.socket, config: Config, counters: Counters) -> None:
     with sock:
+        buffer = bytearray()
         try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                request = await read_request(sock)
-            if request is None:
-                return
-            if isinstance(request, bytes):
-                counters.rejected += 1
-                await send_all(sock, request)
-                return
-            line, body = request
-            method, _, rest = line.partition(b" ")
-            target = rest.rpartition(b" ")[0] or rest
-            payload = method + b" " + target + b"\n" + body
-            payload += b"." * (config.size - len(payload))
-            if config.delay:
-                await trio.sleep(config.delay)
-            await send_all(sock, response("200 OK", payload, head_only=method == b"HEAD"))
-            counters.served += 1
+            for number in range(1, config.keepalive_requests + 1):
+                if number > 1 and not buffer:
+                    # Idle between requests: close after keepalive_timeout,
+                    # without a word, as nginx does. A request that crosses
+                    # our close on the wire meets a closed socket: that is
+                    # the race a client of a keep-alive server must handle.
+                    with trio.move_on_after(config.keepalive_timeout):
+                        if not await receive(sock, buffer):
+                            return
+                    if not buffer:
+                        counters.idle_closed += 1
+                        return
+                with trio.fail_after(REQUEST_TIMEOUT):
+                    request = await read_request(sock, buffer)
+                if request is None:
+                    return
+                if isinstance(request, bytes):
+                    counters.rejected += 1
+                    await send_all(sock, request)
+                    return
+                method, _, rest = request.line.partition(b" ")
+                target = rest.rpartition(b" ")[0] or rest
+                payload = method + b" " + target + b"\n" + request.body
+                payload += b"." * (config.size - len(payload))
+                if config.delay:
+                    await trio.sleep(config.delay)
+                close = request.close or number == config.keepalive_requests
+                await send_all(sock, response("200 OK", payload, head_only=method == b"HEAD", close=close))
+                counters.served += 1
+                if close:
+                    return
         except (OSError, trio.TooSlowError):
             # The client reset or stalled: nothing to answer.
             return
@@ -211,7 +278,11 @@ async def main(config: Config) -> None:
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
-    print(f"served {counters.served} requests, rejected {counters.rejected}", flush=True)
+    print(
+        f"served {counters.served} requests, rejected {counters.rejected},"
+        f" closed {counters.idle_closed} idle connections",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -57,3 +57,24 @@ def test_bench_keepalive_quick_run_prints_its_table() -> None:
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 32 |")]
     assert len(rows) == 6
     assert sum("pool open + release()" in row for row in rows) == 2
+
+
+STALE = BENCH.parent / "bench_stale.py"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the upstream example and the benchmark are Linux's")
+def test_bench_stale_quick_run_loses_no_request_with_the_retry(tmp_path: Path) -> None:
+    """`bench_stale.py --quick`: the pool with the kept_alive retry loses nothing; the tables are written."""
+    result = subprocess.run(
+        [sys.executable, str(STALE), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    document = json.loads((tmp_path / "stale.json").read_text())
+    retried = document["runs"]["pool + retry"]
+    assert [sum(run["failures"].values()) for run in retried] == [0]
+    assert retried[0]["requests"] == 200
+    assert "| pool + retry | 200 | 0 |" in (tmp_path / "stale.md").read_text()

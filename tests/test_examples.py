@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 from contextlib import asynccontextmanager
@@ -37,10 +38,26 @@ class Proxy:
     address: str
 
 
-async def start_upstream(nursery: trio.Nursery, *, delay: float = 0.0, size: int = 0) -> tuple[str, int]:
+async def start_upstream(
+    nursery: trio.Nursery,
+    *,
+    delay: float = 0.0,
+    size: int = 0,
+    keepalive_requests: int = 1,
+    keepalive_timeout: float = 5.0,
+    counters: upstream_server.Counters | None = None,
+) -> tuple[str, int]:
     """The upstream_server example, in this process."""
-    config = upstream_server.Config(host="127.0.0.1", port=0, size=size, delay=delay)
-    address: tuple[str, int] = await nursery.start(upstream_server.serve, config, upstream_server.Counters())
+    config = upstream_server.Config(
+        host="127.0.0.1",
+        port=0,
+        size=size,
+        delay=delay,
+        keepalive_requests=keepalive_requests,
+        keepalive_timeout=keepalive_timeout,
+    )
+    counters = upstream_server.Counters() if counters is None else counters
+    address: tuple[str, int] = await nursery.start(upstream_server.serve, config, counters)
     return address
 
 
@@ -52,10 +69,19 @@ async def start_raw_upstream(nursery: trio.Nursery, answer: Callable[[trio.Socke
 
 
 @asynccontextmanager
-async def running_proxy(host: str, port: int, *, upstream_timeout: float = 5.0) -> AsyncIterator[Proxy]:
-    """The reverse proxy over a pool of capacity 8, serving on a free port."""
-    async with trio_recycle.open_socket_pool(capacity=8) as pool:
-        proxy = reverse_proxy.Proxy(reverse_proxy.PooledUpstream(pool, host, port), b"upstream", upstream_timeout)
+async def running_proxy(
+    host: str,
+    port: int,
+    *more: tuple[str, int],
+    upstream_timeout: float = 5.0,
+    keepalive: bool = True,
+    retry_stale: bool = True,
+    capacity: int = 8,
+) -> AsyncIterator[Proxy]:
+    """The reverse proxy over a pool of capacity 8, serving on a free port; ``more`` upstreams in turn."""
+    async with trio_recycle.open_socket_pool(capacity=capacity) as pool:
+        upstream = reverse_proxy.PooledUpstream(pool, reverse_proxy.RoundRobin(((host, port), *more)), keepalive)
+        proxy = reverse_proxy.Proxy(upstream, b"upstream", upstream_timeout, retry_stale)
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         address = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
         async with trio.open_nursery() as nursery:
@@ -77,7 +103,7 @@ async def settled(pool: trio_recycle.SocketPool) -> trio_recycle.PoolStatistics:
     """The pool's statistics once no socket is in use or draining; every socket accounted for."""
     await eventually(lambda: pool.statistics().in_use == pool.statistics().draining == 0)
     stats = pool.statistics()
-    assert stats.idle == stats.created - stats.discarded, stats
+    assert stats.idle + stats.parked == stats.created - stats.discarded, stats
     return stats
 
 
@@ -194,7 +220,7 @@ async def test_plain_mode_uses_trio_open_tcp_stream(nursery: trio.Nursery) -> No
     host, port = await start_upstream(nursery)
     with trio.fail_after(TEST_TIMEOUT):
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        async with reverse_proxy.open_upstream(host, port, mode="plain", capacity=8) as upstream:
+        async with reverse_proxy.open_upstream([(host, port)], mode="plain", capacity=8) as upstream:
             proxy = reverse_proxy.Proxy(upstream, b"upstream", 5.0)
             async with trio.open_nursery() as inner:
                 inner.start_soon(trio.serve_listeners, proxy.handle, listeners)
@@ -231,7 +257,9 @@ async def test_fetcher_and_demo_run_clean(nursery: trio.Nursery) -> None:
     host, port = await start_upstream(nursery)
     fetcher = [sys.executable, str(EXAMPLES / "fetcher.py"), "--upstream", f"{host}:{port}", "--requests", "100"]
     demo = [sys.executable, str(EXAMPLES / "demo.py"), "--duration", "0.3", "--rounds", "1", "--connections", "4"]
-    with trio.fail_after(TEST_TIMEOUT):
+    # The two modes that recycle, whose TIME_WAIT the demo checks; run_all.py runs all four.
+    demo += ["--modes", "recycle,keepalive"]
+    with trio.fail_after(2 * TEST_TIMEOUT):
         async with trio.open_nursery() as inner:
             results: dict[str, subprocess.CompletedProcess[bytes]] = {}
 
@@ -244,7 +272,281 @@ async def test_fetcher_and_demo_run_clean(nursery: trio.Nursery) -> None:
     assert fetched.returncode == 0, fetched.stdout.decode()
     assert b"TIME_WAIT left on server" in fetched.stdout
     assert demoed.returncode == 0, demoed.stdout.decode()
-    assert b"[ok] no TIME_WAIT on the upstream with recycling" in demoed.stdout
+    assert b"[ok] no TIME_WAIT on the upstream with recycling only" in demoed.stdout
+    assert b"[ok] no TIME_WAIT on the upstream with keep-alive + recycling" in demoed.stdout
+
+
+# ---------------------------------------------------------------------------
+# Keep-alive: upstream connections released after a clean response
+
+
+async def test_keepalive_upstream_serves_every_request_on_one_connection(nursery: trio.Nursery) -> None:
+    """A keep-alive upstream: one socket, one connect, every later request on the parked connection."""
+    host, port = await start_upstream(nursery, keepalive_requests=100)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_proxy(host, port) as proxy:
+            requests = [get(f"/{number}") for number in range(5)]
+            responses = await run_all.exchange(proxy.address, *requests)
+            assert [r.status for r in responses] == [200] * 5
+            assert [r.body for r in responses] == [f"GET /{number}\n".encode() for number in range(5)]
+            stats = await settled(proxy.pool)
+    assert (stats.created, stats.kept_alive, stats.parked) == (1, 4, 1)
+    assert stats.discarded == stats.recycled == 0
+
+
+async def test_upstream_closing_after_k_requests_is_recycled_never_kept(nursery: trio.Nursery) -> None:
+    """Its K-th answer says Connection: close: the proxy reads its FIN and recycles; nothing is parked then."""
+    host, port = await start_upstream(nursery, keepalive_requests=2)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_proxy(host, port) as proxy:
+            responses = await run_all.exchange(proxy.address, *[get(f"/{number}") for number in range(5)])
+            assert [r.status for r in responses] == [200] * 5
+            stats = await settled(proxy.pool)
+    # Requests 1, 3, 5 open a connection (the socket recycled after 2 and 4),
+    # requests 2 and 4 continue the parked one.
+    assert (stats.created, stats.kept_alive, stats.recycled) == (1, 2, 2)
+    assert stats.parked == 1
+    assert stats.discarded == 0
+
+
+async def test_no_keepalive_sends_connection_close_and_parks_nothing(nursery: trio.Nursery) -> None:
+    """The old behaviour: a connection per request, even to an upstream that would keep it."""
+    host, port = await start_upstream(nursery, keepalive_requests=100)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_proxy(host, port, keepalive=False) as proxy:
+            responses = await run_all.exchange(proxy.address, get("/a"), get("/b"), get("/c"))
+            assert [r.status for r in responses] == [200] * 3
+            stats = await settled(proxy.pool)
+    assert (stats.kept_alive, stats.parked, stats.recycled) == (0, 0, 3)
+
+
+OK_KEEP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", id="http-1.0"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", id="close"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n\r\nok", id="body-to-eof"),
+    ],
+)
+async def test_a_response_that_forbids_keepalive_is_never_released(nursery: trio.Nursery, answer: bytes) -> None:
+    """HTTP/1.0, Connection: close, a body ended by the upstream's EOF: the connection is not parked."""
+
+    async def answers(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some()
+            await stream.send_all(answer)
+
+    port = await start_raw_upstream(nursery, answers)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_proxy("127.0.0.1", port) as proxy:
+            host, _, proxy_port = proxy.address.rpartition(":")
+            stream = await trio.open_tcp_stream(host, int(proxy_port))
+            async with stream:
+                await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                data = b"".join([chunk async for chunk in stream])
+            assert data.startswith(b"HTTP/1.1 200 ")
+            assert b"ok" in data.partition(b"\r\n\r\n")[2]
+            stats = await settled(proxy.pool)
+    assert (stats.parked, stats.kept_alive) == (0, 0)
+    assert stats.created == 1
+
+
+POISON = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON"
+
+
+@pytest.mark.parametrize("gap", [None, 0.0, 0.05], ids=["same-write", "next-write", "while-parked"])
+async def test_bytes_past_the_end_of_a_response_never_reach_the_next_client(
+    nursery: trio.Nursery, gap: float | None
+) -> None:
+    """Response-queue poisoning: a valid-looking second response after the first is never relayed.
+
+    Sent in the same write, h11 holds it past the end of the first response
+    and the proxy does not release; sent right after, ``release()`` finds it
+    queued; sent later, the pool's watch finds it while parked. Whichever
+    catches it, the next request gets its own answer.
+    """
+
+    async def poisoner(stream: trio.SocketStream) -> None:
+        async with stream:
+            buffer = bytearray()
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = await stream.receive_some()
+                    if not data:
+                        return
+                    buffer += data
+                line = bytes(buffer[: buffer.index(b"\r\n")])
+                del buffer[: buffer.index(b"\r\n\r\n") + 4]
+                body = line.split()[1]
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                if gap is None:
+                    await stream.send_all(answer + POISON)
+                    continue
+                await stream.send_all(answer)
+                await trio.sleep(gap)
+                await stream.send_all(POISON)
+
+    port = await start_raw_upstream(nursery, poisoner)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_proxy("127.0.0.1", port) as proxy:
+            for number in range(4):
+                (response,) = await run_all.exchange(proxy.address, get(f"/{number}"))
+                assert (response.status, response.body) == (200, f"/{number}".encode())
+                await trio.sleep(0.1)  # the poison is on its way or there
+            stats = await settled(proxy.pool)
+    assert stats.kept_alive == 0
+    assert stats.discarded + stats.parked + stats.idle <= stats.created
+
+
+async def test_stale_kept_alive_connection_retries_an_idempotent_request(nursery: trio.Nursery) -> None:
+    """The upstream closes a kept-alive connection on our request: GET is sent again, POST gets 502."""
+
+    async def forgets(stream: trio.SocketStream) -> None:
+        # Answers the first request of each connection, then takes the next
+        # one and closes without a word, as an idle timeout crossing the
+        # request on the wire does.
+        async with stream:
+            buffer = bytearray()
+            for number in range(2):
+                while b"\r\n\r\n" not in buffer:
+                    data = await stream.receive_some()
+                    if not data:
+                        return
+                    buffer += data
+                del buffer[: buffer.index(b"\r\n\r\n") + 4]
+                if number == 0:
+                    await stream.send_all(OK_KEEP)
+
+    port = await start_raw_upstream(nursery, forgets)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_proxy("127.0.0.1", port, capacity=1) as proxy:
+            first, second = await run_all.exchange(proxy.address, get("/1"), get("/2"))
+            assert (first.status, second.status) == (200, 200)
+            assert proxy.proxy.stats.retried == 1
+            post = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx"
+            (refused,) = await run_all.exchange(proxy.address, post)
+            assert refused.status == 502
+            assert proxy.proxy.stats.retried == 1
+            stats = await settled(proxy.pool)
+    assert stats.kept_alive == 2
+
+
+async def test_a_fresh_connection_that_fails_is_not_retried(nursery: trio.Nursery) -> None:
+    """Only a kept-alive connection may be stale: a new one that fails is the upstream's failure."""
+
+    async def hangs_up(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some()
+
+    port = await start_raw_upstream(nursery, hangs_up)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_proxy("127.0.0.1", port) as proxy:
+            (response,) = await run_all.exchange(proxy.address, get("/"))
+            assert response.status == 502
+            assert proxy.proxy.stats.retried == 0
+            await settled(proxy.pool)
+
+
+async def test_upstreams_are_taken_in_turn(nursery: trio.Nursery) -> None:
+    """--upstream twice: requests alternate between the two, each with its own kept-alive connection."""
+    first, second = upstream_server.Counters(), upstream_server.Counters()
+    host, port = await start_upstream(nursery, keepalive_requests=100, counters=first)
+    other = await start_upstream(nursery, keepalive_requests=100, counters=second)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_proxy(host, port, other) as proxy:
+            responses = await run_all.exchange(proxy.address, *[get(f"/{number}") for number in range(6)])
+            assert [r.status for r in responses] == [200] * 6
+            stats = await settled(proxy.pool)
+    assert (first.served, second.served) == (3, 3)
+    assert (stats.created, stats.kept_alive, stats.parked) == (2, 4, 2)
+
+
+async def test_idle_timeout_equal_to_the_gap_loses_no_request() -> None:
+    """The stale-connection race: the upstream closes after T idle, clients pause T; 0 of 1,000 fail.
+
+    The upstream runs in its own process, so that its close and our
+    request really cross; the retry of `Proxy.start` must save every one.
+    """
+    gap, clients, rounds = 0.02, 20, 50
+    argv = [
+        sys.executable,
+        str(EXAMPLES / "upstream_server.py"),
+        "--listen",
+        "127.0.0.1:0",
+        "--keepalive-requests",
+        "100000",
+        "--keepalive-timeout",
+        str(gap),
+    ]
+    failures: list[str] = []
+    with trio.fail_after(60):
+        async with run_all.serve(argv, run_all.LISTENING) as upstream:
+            async with running_proxy(upstream.host, upstream.port, capacity=clients) as proxy:
+
+                async def client(number: int) -> None:
+                    host, _, port = proxy.address.rpartition(":")
+                    stream = await trio.open_tcp_stream(host, int(port))
+                    async with stream:
+                        buffer = bytearray()
+                        for sequence in range(rounds):
+                            path = f"/{number}/{sequence}"
+                            await stream.send_all(get(path))
+                            response = await run_all.read_response(stream, buffer)
+                            if response.status != 200 or response.body != f"GET {path}\n".encode():
+                                failures.append(f"{path}: {response.status} {response.body[:80]!r}")
+                            await trio.sleep(gap)
+
+                async with trio.open_nursery() as clients_nursery:
+                    for number in range(clients):
+                        clients_nursery.start_soon(client, number)
+                stats = await settled(proxy.pool)
+            report = await upstream.stop()
+    assert failures == [], (proxy.proxy.stats, stats)
+    assert proxy.proxy.stats.requests == clients * rounds
+    print(f"retried {proxy.proxy.stats.retried}; {stats}; upstream: {report.strip()}")
+    # The upstream closed idle connections under our feet, many times.
+    closed = re.search(r"closed (\d+) idle connections", report)
+    assert closed is not None, report
+    assert int(closed[1]) > 0
+
+
+async def test_head_and_post_keep_the_connection_alive(nursery: trio.Nursery) -> None:
+    """A HEAD answer has no body and a POST's body is read to its end: both leave the connection parked."""
+    host, port = await start_upstream(nursery, keepalive_requests=100, size=16)
+    head = b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n"
+    post = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody"
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_proxy(host, port) as proxy:
+            proxy_host, _, proxy_port = proxy.address.rpartition(":")
+            stream = await trio.open_tcp_stream(proxy_host, int(proxy_port))
+            async with stream:
+                await stream.send_all(head)
+                buffer = bytearray()
+                while b"\r\n\r\n" not in buffer:
+                    buffer += await stream.receive_some()
+                assert buffer.startswith(b"HTTP/1.1 200 ")
+                assert buffer.endswith(b"\r\n\r\n")
+            (posted,) = await run_all.exchange(proxy.address, post)
+            assert posted.body.startswith(b"POST /p\nbody")
+            stats = await settled(proxy.pool)
+    assert (stats.created, stats.kept_alive, stats.parked) == (1, 1, 1)
+
+
+def test_command_line_takes_several_upstreams_and_the_keepalive_switches() -> None:
+    args = reverse_proxy.parse_args(
+        ["--upstream", "127.0.0.1:1", "--upstream", "[::1]:2", "--capacity-per-peer", "3", "--no-keepalive"]
+    )
+    assert args.upstreams == (("127.0.0.1", 1), ("::1", 2))
+    assert (args.capacity_per_peer, args.mode) == (3, "recycle")
+    assert reverse_proxy.parse_args(["--upstream", "h:1"]).mode == "keepalive"
+    assert reverse_proxy.parse_args(["--upstream", "h:1", "--no-recycle"]).mode == "keepalive-no-recycle"
+    assert reverse_proxy.parse_args(["--upstream", "h:1", "--no-recycle", "--no-keepalive"]).mode == "no-recycle"
+    assert reverse_proxy.parse_args(["--upstream", "h:1", "--plain"]).mode == "plain"
+    with pytest.raises(SystemExit):
+        reverse_proxy.parse_args(["--upstream", "h:1", "--capacity-per-peer", "0"])
 
 
 def test_run_all_checks_every_example() -> None:
