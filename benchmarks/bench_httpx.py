@@ -19,7 +19,7 @@ client's CPU time per request (user + system, from getrusage: the steadier
 figure when the machine is shared), ``socket()`` calls (an audit hook) and
 TIME_WAIT entries left on its upstream. The ratios pool/stock, of the
 medians and paired (the median of the per-round ratios), are checked
-against the targets of DESIGN.md (>= 1.3x at 1 task and >= 1.15x at 16
+against the targets of docs/benchmarks.md (>= 1.3x at 1 task and >= 1.15x at 16
 tasks against the closing upstream, >= 0.95x against keep-alive, no
 TIME_WAIT on the upstream, ``socket()`` calls within the pool's capacity).
 

@@ -15,7 +15,7 @@ interleaved, three ways:
   ``stream.release()`` (a non-blocking peek, the watch's epoll
   registration).
 
-The target (DESIGN.md "Performance", issue 10): a pool exchange costs at
+The target (docs/benchmarks.md): a pool exchange costs at
 most 10 us more than a raw one, ``1e6/pool rate - 1e6/raw rate``, at 1 and
 32 tasks (pool capacity = tasks). Every measurement is repeated
 (``--repeats``) with the variants' order rotated; the median is reported,
@@ -65,7 +65,7 @@ LABELS: Final[dict[Variant, str]] = {
     "pool": "pool open + release()",
 }
 CONCURRENCY: Final = (1, 32)
-#: DESIGN.md: a pool exchange costs at most this many microseconds more than a raw one.
+#: The docs' target: a pool exchange costs at most this many microseconds more than a raw one.
 TARGET_EXTRA_US: Final = 10.0
 DEFAULT_OUT: Final = Path(__file__).resolve().parent / "results"
 

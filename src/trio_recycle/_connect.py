@@ -343,8 +343,8 @@ async def connect_pooled(
     # `delay` seconds later: the sibling gets the same head start as any
     # happy-eyeballs attempt, and if its SYN is still unanswered by then,
     # the waiting attempt takes over its place instead of queueing behind
-    # it (issue 9: two attempts queued at a full pool, the first one
-    # toward a silent address, used to wait for its SYN retries to end).
+    # it (two attempts queued at a full pool, the first one toward a
+    # silent address, used to wait for its SYN retries to end).
     waiting: list[trio.CancelScope] = []
 
     async def acquire(family: int, type: int, proto: int, sockaddr: object) -> PooledSocket:

@@ -1,6 +1,6 @@
 """Waiting for the peer's FIN on a closed stream's socket: read and discard, bounded."""
 
-# The close protocol (DESIGN.md, "Closing a RecyclingStream"): a socket is
+# The close protocol (docs/how-it-works.rst, "The close protocol"): a socket is
 # recycled only once the peer's FIN has arrived, and whatever the peer sent
 # before it is unwanted. These functions read and throw that away, up to a
 # byte limit; the pool decides what a result means and bounds the time.

@@ -73,7 +73,7 @@ if TYPE_CHECKING:
 __all__ = ["PoolStatistics", "SocketPool", "open_socket_pool"]
 
 # The pool's methods check first that they run in the pool's own trio.run
-# (issue 9; _stream.py says why).
+# (_stream.py says why).
 _current_trio_token: Final = trio.lowlevel.current_trio_token
 
 #: Default for ``open_socket_pool(capacity=...)``.

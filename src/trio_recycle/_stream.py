@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["RecyclingStream"]
 
-# Every public method first checks that it runs in the pool's own trio.run
-# (issue 9): from another run, the waits would register the descriptor with
+# Every public method first checks that it runs in the pool's own trio.run:
+# from another run, the waits would register the descriptor with
 # the wrong event loop and aclose() would touch the pool's bookkeeping from
 # the wrong thread. One call and one identity test, about 0.1 us.
 _current_trio_token = trio.lowlevel.current_trio_token
