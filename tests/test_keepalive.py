@@ -505,6 +505,26 @@ async def test_expiry_closes_politely(start_server: StartServer, autojump_clock:
         check(pool)
 
 
+async def test_take_never_hands_out_a_connection_past_its_expiry(
+    start_server: StartServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A run busy past keepalive_expiry (no checkpoint, the watch could not run): the take expires, not hands out."""
+    server = await start_server(keep_alive(KeepAlive()))
+    async with trio_recycle.open_socket_pool(capacity=2, keepalive_expiry=5) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        await exchange(stream, b"one")
+        await stream.release()
+        autojump_clock.jump(6)  # CPU-bound work between two checkpoints
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        assert not stream.kept_alive
+        assert await exchange(stream, b"two") == (2, 1, b"two")
+        await stream.release()
+        await drained(pool)
+        stats = pool.statistics()
+        assert (stats.kept_alive, stats.parked, stats.recycled) == (0, 1, 1)
+        check(pool)
+
+
 async def test_recycle_off_parks_and_closes_what_the_peer_closes(start_server: StartServer) -> None:
     """recycle=False still keeps connections alive; a peer's close then closes the socket."""
     server = await start_server(keep_alive(KeepAlive(requests=2)))

@@ -306,9 +306,11 @@ class SocketPool:
     async def _take_parked(self, open_key: OpenKey) -> RecyclingStream | None:
         """Serve an open with a parked connection of ``open_key``; None: none was alive.
 
-        The liveness check is the watch's: one poll of the private epoll
-        finds every parked connection with bytes, a FIN or an error, and
-        each is handled before anything is taken. A connection of this open
+        The liveness check is the watch's: connections past their expiry
+        are closed as the watcher would (it may not have run), then one
+        poll of the private epoll finds every parked connection with
+        bytes, a FIN or an error, and each is handled before anything is
+        taken. A connection of this open
         whose peer closed meanwhile is disconnected and connected again to
         the same address here (no DNS), if no live one is left.
         """
@@ -316,6 +318,7 @@ class SocketPool:
         # below awaits until the stream exists, except a reconnect, whose
         # failure discards the socket like any failed connect.
         await trio.lowlevel.checkpoint_if_cancelled()
+        self._watch.expire_due()
         closed_by_peer = self._check_parked(open_key)
         psock = self._store.take_parked(open_key)
         if psock is None:
