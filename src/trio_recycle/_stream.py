@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, final
 import attrs
 import trio
 
-from ._errors import closed_stream_error, translate_oserror, wrong_run_error
+from ._errors import check_run, closed_stream_error, translate_oserror, wrong_run_error
 from ._socket_access import DEFAULT_RECEIVE_SIZE, Home, SocketAccess
 
 if TYPE_CHECKING:
@@ -368,5 +368,10 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         connection: the peer may have closed the kept connection just as
         the request went out (the stale-connection race), which a fresh
         connection rules out.
+
+        Raises:
+          RuntimeError: read from a trio.run other than the pool's, like
+              every other member of the stream.
         """
+        check_run(self._token, "RecyclingStream")
         return self._kept_alive
