@@ -16,6 +16,7 @@ import trio_recycle
 
 from .conftest import (
     KeepAlive,
+    ResolveNames,
     StartServer,
     assert_capacity,
     assert_idle_disconnected,
@@ -597,6 +598,40 @@ async def test_capacity_per_peer_bounds_one_peer_without_blocking_others(start_s
         assert stats.tasks_waiting == 0
         assert stats.parked == 2, stats
         check(pool)
+
+
+async def test_capacity_per_peer_holds_when_an_attempt_takes_over_a_hanging_sibling(
+    start_server: StartServer, resolve_names: ResolveNames, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Happy eyeballs at a full pool: an attempt never takes over a SYN_SENT sibling past its own peer's limit."""
+    server = await start_server(keep_alive(KeepAlive()), "127.0.0.1")
+    peer = ("127.0.0.1", server.port)
+    with socket.socket() as full, socket.socket() as filler:
+        full.bind(("127.0.0.2", server.port))
+        full.listen(0)
+        filler.connect(full.getsockname())  # the accept queue is full: SYNs go unanswered
+        resolve_names({"slow.test": [("127.0.0.2", socket.AF_INET), ("127.0.0.1", socket.AF_INET)]})
+        async with trio_recycle.open_socket_pool(capacity=2, capacity_per_peer=1) as pool:
+            held = await pool.open_tcp_stream(*peer)
+            opened: list[RecyclingStream] = []
+            async with trio.open_nursery() as nursery:
+
+                async def open_slow() -> None:
+                    opened.append(await pool.open_tcp_stream("slow.test", server.port, happy_eyeballs_delay=0.5))
+
+                nursery.start_soon(open_slow)
+                await trio.sleep(1)  # the second attempt, toward the held peer, is past its delay
+                assert pool._per_peer[peer] == 1
+                assert not opened
+                assert pool.statistics().tasks_waiting == 1
+                await exchange(held, b"one")
+                await held.aclose()  # the slot of that peer goes to the waiting attempt
+            (stream,) = opened
+            assert stream.getpeername() == peer
+            assert await exchange(stream, b"two") == (2, 1, b"two")
+            assert pool._per_peer[peer] == 1
+            await stream.aclose()
+            check(pool)
 
 
 async def test_capacity_per_peer_evicts_a_parked_connection_of_the_same_peer(start_server: StartServer) -> None:

@@ -492,7 +492,8 @@ class SocketPool:
         eyeballs). If this call would have to wait and that socket's SYN is
         still unanswered (SYN_SENT), the new socket takes its place and it
         is closed: the open keeps the capacity it holds, and overtakes
-        nobody. A connect that has already finished, either way, is left
+        nobody; unless this call's peer is at ``capacity_per_peer``, which
+        then waits like any other. A connect that has already finished, either way, is left
         alone: its task is about to win or to free its place.
         """
         self._check_open()
@@ -504,6 +505,9 @@ class SocketPool:
             replacing is not None
             and self._in_use.get(replacing, _GONE) is None
             and (self._waiters or (self._owned() >= self._capacity and not self._store))
+            # The place taken over counts for the sibling's peer, the new
+            # socket for this one: never past this peer's capacity_per_peer.
+            and not (self._peer_full(peer) and replacing.counted_peer != peer)
             and _still_in_syn_sent(replacing.sock)
         ):
             return self._take_over(replacing, _Request(family, type, proto, local_address, key, peer, origin))
