@@ -17,6 +17,7 @@ import trio_recycle
 from .conftest import (
     KeepAlive,
     ResolveNames,
+    Server,
     StartServer,
     assert_capacity,
     assert_idle_disconnected,
@@ -248,6 +249,44 @@ def _queued(stream: RecyclingStream) -> int:
 
     buf = fcntl.ioctl(stream._sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
     return int(struct.unpack("i", buf)[0])
+
+
+async def test_release_after_a_cancelled_receive_does_not_park(start_server: StartServer) -> None:
+    """I1: a receive cut short by a timeout leaves an answer on its way; the next owner must never read it."""
+    answer = trio.Event()
+
+    async def late_answers(stream: trio.SocketStream, server: Server) -> None:
+        conn = server.new_id()
+        exchange = 0
+        buffer = b""
+        while True:
+            while b"\n" not in buffer:
+                data = await stream.receive_some()
+                if not data:
+                    return
+                buffer += data
+            line, _, buffer = buffer.partition(b"\n")
+            exchange += 1
+            await answer.wait()
+            await stream.send_all(b"%d.%d:%s\n" % (conn, exchange, line))
+
+    server = await start_server(late_answers)
+    async with trio_recycle.open_socket_pool(capacity=2) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        await stream.send_all(b"slow\n")
+        with trio.move_on_after(0.05) as timeout:
+            await stream.receive_some()
+        assert timeout.cancelled_caught
+        await stream.release()
+        stats = pool.statistics()
+        assert (stats.parked, stats.not_parked) == (0, 1)
+        answer.set()
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        assert not stream.kept_alive
+        assert await exchange(stream, b"mine") == (2, 1, b"mine")
+        await stream.aclose()
+        await drained(pool)
+        check(pool)
 
 
 @pytest.mark.parametrize("how", ["eof_seen", "eof_sent", "send_cut", "broken"])

@@ -91,6 +91,10 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     #: A send_all ended early (cancelled or failed): the peer may hold part
     #: of a message, so the connection must not serve another exchange.
     _send_cut: bool = False
+    #: A receive_some was cancelled while it waited: the answer it waited
+    #: for may arrive later, so the connection must not serve another
+    #: exchange either.
+    _receive_cut: bool = False
     #: trio's ConflictDetector, inlined: one task at a time on the send side.
     _sending: bool = False
     #: Tasks blocked in wait_readable/wait_writable on our socket right now.
@@ -259,7 +263,14 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
             try:
                 data = sock.recv(max_bytes)
             except BlockingIOError:
-                await self._wait(trio.lowlevel.wait_readable)
+                try:
+                    await self._wait(trio.lowlevel.wait_readable)
+                except BaseException:
+                    # Cut short (a timeout) while waiting for bytes: an answer
+                    # may still be on its way, and must not reach the next
+                    # owner of a released connection.
+                    self._receive_cut = True
+                    raise
                 waited = True
             except OSError as exc:
                 self._healthy = False
@@ -314,7 +325,9 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         * nothing unread is queued (the pool looks without blocking), so
           call it only after reading the whole answer;
         * no EOF was received or sent, and no call failed or was cut short
-          (a cancelled `send_all` may have sent half a message);
+          (a cancelled `send_all` may have sent half a message; after a
+          `receive_some` cancelled while it waited, the answer may still
+          be on its way);
         * no other task is inside the stream;
         * every option set with `setsockopt` can be restored (they are, as
           after a recycle), and none is of the kind that only a disconnect
@@ -345,7 +358,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
             raise wrong_run_error("RecyclingStream")
         if not self._closed:
             self._closed = True
-            parkable = not (self._send_cut or self._sending or self._waiting)
+            parkable = not (self._send_cut or self._receive_cut or self._sending or self._waiting)
             if self._waiting:
                 trio.lowlevel.notify_closing(self._sock)
             self._home.release_socket(
