@@ -251,7 +251,8 @@ def _queued(stream: RecyclingStream) -> int:
     return int(struct.unpack("i", buf)[0])
 
 
-async def test_release_after_a_cancelled_receive_does_not_park(start_server: StartServer) -> None:
+@pytest.mark.parametrize("when", ["waiting", "on_entry"])
+async def test_release_after_a_cancelled_receive_does_not_park(start_server: StartServer, when: str) -> None:
     """I1: a receive cut short by a timeout leaves an answer on its way; the next owner must never read it."""
     answer = trio.Event()
 
@@ -275,6 +276,8 @@ async def test_release_after_a_cancelled_receive_does_not_park(start_server: Sta
         stream = await pool.open_tcp_stream(server.host, server.port)
         await stream.send_all(b"slow\n")
         with trio.move_on_after(0.05) as timeout:
+            if when == "on_entry":
+                timeout.cancel()
             await stream.receive_some()
         assert timeout.cancelled_caught
         await stream.release()

@@ -91,9 +91,8 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     #: A send_all ended early (cancelled or failed): the peer may hold part
     #: of a message, so the connection must not serve another exchange.
     _send_cut: bool = False
-    #: A receive_some was cancelled while it waited: the answer it waited
-    #: for may arrive later, so the connection must not serve another
-    #: exchange either.
+    #: A receive_some was cancelled: the answer it was to read may arrive
+    #: later, so the connection must not serve another exchange either.
     _receive_cut: bool = False
     #: trio's ConflictDetector, inlined: one task at a time on the send side.
     _sending: bool = False
@@ -249,7 +248,11 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
             raise TypeError(f"max_bytes must be an int or None, not {type(max_bytes).__name__}")
         elif max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
-        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            self._receive_cut = True  # as below: the answer was not read
+            raise
         sock = self._sock
         # After a wait, which is a full checkpoint, return without another
         # one, as trio's own socket layer does: one scheduler round per
@@ -326,8 +329,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
           call it only after reading the whole answer;
         * no EOF was received or sent, and no call failed or was cut short
           (a cancelled `send_all` may have sent half a message; after a
-          `receive_some` cancelled while it waited, the answer may still
-          be on its way);
+          cancelled `receive_some`, the answer may still be on its way);
         * no other task is inside the stream;
         * every option set with `setsockopt` can be restored (they are, as
           after a recycle), and none is of the kind that only a disconnect
