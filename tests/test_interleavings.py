@@ -306,6 +306,19 @@ def _check_server(world: World, server: HostileServer) -> None:
             # resets, by the kernel's rule. With recycling on, every close
             # before EOF drains first, so a reset is the pool's doing.
             m = next((m for m in world.streams.values() if world.conn_of.get(m.number) is conn), None)
+            if m is None:
+                # Bytes too short to name their stream ("c") never map the
+                # connection: any broken stream of this server that could
+                # have sent them is the one (a dropped stream, say).
+                data = bytes(conn.received)
+                m = next(
+                    (
+                        m
+                        for m in world.streams.values()
+                        if m.server is server and m.broken and data == pattern(m.number, 0, len(data))
+                    ),
+                    None,
+                )
             if m is None or not m.broken:
                 world.violate(f"I7: {server} connection {conn.tag!r} got a reset before it had sent its FIN")
         if conn.errors:
