@@ -676,6 +676,46 @@ async def test_capacity_per_peer_holds_when_an_attempt_takes_over_a_hanging_sibl
             check(pool)
 
 
+async def test_a_waiter_of_a_limited_peer_does_not_make_happy_eyeballs_abandon_an_attempt(
+    start_server: StartServer, resolve_names: ResolveNames
+) -> None:
+    """A task waiting for its full peer holds nobody else up: with room in the pool, no attempt is abandoned."""
+    other = await start_server(keep_alive(KeepAlive()), "127.0.0.1")
+    with socket.socket() as slow, socket.socket() as filler:
+        slow.bind(("127.0.0.2", 0))
+        slow.listen(0)
+        port = slow.getsockname()[1]
+        filler.connect(slow.getsockname())  # the accept queue is full: SYNs go unanswered for now
+        # 127.0.0.1 refuses at once; 127.0.0.2 answers the SYN retry once the queue has room.
+        resolve_names({"slow.test": [("127.0.0.2", socket.AF_INET), ("127.0.0.1", socket.AF_INET)]})
+        async with trio_recycle.open_socket_pool(capacity=4, capacity_per_peer=1) as pool:
+            held = await pool.open_tcp_stream(other.host, other.port)
+            opened: list[RecyclingStream] = []
+            async with trio.open_nursery() as nursery:
+
+                async def open_other() -> None:
+                    opened.append(await pool.open_tcp_stream(other.host, other.port))
+
+                nursery.start_soon(open_other)  # waits: its peer is at its limit
+                await trio.testing.wait_all_tasks_blocked()
+                assert pool.statistics().tasks_waiting == 1
+                with trio.fail_after(10):
+                    async with trio.open_nursery() as attempts:
+
+                        async def open_slow() -> None:
+                            opened.append(await pool.open_tcp_stream("slow.test", port, happy_eyeballs_delay=0.1))
+
+                        attempts.start_soon(open_slow)
+                        await trio.sleep(0.3)  # the second attempt was refused by now
+                        slow.accept()[0].close()  # room in the queue: the first attempt's SYN retry gets in
+                (stream,) = opened
+                assert stream.getpeername() == ("127.0.0.2", port)
+                await stream.aclose()
+                await held.aclose()
+            await opened[1].aclose()
+            check(pool)
+
+
 async def test_capacity_per_peer_evicts_a_parked_connection_of_the_same_peer(start_server: StartServer) -> None:
     """At the per-peer limit, a parked connection to that peer under another open key makes room."""
     server = await start_server(keep_alive(KeepAlive()))

@@ -504,7 +504,10 @@ class SocketPool:
         if (
             replacing is not None
             and self._in_use.get(replacing, _GONE) is None
-            and (self._waiters or (self._owned() >= self._capacity and not self._store))
+            # Only when this call would wait: behind a waiter that can be
+            # served, or at a full pool with nothing to evict. Waiters
+            # held back by their own peer's limit hold nobody else up.
+            and ((self._waiters and self._someone_servable()) or (self._owned() >= self._capacity and not self._store))
             # The place taken over counts for the sibling's peer, the new
             # socket for this one: never past this peer's capacity_per_peer.
             and not (self._peer_full(peer) and replacing.counted_peer != peer)
