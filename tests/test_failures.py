@@ -560,6 +560,8 @@ async def test_stream_used_from_another_run_raises_and_touches_nothing(start_ser
             ("send_eof", lambda: stream.send_eof()),
             ("wait_send_all_might_not_block", lambda: stream.wait_send_all_might_not_block()),
             ("aclose", lambda: stream.aclose()),
+            ("release", lambda: stream.release()),
+            ("kept_alive", lambda: stream.kept_alive),
             ("getsockopt", lambda: stream.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)),
             ("setsockopt", lambda: stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)),
             ("getpeername", lambda: stream.getpeername()),

@@ -16,6 +16,8 @@ import trio_recycle
 
 from .conftest import (
     KeepAlive,
+    ResolveNames,
+    Server,
     StartServer,
     assert_capacity,
     assert_idle_disconnected,
@@ -247,6 +249,47 @@ def _queued(stream: RecyclingStream) -> int:
 
     buf = fcntl.ioctl(stream._sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
     return int(struct.unpack("i", buf)[0])
+
+
+@pytest.mark.parametrize("when", ["waiting", "on_entry"])
+async def test_release_after_a_cancelled_receive_does_not_park(start_server: StartServer, when: str) -> None:
+    """I1: a receive cut short by a timeout leaves an answer on its way; the next owner must never read it."""
+    answer = trio.Event()
+
+    async def late_answers(stream: trio.SocketStream, server: Server) -> None:
+        conn = server.new_id()
+        exchange = 0
+        buffer = b""
+        while True:
+            while b"\n" not in buffer:
+                data = await stream.receive_some()
+                if not data:
+                    return
+                buffer += data
+            line, _, buffer = buffer.partition(b"\n")
+            exchange += 1
+            await answer.wait()
+            await stream.send_all(b"%d.%d:%s\n" % (conn, exchange, line))
+
+    server = await start_server(late_answers)
+    async with trio_recycle.open_socket_pool(capacity=2) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        await stream.send_all(b"slow\n")
+        with trio.move_on_after(0.05) as timeout:
+            if when == "on_entry":
+                timeout.cancel()
+            await stream.receive_some()
+        assert timeout.cancelled_caught
+        await stream.release()
+        stats = pool.statistics()
+        assert (stats.parked, stats.not_parked) == (0, 1)
+        answer.set()
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        assert not stream.kept_alive
+        assert await exchange(stream, b"mine") == (2, 1, b"mine")
+        await stream.aclose()
+        await drained(pool)
+        check(pool)
 
 
 @pytest.mark.parametrize("how", ["eof_seen", "eof_sent", "send_cut", "broken"])
@@ -505,6 +548,26 @@ async def test_expiry_closes_politely(start_server: StartServer, autojump_clock:
         check(pool)
 
 
+async def test_take_never_hands_out_a_connection_past_its_expiry(
+    start_server: StartServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A run busy past keepalive_expiry (no checkpoint, the watch could not run): the take expires, not hands out."""
+    server = await start_server(keep_alive(KeepAlive()))
+    async with trio_recycle.open_socket_pool(capacity=2, keepalive_expiry=5) as pool:
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        await exchange(stream, b"one")
+        await stream.release()
+        autojump_clock.jump(6)  # CPU-bound work between two checkpoints
+        stream = await pool.open_tcp_stream(server.host, server.port)
+        assert not stream.kept_alive
+        assert await exchange(stream, b"two") == (2, 1, b"two")
+        await stream.release()
+        await drained(pool)
+        stats = pool.statistics()
+        assert (stats.kept_alive, stats.parked, stats.recycled) == (0, 1, 1)
+        check(pool)
+
+
 async def test_recycle_off_parks_and_closes_what_the_peer_closes(start_server: StartServer) -> None:
     """recycle=False still keeps connections alive; a peer's close then closes the socket."""
     server = await start_server(keep_alive(KeepAlive(requests=2)))
@@ -577,6 +640,80 @@ async def test_capacity_per_peer_bounds_one_peer_without_blocking_others(start_s
         assert stats.tasks_waiting == 0
         assert stats.parked == 2, stats
         check(pool)
+
+
+async def test_capacity_per_peer_holds_when_an_attempt_takes_over_a_hanging_sibling(
+    start_server: StartServer, resolve_names: ResolveNames, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Happy eyeballs at a full pool: an attempt never takes over a SYN_SENT sibling past its own peer's limit."""
+    server = await start_server(keep_alive(KeepAlive()), "127.0.0.1")
+    peer = ("127.0.0.1", server.port)
+    with socket.socket() as full, socket.socket() as filler:
+        full.bind(("127.0.0.2", server.port))
+        full.listen(0)
+        filler.connect(full.getsockname())  # the accept queue is full: SYNs go unanswered
+        resolve_names({"slow.test": [("127.0.0.2", socket.AF_INET), ("127.0.0.1", socket.AF_INET)]})
+        async with trio_recycle.open_socket_pool(capacity=2, capacity_per_peer=1) as pool:
+            held = await pool.open_tcp_stream(*peer)
+            opened: list[RecyclingStream] = []
+            async with trio.open_nursery() as nursery:
+
+                async def open_slow() -> None:
+                    opened.append(await pool.open_tcp_stream("slow.test", server.port, happy_eyeballs_delay=0.5))
+
+                nursery.start_soon(open_slow)
+                await trio.sleep(1)  # the second attempt, toward the held peer, is past its delay
+                assert pool._per_peer[peer] == 1
+                assert not opened
+                assert pool.statistics().tasks_waiting == 1
+                await exchange(held, b"one")
+                await held.aclose()  # the slot of that peer goes to the waiting attempt
+            (stream,) = opened
+            assert stream.getpeername() == peer
+            assert await exchange(stream, b"two") == (2, 1, b"two")
+            assert pool._per_peer[peer] == 1
+            await stream.aclose()
+            check(pool)
+
+
+async def test_a_waiter_of_a_limited_peer_does_not_make_happy_eyeballs_abandon_an_attempt(
+    start_server: StartServer, resolve_names: ResolveNames
+) -> None:
+    """A task waiting for its full peer holds nobody else up: with room in the pool, no attempt is abandoned."""
+    other = await start_server(keep_alive(KeepAlive()), "127.0.0.1")
+    with socket.socket() as slow, socket.socket() as filler:
+        slow.bind(("127.0.0.2", 0))
+        slow.listen(0)
+        port = slow.getsockname()[1]
+        filler.connect(slow.getsockname())  # the accept queue is full: SYNs go unanswered for now
+        # 127.0.0.1 refuses at once; 127.0.0.2 answers the SYN retry once the queue has room.
+        resolve_names({"slow.test": [("127.0.0.2", socket.AF_INET), ("127.0.0.1", socket.AF_INET)]})
+        async with trio_recycle.open_socket_pool(capacity=4, capacity_per_peer=1) as pool:
+            held = await pool.open_tcp_stream(other.host, other.port)
+            opened: list[RecyclingStream] = []
+            async with trio.open_nursery() as nursery:
+
+                async def open_other() -> None:
+                    opened.append(await pool.open_tcp_stream(other.host, other.port))
+
+                nursery.start_soon(open_other)  # waits: its peer is at its limit
+                await trio.testing.wait_all_tasks_blocked()
+                assert pool.statistics().tasks_waiting == 1
+                with trio.fail_after(10):
+                    async with trio.open_nursery() as attempts:
+
+                        async def open_slow() -> None:
+                            opened.append(await pool.open_tcp_stream("slow.test", port, happy_eyeballs_delay=0.1))
+
+                        attempts.start_soon(open_slow)
+                        await trio.sleep(0.3)  # the second attempt was refused by now
+                        slow.accept()[0].close()  # room in the queue: the first attempt's SYN retry gets in
+                (stream,) = opened
+                assert stream.getpeername() == ("127.0.0.2", port)
+                await stream.aclose()
+                await held.aclose()
+            await opened[1].aclose()
+            check(pool)
 
 
 async def test_capacity_per_peer_evicts_a_parked_connection_of_the_same_peer(start_server: StartServer) -> None:

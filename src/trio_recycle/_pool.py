@@ -317,9 +317,11 @@ class SocketPool:
     async def _take_parked(self, open_key: OpenKey) -> RecyclingStream | None:
         """Serve an open with a parked connection of ``open_key``; None: none was alive.
 
-        The liveness check is the watch's: one poll of the private epoll
-        finds every parked connection with bytes, a FIN or an error, and
-        each is handled before anything is taken. A connection of this open
+        The liveness check is the watch's: connections past their expiry
+        are closed as the watcher would (it may not have run), then one
+        poll of the private epoll finds every parked connection with
+        bytes, a FIN or an error, and each is handled before anything is
+        taken. A connection of this open
         whose peer closed meanwhile is disconnected and connected again to
         the same address here (no DNS), if no live one is left.
         """
@@ -327,6 +329,7 @@ class SocketPool:
         # below awaits until the stream exists, except a reconnect, whose
         # failure discards the socket like any failed connect.
         await trio.lowlevel.checkpoint_if_cancelled()
+        self._watch.expire_due()
         closed_by_peer = self._check_parked(open_key)
         psock = self._store.take_parked(open_key)
         if psock is None:
@@ -500,7 +503,8 @@ class SocketPool:
         eyeballs). If this call would have to wait and that socket's SYN is
         still unanswered (SYN_SENT), the new socket takes its place and it
         is closed: the open keeps the capacity it holds, and overtakes
-        nobody. A connect that has already finished, either way, is left
+        nobody; unless this call's peer is at ``capacity_per_peer``, which
+        then waits like any other. A connect that has already finished, either way, is left
         alone: its task is about to win or to free its place.
         """
         self._check_open()
@@ -511,7 +515,13 @@ class SocketPool:
         if (
             replacing is not None
             and self._in_use.get(replacing, _GONE) is None
-            and (self._waiters or (self._owned() >= self._capacity and not self._store))
+            # Only when this call would wait: behind a waiter that can be
+            # served, or at a full pool with nothing to evict. Waiters
+            # held back by their own peer's limit hold nobody else up.
+            and ((self._waiters and self._someone_servable()) or (self._owned() >= self._capacity and not self._store))
+            # The place taken over counts for the sibling's peer, the new
+            # socket for this one: never past this peer's capacity_per_peer.
+            and not (self._peer_full(peer) and replacing.counted_peer != peer)
             and _still_in_syn_sent(replacing.sock)
         ):
             return self._take_over(replacing, _Request(family, type, proto, local_address, key, peer, origin))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, final
 import attrs
 import trio
 
-from ._errors import translate_oserror, wrong_run_error
+from ._errors import check_run, translate_oserror, wrong_run_error
 from ._socket_access import DEFAULT_RECEIVE_SIZE, Home, SocketAccess
 
 if TYPE_CHECKING:
@@ -92,6 +92,9 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
     #: A send_all ended early (cancelled or failed): the peer may hold part
     #: of a message, so the connection must not serve another exchange.
     _send_cut: bool = False
+    #: A receive_some was cancelled: the answer it was to read may arrive
+    #: later, so the connection must not serve another exchange either.
+    _receive_cut: bool = False
     #: trio's ConflictDetector, inlined: one task at a time on the send side.
     _sending: bool = False
     #: Tasks blocked in wait_readable/wait_writable on our socket right now.
@@ -255,7 +258,11 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
             raise TypeError(f"max_bytes must be an int or None, not {type(max_bytes).__name__}")
         elif max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
-        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            self._receive_cut = True  # as below: the answer was not read
+            raise
         sock = self._sock
         # After a wait, which is a full checkpoint, return without another
         # one, as trio's own socket layer does: one scheduler round per
@@ -269,7 +276,14 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
             try:
                 data = sock.recv(max_bytes)
             except BlockingIOError:
-                await self._wait(trio.lowlevel.wait_readable)
+                try:
+                    await self._wait(trio.lowlevel.wait_readable)
+                except BaseException:
+                    # Cut short (a timeout) while waiting for bytes: an answer
+                    # may still be on its way, and must not reach the next
+                    # owner of a released connection.
+                    self._receive_cut = True
+                    raise
                 waited = True
             except OSError as exc:
                 self._healthy = False
@@ -324,7 +338,8 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         * nothing unread is queued (the pool looks without blocking), so
           call it only after reading the whole answer;
         * no EOF was received or sent, and no call failed or was cut short
-          (a cancelled `send_all` may have sent half a message);
+          (a cancelled `send_all` may have sent half a message; after a
+          cancelled `receive_some`, the answer may still be on its way);
         * no other task is inside the stream;
         * every option set with `setsockopt` can be restored (they are, as
           after a recycle), and none is of the kind that only a disconnect
@@ -355,7 +370,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
             raise wrong_run_error("RecyclingStream")
         if not self._closed:
             self._closed = True
-            parkable = not (self._send_cut or self._sending or self._waiting)
+            parkable = not (self._send_cut or self._receive_cut or self._sending or self._waiting)
             if self._waiting:
                 trio.lowlevel.notify_closing(self._sock)
             self._home.release_socket(
@@ -378,5 +393,10 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         connection: the peer may have closed the kept connection just as
         the request went out (the stale-connection race), which a fresh
         connection rules out.
+
+        Raises:
+          RuntimeError: read from a trio.run other than the pool's, like
+              every other member of the stream.
         """
+        check_run(self._token, "RecyclingStream")
         return self._kept_alive

@@ -125,13 +125,26 @@ class Watch:
             if self.closed:
                 return  # woken, then the pool's exit ran before this task did
             self._on_ready()
-            now = trio.current_time()
-            while deadlines:
-                psock, deadline = next(iter(deadlines.items()))
-                if deadline > now:
-                    break
-                self.remove(psock)
-                self._on_expired(psock)
+            self.expire_due()
+
+    def expire_due(self) -> None:
+        """Hand each connection parked longer than ``expiry`` to ``on_expired``, no longer watched (no await).
+
+        The watcher does it when its deadline passes, and a take does it
+        first: a run that went that long without a checkpoint never let the
+        watcher run, and a connection past its expiry is the one whose
+        server may be closing it right now.
+        """
+        deadlines = self._deadlines
+        if not deadlines:
+            return
+        now = trio.current_time()
+        while deadlines:
+            psock, deadline = next(iter(deadlines.items()))
+            if deadline > now:
+                break
+            self.remove(psock)
+            self._on_expired(psock)
 
     def ready(self) -> list[PooledSocket]:
         """The watched connections with something to read or an error, no longer watched (no await)."""
