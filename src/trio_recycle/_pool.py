@@ -1076,10 +1076,13 @@ async def open_socket_pool(
       keepalive_expiry: Seconds a live connection given back with
           `RecyclingStream.release` stays parked at most; then the pool
           closes it politely (our FIN, then the usual drain). 5 by default,
-          httpcore's choice: below the idle timeouts of common servers
-          (uvicorn 5 s, nginx 75 s, Apache 5 s, Node.js 5 s), so that the
-          pool usually closes first instead of racing the server's close.
-          The watch handles a server that closes first anyway.
+          httpcore's choice: well below nginx's 75 s idle timeout, so the
+          pool closes first there; uvicorn, Apache and Node.js close after
+          5 s idle too, and since their timer starts before ours they
+          usually close first. That is harmless: the watch sees their FIN
+          and recycles the socket with no TIME_WAIT on either side, and
+          `RecyclingStream.kept_alive` lets a protocol retry a request that
+          meets the close in flight.
           ``math.inf`` keeps connections parked until the peer closes them.
       capacity_per_peer: The most sockets in use, draining or parked
           toward one peer address at once (idle sockets are disconnected
