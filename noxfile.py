@@ -74,6 +74,10 @@ def tests(session: nox.Session) -> None:
     env = {"HYPOTHESIS_PROFILE": profile, "COVERAGE_FILE": data_file}
     session.run("coverage", "erase", env=env)
     session.run("coverage", "run", "-m", "pytest", *session.posargs, env=env)
+    # One data file per process ([tool.coverage.run] patch: the rlimit cases
+    # run in subprocesses): merged into data_file for the report and for
+    # the `coverage` session.
+    session.run("coverage", "combine", "--quiet", env=env)
     if not session.posargs:
         session.run("coverage", "report", env=env)
 
