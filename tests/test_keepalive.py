@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import socket
@@ -432,6 +433,43 @@ async def test_take_finds_the_peer_gone_and_connects_afresh() -> None:
             assert (stats.created, stats.recycled, stats.reused, stats.kept_alive) == (1, 1, 1, 0)
             await stream.aclose()
             fresh.close()
+
+
+async def test_take_finds_the_peer_gone_with_recycle_off_and_opens_a_fresh_socket() -> None:
+    """recycle=False: a parked connection whose peer closed is closed at take and the open gets a new socket."""
+    with _raw_listener() as listener:
+        async with trio_recycle.open_socket_pool(capacity=1, recycle=False) as pool:
+            conn = await _park_one(pool, listener)
+            conn.close()
+            (psock,) = pool._store.sockets(parked=True)
+            await until_kernel(lambda: _peek(psock.sock) == b"")
+            stream = await pool.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
+            assert not stream.kept_alive
+            fresh, _ = listener.accept()
+            await stream.send_all(b"hello")
+            assert fresh.recv(5) == b"hello"
+            stats = pool.statistics()
+            assert (stats.created, stats.recycled, stats.discarded, stats.in_use) == (2, 0, 1, 1)
+            await stream.aclose()
+            fresh.close()
+
+
+async def test_take_finds_the_peer_gone_and_the_reconnect_fails() -> None:
+    """A reconnect at take that is refused raises OSError to that open and frees its place (I4, I10)."""
+    with _raw_listener() as listener:
+        port = listener.getsockname()[1]
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            conn = await _park_one(pool, listener)
+            conn.close()
+            listener.close()
+            (psock,) = pool._store.sockets(parked=True)
+            await until_kernel(lambda: _peek(psock.sock) == b"")
+            with pytest.raises(OSError, match="all attempts to connect") as info:
+                await pool.open_tcp_stream("127.0.0.1", port)
+            assert info.value.errno == errno.ECONNREFUSED
+            stats = pool.statistics()
+            assert (stats.in_use, stats.parked, stats.idle, stats.discarded) == (0, 0, 0, 1)
+            check(pool)
 
 
 async def test_take_finds_unsolicited_bytes_and_never_hands_them_on() -> None:
