@@ -28,7 +28,9 @@ from .conftest import (
     fd_inodes,
     keep_alive,
     parked_sockets,
+    TCP_CLOSE,
     socket_inode,
+    tcp_state,
     time_wait_count,
 )
 
@@ -393,6 +395,42 @@ async def test_release_while_a_task_waits(start_server: StartServer, same_open: 
         stats = pool.statistics()
         assert (stats.not_parked, stats.parked, stats.kept_alive) == (0, 1, 1) if same_open else (1, 1, 0)
         check(pool)
+
+
+async def test_release_of_a_reset_connection_is_not_handed_to_a_waiter() -> None:
+    """A waiter of the same open never gets a connection the peer has reset: it gets a fresh one."""
+    with _raw_listener() as listener:
+        port = listener.getsockname()[1]
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            stream = await pool.open_tcp_stream("127.0.0.1", port)
+            conn, _ = listener.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # linger 0: an RST, no FIN
+            (psock,) = pool._in_use
+            # TCP_INFO, not SO_ERROR or a peek: those would consume the pending error.
+            await until_kernel(lambda: tcp_state(psock.sock) == TCP_CLOSE)
+            got: list[RecyclingStream] = []
+            async with trio.open_nursery() as nursery:
+
+                async def waiter() -> None:
+                    got.append(await pool.open_tcp_stream("127.0.0.1", port))
+
+                nursery.start_soon(waiter)
+                await trio.testing.wait_all_tasks_blocked()
+                assert pool.statistics().tasks_waiting == 1
+                await stream.release()
+            (other,) = got
+            assert not other.kept_alive
+            fresh, _ = listener.accept()
+            await other.send_all(b"fresh")
+            assert fresh.recv(5) == b"fresh"
+            stats = pool.statistics()
+            # The peek took the reset's error; the close protocol then reads
+            # EOF from the CLOSE state and recycles the socket for the waiter.
+            assert (stats.kept_alive, stats.not_parked, stats.recycled, stats.created) == (0, 1, 1, 1)
+            await other.aclose()
+            fresh.close()
+            check(pool)
 
 
 # ----------------------------------------------------------------------
