@@ -10,7 +10,6 @@ import trio
 
 import trio_recycle
 from trio_recycle import _connect
-from trio_recycle import _connect
 
 from .conftest import ResolveNames, StartServer, answer_then_close, assert_capacity, cycle, read_until_eof
 

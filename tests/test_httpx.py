@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import select
 import socket
@@ -730,6 +729,8 @@ async def test_connect_unix_socket_option_refused_closes_it(tmp_path: Path) -> N
             backend = RecyclingBackend(pool)
             before = fd_inodes()
             with pytest.raises(httpcore.ConnectError):
-                await backend.connect_unix_socket(path, timeout=5, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+                await backend.connect_unix_socket(
+                    path, timeout=5, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+                )
             assert fd_inodes().keys() <= before.keys()
             assert pool.statistics().created == 0

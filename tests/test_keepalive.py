@@ -16,6 +16,7 @@ import trio.testing
 import trio_recycle
 
 from .conftest import (
+    TCP_CLOSE,
     KeepAlive,
     ResolveNames,
     Server,
@@ -28,7 +29,6 @@ from .conftest import (
     fd_inodes,
     keep_alive,
     parked_sockets,
-    TCP_CLOSE,
     socket_inode,
     tcp_state,
     time_wait_count,
@@ -422,14 +422,14 @@ async def test_release_of_a_reset_connection_is_not_handed_to_a_waiter() -> None
             (other,) = got
             assert not other.kept_alive
             fresh, _ = listener.accept()
-            await other.send_all(b"fresh")
-            assert fresh.recv(5) == b"fresh"
-            stats = pool.statistics()
-            # The peek took the reset's error; the close protocol then reads
-            # EOF from the CLOSE state and recycles the socket for the waiter.
-            assert (stats.kept_alive, stats.not_parked, stats.recycled, stats.created) == (0, 1, 1, 1)
-            await other.aclose()
-            fresh.close()
+            with fresh:
+                await other.send_all(b"fresh")
+                assert fresh.recv(5) == b"fresh"
+                stats = pool.statistics()
+                # The peek took the reset's error; the close protocol then reads
+                # EOF from the CLOSE state and recycles the socket for the waiter.
+                assert (stats.kept_alive, stats.not_parked, stats.recycled, stats.created) == (0, 1, 1, 1)
+                await other.aclose()
             check(pool)
 
 

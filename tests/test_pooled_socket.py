@@ -13,7 +13,9 @@ from trio_recycle._pooled_socket import (
 
 
 def _tcp() -> PooledSocket:
-    return PooledSocket.create(socket.AF_INET, socket.SOCK_STREAM, 0, None, (), (socket.AF_INET, socket.SOCK_STREAM, 0, None, None))
+    return PooledSocket.create(
+        socket.AF_INET, socket.SOCK_STREAM, 0, None, (), (socket.AF_INET, socket.SOCK_STREAM, 0, None, None)
+    )
 
 
 def test_reset_by_disconnect_per_socket_type() -> None:

@@ -561,7 +561,9 @@ async def test_open_after_exit_is_refused() -> None:
         await pool.open_udp_socket("127.0.0.1", 9)
 
 
-async def test_datagrams_that_keep_coming_close_the_socket_instead(monkeypatch: pytest.MonkeyPatch, udp_peer: UDPPeer) -> None:
+async def test_datagrams_that_keep_coming_close_the_socket_instead(
+    monkeypatch: pytest.MonkeyPatch, udp_peer: UDPPeer
+) -> None:
     """More queued datagrams than one drain discards: the socket is closed, never handed on with a queue."""
     peer = await udp_peer("127.0.0.1")
     # The bound is 65536 datagrams in production; a few make the same case.
