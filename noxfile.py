@@ -66,7 +66,7 @@ def tests(session: nox.Session) -> None:
     # and httpx, so that tests/test_httpx.py is never skipped here.
     # Editable, so that coverage sees src/ (and every Python's data file
     # names the same paths); `nox -s build` tests the built wheel.
-    session.install("-e", ".[tests,examples,httpx]", "coverage[toml]>=7.4")
+    session.install("-e", ".[tests,examples,httpx]", "coverage[toml]>=7.10")
     profile = os.environ.get("HYPOTHESIS_PROFILE", "default")
     if profile == "ci" and session.python != HYPOTHESIS_CI_PYTHON:
         profile = "default"
@@ -85,7 +85,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def coverage(session: nox.Session) -> None:
     """Combine the coverage of every ``tests`` session that ran (``nox -s tests coverage``)."""
-    session.install("coverage[toml]>=7.4")
+    session.install("coverage[toml]>=7.10")
     data_files = sorted(glob.glob(".coverage-3.*"))
     if not data_files:
         session.error("no .coverage-3.* data files: run `nox -s tests` first")
