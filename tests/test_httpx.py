@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import select
 import socket
@@ -734,3 +735,106 @@ async def test_connect_unix_socket_option_refused_closes_it(tmp_path: Path) -> N
                 )
             assert fd_inodes().keys() <= before.keys()
             assert pool.statistics().created == 0
+
+
+async def test_pool_closed_under_the_client(start_http_server: StartServer) -> None:
+    """A response being read when the pool's block exits: httpx.ReadError; a request after it: ClosedResourceError."""
+    server = start_http_server("close")
+    async with trio.open_nursery() as nursery:
+        async with trio_recycle.open_socket_pool(capacity=2) as pool:
+            client = httpx.AsyncClient(transport=RecyclingTransport(pool, limits=httpx.Limits(max_connections=2)))
+            failed = trio.Event()
+
+            async def read_slowly() -> None:
+                with pytest.raises(httpx.ReadError):
+                    await client.get(server.url("/?delay=5"))
+                failed.set()
+
+            nursery.start_soon(read_slowly)
+            # Until the request sits in its read: every task blocked for a while.
+            with trio.fail_after(5):
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert pool.statistics().in_use == 1
+        with trio.fail_after(5):
+            await failed.wait()
+    with pytest.raises(trio.ClosedResourceError, match="SocketPool is closed"):
+        await client.get(server.url("/"))
+    await client.aclose()
+
+
+async def test_backend_sleep_is_trio_sleep(autojump_clock: trio.abc.Clock) -> None:
+    """httpcore's retry delay runs on trio's clock."""
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        start = trio.current_time()
+        await RecyclingBackend(pool).sleep(7.5)
+        assert trio.current_time() - start == pytest.approx(7.5)
+
+
+# ----------------------------------------------------------------------
+# httpx's private attributes, and the optional import
+
+
+async def test_httpx_private_attributes_are_where_we_expect() -> None:
+    """Fails loudly if a new httpx or httpcore moves what RecyclingTransport reaches into."""
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        for kwargs in ({}, {"proxy": "http://127.0.0.1:1"}, {"http2": False, "retries": 2}):
+            transport = RecyclingTransport(pool, **kwargs)
+            inner = transport._transport._pool
+            assert isinstance(inner, httpcore.AsyncConnectionPool)
+            assert inner._network_backend is transport._backend
+            if not kwargs.get("proxy"):
+                connection = inner.create_connection(httpcore.URL("http://example.invalid/").origin)
+                assert connection._network_backend is transport._backend  # type: ignore[attr-defined]
+            await transport.aclose()
+    from trio_recycle.httpx import _use_backend
+
+    class Moved:
+        pass
+
+    with pytest.raises(RuntimeError, match=r"AsyncHTTPTransport\._pool\._network_backend"):
+        _use_backend(Moved(), RecyclingBackend(pool))  # type: ignore[arg-type]
+
+
+async def test_default_limits_follow_the_pool_capacity() -> None:
+    """Without limits=, httpcore opens at most as many connections as the pool has sockets."""
+    async with trio_recycle.open_socket_pool(capacity=7) as pool:
+        inner = RecyclingTransport(pool)._transport._pool
+        assert inner._max_connections == 7
+        assert inner._max_keepalive_connections == 7
+        inner = RecyclingTransport(pool, limits=httpx.Limits(max_connections=50))._transport._pool
+        assert inner._max_connections == 50
+
+
+def test_import_without_httpx_names_the_extra() -> None:
+    """Without httpx, importing trio_recycle.httpx says which extra to install; trio_recycle itself never imports it."""
+    code = (
+        "import sys; import trio_recycle; assert 'httpx' not in sys.modules, 'imported by __init__'\n"
+        "sys.modules['httpx'] = None\n"
+        "import trio_recycle.httpx\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert "pip install 'trio-recycle[httpx]'" in result.stderr
+    assert "imported by __init__" not in result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the benchmark reads /proc")
+def test_bench_httpx_quick_run(tmp_path: Path) -> None:
+    """`bench_httpx.py --quick` runs every cell and writes its table; the pool stays within its capacity."""
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_httpx.py"
+    argv = [sys.executable, str(bench), "--quick", "--upstream", "python", "--out", str(tmp_path)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "RecyclingTransport(pool)" in (tmp_path / "httpx.md").read_text()
+    document = json.loads((tmp_path / "httpx.json").read_text())
+    rows = {(row["mode"], row["tasks"], row["variant"]): row for row in document["cells"]}
+    assert len(rows) == 8
+    for (mode, tasks, variant), row in rows.items():
+        assert row["rate"] > 0
+        if variant == "pool":
+            assert row["socket_calls"] <= row["capacity"]
+            if mode == "close":
+                # Not always 0 on a loaded machine: when our FIN crosses the
+                # server's (the pool found no FIN at close and sent its own),
+                # both sides keep TIME_WAIT. Stock leaves one per request.
+                assert row["time_wait"] * 10 <= rows[mode, tasks, "stock"]["time_wait"]
