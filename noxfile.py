@@ -66,7 +66,7 @@ def tests(session: nox.Session) -> None:
     # and httpx, so that tests/test_httpx.py is never skipped here.
     # Editable, so that coverage sees src/ (and every Python's data file
     # names the same paths); `nox -s build` tests the built wheel.
-    session.install("-e", ".[tests,examples,httpx]", "coverage[toml]>=7.4")
+    session.install("-e", ".[tests,examples,httpx]", "coverage[toml]>=7.10")
     profile = os.environ.get("HYPOTHESIS_PROFILE", "default")
     if profile == "ci" and session.python != HYPOTHESIS_CI_PYTHON:
         profile = "default"
@@ -74,6 +74,10 @@ def tests(session: nox.Session) -> None:
     env = {"HYPOTHESIS_PROFILE": profile, "COVERAGE_FILE": data_file}
     session.run("coverage", "erase", env=env)
     session.run("coverage", "run", "-m", "pytest", *session.posargs, env=env)
+    # One data file per process ([tool.coverage.run] patch: the rlimit cases
+    # run in subprocesses): merged into data_file for the report and for
+    # the `coverage` session.
+    session.run("coverage", "combine", "--quiet", env=env)
     if not session.posargs:
         session.run("coverage", "report", env=env)
 
@@ -81,7 +85,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def coverage(session: nox.Session) -> None:
     """Combine the coverage of every ``tests`` session that ran (``nox -s tests coverage``)."""
-    session.install("coverage[toml]>=7.4")
+    session.install("coverage[toml]>=7.10")
     data_files = sorted(glob.glob(".coverage-3.*"))
     if not data_files:
         session.error("no .coverage-3.* data files: run `nox -s tests` first")

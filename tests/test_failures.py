@@ -667,7 +667,26 @@ async def test_aclose_reads_a_bounded_amount_then_hands_over_to_the_drain() -> N
             assert_accounts(pool)
 
 
+async def test_aclose_after_an_unseen_reset_closes_without_a_drain() -> None:
+    """The peer reset the connection and the stream never read: aclose() finds the error, closes, starts no drain."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        async with trio_recycle.open_socket_pool(capacity=1, eof_timeout=5) as pool:
+            stream = await pool.open_tcp_stream(*listener.getsockname())
+            peer, _ = listener.accept()
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            peer.close()  # linger 0: an RST, no FIN
+            (psock,) = pool._in_use
+            with trio.fail_after(5):
+                while tcp_state(psock.sock) != _TCP_CLOSE:  # noqa: ASYNC110 - a reset arriving has no trio Event
+                    await trio.sleep(0.001)
+            await stream.aclose()
+            stats = pool.statistics()
+            assert (stats.in_use, stats.draining, stats.idle, stats.recycled, stats.discarded) == (0, 0, 0, 0, 1)
+            assert_accounts(pool)
+
+
 _TCP_CLOSE_WAIT: Final = 8  # include/net/tcp_states.h
+_TCP_CLOSE: Final = 7
 
 
 async def test_fin_queued_behind_more_than_the_read_budget_gets_no_fin_from_us(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -556,6 +556,53 @@ async def test_start_tls_that_cannot_make_its_ssl_stream_gives_the_socket_back()
                 await stream.read(10, timeout=1)
 
 
+async def test_read_and_write_without_a_timeout() -> None:
+    """timeout=None: write sends every byte and read returns what arrived, with no deadline."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            stream = await RecyclingBackend(pool).connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=None)
+            peer, _ = listener.accept()
+            with peer:
+                await stream.write(b"ping", timeout=None)
+                assert peer.recv(4) == b"ping"
+                peer.sendall(b"pong")
+                assert await stream.read(4, timeout=None) == b"pong"
+                await stream.aclose()
+            assert pool.statistics().in_use == 0
+
+
+async def test_tls_handshake_timeout_is_connect_timeout_and_gives_the_socket_back() -> None:
+    """A server that never answers the ClientHello: ConnectTimeout after ``timeout``, the socket back in the pool."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            stream = await RecyclingBackend(pool).connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=5)
+            peer, _ = listener.accept()
+            with peer, trio.fail_after(5):
+                with pytest.raises(httpcore.ConnectTimeout, match="TLS handshake"):
+                    await stream.start_tls(ssl.create_default_context(), "127.0.0.1", timeout=0.05)
+                assert pool.statistics().in_use == 0
+                assert peer.recv(5)[:1] == b"\x16"  # the ClientHello's record type: the handshake began
+
+
+async def test_tls_handshake_cancelled_from_outside_gives_the_socket_back() -> None:
+    """A cancellation that is not the handshake's own timeout propagates as Cancelled; the socket goes back."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            stream = await RecyclingBackend(pool).connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=5)
+            peer, _ = listener.accept()
+            with peer:
+                with trio.move_on_after(0.05) as scope:
+                    await stream.start_tls(ssl.create_default_context(), "127.0.0.1", timeout=5)
+                assert scope.cancelled_caught
+                assert pool.statistics().in_use == 0
+
+
 async def test_socket_options_three_shapes(start_http_server: StartServer) -> None:
     """httpcore's (level, opt, int), (level, opt, bytes) and (level, opt, None, optlen) all reach the socket."""
     server = start_http_server("close")
@@ -595,6 +642,9 @@ async def test_bad_socket_options() -> None:
     with pytest.raises(TypeError, match="socket_options"):
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             RecyclingTransport(pool, socket_options=[(1, 2)])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="socket_options must be an iterable"):
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            RecyclingTransport(pool, socket_options=5)  # type: ignore[arg-type]
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
@@ -668,6 +718,23 @@ async def test_connect_unix_socket_without_the_pool(tmp_path: Path) -> None:
         with pytest.raises(httpcore.ConnectError):
             await backend.connect_unix_socket(str(tmp_path / "missing.sock"))
         nursery.cancel_scope.cancel()
+
+
+async def test_connect_unix_socket_option_refused_closes_it(tmp_path: Path) -> None:
+    """A TCP option on a Unix socket: ConnectError, and the socket closed, not left to the GC; the pool untouched."""
+    path = str(tmp_path / "uds.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(8)
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            backend = RecyclingBackend(pool)
+            before = fd_inodes()
+            with pytest.raises(httpcore.ConnectError):
+                await backend.connect_unix_socket(
+                    path, timeout=5, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+                )
+            assert fd_inodes().keys() <= before.keys()
+            assert pool.statistics().created == 0
 
 
 async def test_pool_closed_under_the_client(start_http_server: StartServer) -> None:

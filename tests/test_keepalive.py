@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import socket
@@ -15,6 +16,7 @@ import trio.testing
 import trio_recycle
 
 from .conftest import (
+    TCP_CLOSE,
     KeepAlive,
     ResolveNames,
     Server,
@@ -28,6 +30,7 @@ from .conftest import (
     keep_alive,
     parked_sockets,
     socket_inode,
+    tcp_state,
     time_wait_count,
 )
 
@@ -394,6 +397,42 @@ async def test_release_while_a_task_waits(start_server: StartServer, same_open: 
         check(pool)
 
 
+async def test_release_of_a_reset_connection_is_not_handed_to_a_waiter() -> None:
+    """A waiter of the same open never gets a connection the peer has reset: it gets a fresh one."""
+    with _raw_listener() as listener:
+        port = listener.getsockname()[1]
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            stream = await pool.open_tcp_stream("127.0.0.1", port)
+            conn, _ = listener.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # linger 0: an RST, no FIN
+            (psock,) = pool._in_use
+            # TCP_INFO, not SO_ERROR or a peek: those would consume the pending error.
+            await until_kernel(lambda: tcp_state(psock.sock) == TCP_CLOSE)
+            got: list[RecyclingStream] = []
+            async with trio.open_nursery() as nursery:
+
+                async def waiter() -> None:
+                    got.append(await pool.open_tcp_stream("127.0.0.1", port))
+
+                nursery.start_soon(waiter)
+                await trio.testing.wait_all_tasks_blocked()
+                assert pool.statistics().tasks_waiting == 1
+                await stream.release()
+            (other,) = got
+            assert not other.kept_alive
+            fresh, _ = listener.accept()
+            with fresh:
+                await other.send_all(b"fresh")
+                assert fresh.recv(5) == b"fresh"
+                stats = pool.statistics()
+                # The peek took the reset's error; the close protocol then reads
+                # EOF from the CLOSE state and recycles the socket for the waiter.
+                assert (stats.kept_alive, stats.not_parked, stats.recycled, stats.created) == (0, 1, 1, 1)
+                await other.aclose()
+            check(pool)
+
+
 # ----------------------------------------------------------------------
 # Taking: the liveness check
 
@@ -432,6 +471,43 @@ async def test_take_finds_the_peer_gone_and_connects_afresh() -> None:
             assert (stats.created, stats.recycled, stats.reused, stats.kept_alive) == (1, 1, 1, 0)
             await stream.aclose()
             fresh.close()
+
+
+async def test_take_finds_the_peer_gone_with_recycle_off_and_opens_a_fresh_socket() -> None:
+    """recycle=False: a parked connection whose peer closed is closed at take and the open gets a new socket."""
+    with _raw_listener() as listener:
+        async with trio_recycle.open_socket_pool(capacity=1, recycle=False) as pool:
+            conn = await _park_one(pool, listener)
+            conn.close()
+            (psock,) = pool._store.sockets(parked=True)
+            await until_kernel(lambda: _peek(psock.sock) == b"")
+            stream = await pool.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
+            assert not stream.kept_alive
+            fresh, _ = listener.accept()
+            await stream.send_all(b"hello")
+            assert fresh.recv(5) == b"hello"
+            stats = pool.statistics()
+            assert (stats.created, stats.recycled, stats.discarded, stats.in_use) == (2, 0, 1, 1)
+            await stream.aclose()
+            fresh.close()
+
+
+async def test_take_finds_the_peer_gone_and_the_reconnect_fails() -> None:
+    """A reconnect at take that is refused raises OSError to that open and frees its place (I4, I10)."""
+    with _raw_listener() as listener:
+        port = listener.getsockname()[1]
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            conn = await _park_one(pool, listener)
+            conn.close()
+            listener.close()
+            (psock,) = pool._store.sockets(parked=True)
+            await until_kernel(lambda: _peek(psock.sock) == b"")
+            with pytest.raises(OSError, match="all attempts to connect") as info:
+                await pool.open_tcp_stream("127.0.0.1", port)
+            assert info.value.errno == errno.ECONNREFUSED
+            stats = pool.statistics()
+            assert (stats.in_use, stats.parked, stats.idle, stats.discarded) == (0, 0, 0, 1)
+            check(pool)
 
 
 async def test_take_finds_unsolicited_bytes_and_never_hands_them_on() -> None:

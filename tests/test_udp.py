@@ -559,3 +559,57 @@ async def test_open_after_exit_is_refused() -> None:
         pass
     with pytest.raises(trio.ClosedResourceError):
         await pool.open_udp_socket("127.0.0.1", 9)
+
+
+async def test_datagrams_that_keep_coming_close_the_socket_instead(
+    monkeypatch: pytest.MonkeyPatch, udp_peer: UDPPeer
+) -> None:
+    """More queued datagrams than one drain discards: the socket is closed, never handed on with a queue."""
+    peer = await udp_peer("127.0.0.1")
+    # The bound is 65536 datagrams in production; a few make the same case.
+    monkeypatch.setattr(_pooled_socket, "_DRAIN_MAX_DATAGRAMS", 4)
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        async with await pool.open_udp_socket("127.0.0.1", port_of(peer)) as udp:
+            for n in range(8):
+                await peer.sendto(b"flood%d" % n, sockname(udp))
+            await trio.testing.wait_all_tasks_blocked()
+            assert bytes_queued(udp._sock) > 0
+        stats = pool.statistics()
+        assert (stats.idle, stats.recycled, stats.discarded) == (0, 0, 1)
+        assert_capacity(pool)
+
+
+async def test_option_of_another_protocol_makes_the_socket_close_instead(udp_peer: UDPPeer) -> None:
+    """A TCP option set on a UDP socket: the system call's error reaches the caller, the socket is not recycled."""
+    peer = await udp_peer("127.0.0.1")
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        async with await pool.open_udp_socket("127.0.0.1", port_of(peer)) as udp:
+            with pytest.raises(OSError) as info:
+                udp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            assert info.value.errno in {errno.ENOPROTOOPT, errno.EOPNOTSUPP}
+            assert udp._psock.tainted
+        stats = pool.statistics()
+        assert (stats.idle, stats.recycled, stats.discarded) == (0, 0, 1)
+
+
+async def test_reused_socket_whose_queue_will_not_empty_fails_the_open(
+    monkeypatch: pytest.MonkeyPatch, udp_peer: UDPPeer
+) -> None:
+    """A reused socket whose queue outlasts the drain after its connect is discarded; the open fails, nothing leaks."""
+    peer = await udp_peer("127.0.0.1")
+    # As in test_drain_after_reconnect_catches_what_the_first_drain_missed:
+    # the drain at release misses the queue; the one after the connect
+    # then meets more datagrams than its bound (lowered from 65536).
+    monkeypatch.setattr(_pooled_socket, "drain_datagrams", lambda sock: True)
+    monkeypatch.setattr(_pooled_socket, "_DRAIN_MAX_DATAGRAMS", 4)
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        async with await pool.open_udp_socket("127.0.0.1", port_of(peer)) as udp:
+            for n in range(8):
+                await peer.sendto(b"stale%d" % n, sockname(udp))
+            await trio.testing.wait_all_tasks_blocked()
+        assert pool.statistics().idle == 1
+        with pytest.raises(OSError, match="datagrams keep arriving"):
+            await pool.open_udp_socket("127.0.0.1", port_of(peer))
+        stats = pool.statistics()
+        assert (stats.idle, stats.in_use, stats.discarded) == (0, 0, 1)
+        assert_capacity(pool)

@@ -46,7 +46,7 @@ def _fin_received(sock: socket.socket) -> bool:
         return False
     try:
         return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] in _FIN_RECEIVED_STATES
-    except OSError:
+    except OSError:  # pragma: no cover - defensive: TCP_INFO of an open TCP socket does not fail
         return False
 
 

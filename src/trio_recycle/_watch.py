@@ -73,9 +73,6 @@ class Watch:
     _scope: trio.CancelScope | None = None
     _closed: bool = False
 
-    def __len__(self) -> int:
-        return len(self._deadlines)
-
     def __contains__(self, psock: PooledSocket) -> bool:
         return psock in self._deadlines
 
