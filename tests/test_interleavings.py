@@ -319,7 +319,11 @@ def _check_server(world: World, server: HostileServer) -> None:
                     ),
                     None,
                 )
-            if m is None or not m.broken:
+            # A connection kept alive across streams is mapped to its
+            # chain's first stream: the stream that broke it is any of them
+            # (the last, when it was dropped without aclose).
+            chain = world.chains.get(m.number, [m]) if m is not None else []
+            if not any(s.broken for s in chain):
                 world.violate(f"I7: {server} connection {conn.tag!r} got a reset before it had sent its FIN")
         if conn.errors:
             world.violate(f"{server} connection {conn.tag!r} failed: {conn.errors!r}")
@@ -562,14 +566,17 @@ async def _drop(world: World, ts: TaskState, m: StreamModel) -> None:
         m._stream = None
         if ref() is not None:
             gc.collect()
+    warned = [w for w in caught if issubclass(w.category, ResourceWarning)]
     stream = ref()
-    if stream is not None:
+    if stream is not None and not any(w.source is stream for w in warned):
         # Still referenced from somewhere (a traceback kept alive by an
-        # earlier exception): close it as the program would have.
+        # earlier exception): close it as the program would have. (A
+        # stream that was finalized lives on only as the source of its own
+        # recorded ResourceWarning: it was dropped, and is not closed here.)
         world.log.append(f"   stream #{m.number} is still referenced: closed instead")
         await stream.aclose()
         return
-    warned = [w for w in caught if issubclass(w.category, ResourceWarning)]
+    del stream
     if not any("unclosed RecyclingStream" in str(w.message) for w in warned):
         world.violate(f"stream #{m.number} was garbage-collected without a ResourceWarning: {caught!r}")
     await trio.lowlevel.checkpoint()  # the pool reclaims the socket in a callback
