@@ -8,7 +8,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import TYPE_CHECKING
 
 import attrs
@@ -334,12 +334,15 @@ def socket_inode(sock: socket.socket) -> str:
     return f"socket:[{os.fstat(sock.fileno()).st_ino}]"
 
 
-def time_wait_count(port: int) -> int:
+def time_wait_count(port: int, remote_ports: Collection[int] | None = None) -> int:
     """TIME_WAIT entries whose local port is ``port`` (tcp + tcp6).
 
     Only the local port: a server's TIME_WAIT entries from earlier
     connections can carry a *remote* port that bind(0) later hands to a new
-    listener, which would count them for the wrong server.
+    listener, which would count them for the wrong server. The reverse
+    happens too: a client socket of an earlier test that closed first left
+    a TIME_WAIT entry whose *local* port bind(0) then hands to a listener.
+    ``remote_ports``, when given, keeps only the entries of those clients.
     """
     count = 0
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -349,14 +352,21 @@ def time_wait_count(port: int) -> int:
                 for line in f:
                     fields = line.split()
                     local_port = int(fields[1].rsplit(":", 1)[1], 16)
-                    if int(fields[3], 16) == TCP_TIME_WAIT and local_port == port:
+                    remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                    if (
+                        int(fields[3], 16) == TCP_TIME_WAIT
+                        and local_port == port
+                        and (remote_ports is None or remote_port in remote_ports)
+                    ):
                         count += 1
         except FileNotFoundError:
             continue
     return count
 
 
-def wait_for_time_wait(port: int, expected: int, timeout: float = 5.0) -> int:
+def wait_for_time_wait(
+    port: int, expected: int, timeout: float = 5.0, remote_ports: Collection[int] | None = None
+) -> int:
     """Poll (bounded) until ``expected`` TIME_WAIT entries for ``port`` exist.
 
     The kernel offers no event for a state change of a socket we no longer
@@ -366,7 +376,7 @@ def wait_for_time_wait(port: int, expected: int, timeout: float = 5.0) -> int:
     """
     deadline = time.monotonic() + timeout
     while True:
-        count = time_wait_count(port)
+        count = time_wait_count(port, remote_ports)
         if count >= expected or time.monotonic() > deadline:
             return count
         time.sleep(0.005)
