@@ -49,7 +49,7 @@ from .hostile import ALL_KINDS, POLITE_KINDS, Conn, HostileServer, dead_address,
 from .strategies import POKES, SERVERS, Config, Program, Step, keepalive_programs, pattern, programs
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Awaitable, Callable, Iterator
 
     from trio_recycle import RecyclingStream, SocketPool
 
@@ -439,20 +439,25 @@ def watching_pools(
 # Steps
 
 
-async def _close(world: World, ts: TaskState, m: StreamModel, *, owner: TaskState | None = None) -> None:
-    m.closed = True
-    if owner is None and ts.current is m:
-        ts.current = None
-    ts.stale.append(m)
+async def _end(world: World, m: StreamModel, end: Callable[[], Awaitable[None]], what: str) -> None:
+    """``await end()`` (aclose or release); afterwards, even if it raised, the handle must be dead (I2)."""
     try:
-        await m.stream.aclose()
+        await end()
     finally:
         try:
             m.stream.getpeername()
         except trio.ClosedResourceError:
             pass
         else:
-            world.violate(f"I2: stream #{m.number} still usable after aclose")
+            world.violate(f"I2: stream #{m.number} still usable after {what}")
+
+
+async def _close(world: World, ts: TaskState, m: StreamModel, *, owner: TaskState | None = None) -> None:
+    m.closed = True
+    if owner is None and ts.current is m:
+        ts.current = None
+    ts.stale.append(m)
+    await _end(world, m, m.stream.aclose, "aclose")
 
 
 def _broken(world: World, m: StreamModel, what: str, exc: trio.BrokenResourceError) -> None:
@@ -542,15 +547,7 @@ async def _release(world: World, ts: TaskState, m: StreamModel) -> None:
     if ts.current is m:
         ts.current = None
     ts.stale.append(m)
-    try:
-        await m.stream.release()
-    finally:
-        try:
-            m.stream.getpeername()
-        except trio.ClosedResourceError:
-            pass
-        else:
-            world.violate(f"I2: stream #{m.number} still usable after release")
+    await _end(world, m, m.stream.release, "release")
 
 
 async def _drop(world: World, ts: TaskState, m: StreamModel) -> None:
