@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import socket
@@ -16,6 +15,8 @@ import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, settings
+
+from .checks import fd_inodes
 
 if TYPE_CHECKING:
     from trio_recycle._pool import SocketPool
@@ -319,21 +320,6 @@ def resolve_names() -> ResolveNames:
 # Kernel probes
 
 
-def fd_inodes() -> dict[int, str]:
-    """Map every open descriptor of this process to what it points at."""
-    result = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            result[int(name)] = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue
-    return result
-
-
-def socket_inode(sock: socket.socket) -> str:
-    return f"socket:[{os.fstat(sock.fileno()).st_ino}]"
-
-
 def time_wait_count(port: int, remote_ports: Collection[int] | None = None) -> int:
     """TIME_WAIT entries whose local port is ``port`` (tcp + tcp6).
 
@@ -384,64 +370,6 @@ def wait_for_time_wait(
 
 def tcp_state(sock: socket.socket) -> int:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-
-
-def bytes_queued(sock: socket.socket) -> int:
-    import fcntl
-    import termios
-
-    buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    return int(struct.unpack("i", buf)[0])
-
-
-# ----------------------------------------------------------------------
-# Test-only accessors to the pool's private state (I3, I4)
-
-
-def idle_sockets(pool: SocketPool) -> list[socket.socket]:
-    return [psock.sock for psock in pool._store.sockets(parked=False)]
-
-
-def parked_sockets(pool: SocketPool) -> list[socket.socket]:
-    return [psock.sock for psock in pool._store.sockets(parked=True)]
-
-
-def owned_sockets(pool: SocketPool) -> list[socket.socket]:
-    return [p.sock for p in (*pool._store.sockets(), *pool._in_use, *pool._draining)]
-
-
-def assert_idle_disconnected(pool: SocketPool) -> None:
-    """I3: every idle socket is disconnected, CLOSE, SO_ERROR 0, empty."""
-    for sock in idle_sockets(pool):
-        with pytest.raises(OSError) as info:
-            sock.getpeername()
-        assert info.value.errno == errno.ENOTCONN
-        if sock.type == socket.SOCK_STREAM:
-            assert tcp_state(sock) == TCP_CLOSE
-        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
-        assert bytes_queued(sock) == 0
-
-
-def assert_parked_clean(pool: SocketPool) -> None:
-    """I9: every parked connection is established, watched, with nothing queued."""
-    for psock in pool._store.sockets(parked=True):
-        assert tcp_state(psock.sock) == TCP_ESTABLISHED
-        assert psock in pool._watch
-        assert bytes_queued(psock.sock) == 0
-
-
-def assert_capacity(pool: SocketPool) -> None:
-    """I4: idle + in_use + draining + parked <= capacity, each an open descriptor we own."""
-    stats = pool.statistics()
-    owned = stats.idle + stats.in_use + stats.draining + stats.parked
-    assert owned <= stats.capacity
-    assert stats.created - stats.discarded == owned
-    open_fds = fd_inodes()
-    socks = owned_sockets(pool)
-    assert len(socks) == owned
-    for sock in socks:
-        assert sock.fileno() in open_fds
-        assert open_fds[sock.fileno()] == socket_inode(sock)
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ import trio.testing
 
 import trio_recycle
 
-from .conftest import LocalResolver, assert_capacity, drained, fd_inodes, read_until_eof
+from .checks import assert_capacity, fd_inodes
+from .conftest import LocalResolver, drained, read_until_eof
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator

@@ -11,7 +11,8 @@ import trio
 import trio_recycle
 from trio_recycle import _connect
 
-from .conftest import ResolveNames, StartServer, answer_then_close, assert_capacity, cycle, read_until_eof
+from .checks import assert_capacity
+from .conftest import ResolveNames, StartServer, answer_then_close, cycle, read_until_eof
 
 
 class _SpawnCounter(trio.abc.Instrument):

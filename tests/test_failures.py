@@ -27,21 +27,19 @@ import trio.lowlevel
 import trio.testing
 
 import trio_recycle
-from trio_recycle import _drain
-from trio_recycle._drain import READ_BUDGET
+from trio_recycle import _close as _drain
+from trio_recycle._close import READ_BUDGET
 from trio_recycle._pooled_socket import PooledSocket
 
+from . import checks
+from .checks import assert_capacity, assert_idle_disconnected, bytes_queued, fd_inodes
 from .conftest import (
     ResolveNames,
     StartServer,
     answer_then_close,
-    assert_capacity,
-    assert_idle_disconnected,
-    bytes_queued,
     cycle,
     drained,
     echo_tagged,
-    fd_inodes,
     read_until_eof,
     tcp_state,
     time_wait_count,
@@ -658,7 +656,7 @@ async def test_aclose_reads_a_bounded_amount_then_hands_over_to_the_drain() -> N
                         sent += peer.send(b"f" * 65536)
                 assert sent > 2 * READ_BUDGET
                 await stream.aclose()
-                (psock,) = pool._draining
+                (psock,) = checks.sockets_in(pool, checks.State.DRAINING)
                 assert bytes_queued(psock.sock) > 0  # left for the drain task
                 peer.close()  # FIN after the data: the drain reads it all, then recycles
                 await drained(pool)
@@ -675,7 +673,7 @@ async def test_aclose_after_an_unseen_reset_closes_without_a_drain() -> None:
             peer, _ = listener.accept()
             peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             peer.close()  # linger 0: an RST, no FIN
-            (psock,) = pool._in_use
+            (psock,) = checks.sockets_in(pool, checks.State.IN_USE)
             with trio.fail_after(5):
                 while tcp_state(psock.sock) != _TCP_CLOSE:  # noqa: ASYNC110 - a reset arriving has no trio Event
                     await trio.sleep(0.001)
@@ -705,7 +703,7 @@ async def test_fin_queued_behind_more_than_the_read_budget_gets_no_fin_from_us(m
                 peer.settimeout(5)
                 peer.sendall(b"f" * 90_000)
                 peer.shutdown(socket.SHUT_WR)
-                (psock,) = pool._in_use
+                (psock,) = checks.sockets_in(pool, checks.State.IN_USE)
                 # The FIN is in, behind the data (bounded poll: the kernel
                 # offers no event for a change of state).
                 for _ in range(5000):

@@ -24,18 +24,8 @@ import trio_recycle
 from trio_recycle import SocketPool, _disconnect, _pooled_socket
 from trio_recycle._disconnect import DISABLE_ENV_VAR
 
-from .conftest import (
-    Server,
-    StartServer,
-    UDPPeer,
-    answer_then_close,
-    assert_capacity,
-    assert_idle_disconnected,
-    cycle,
-    drained,
-    fd_inodes,
-    read_until_eof,
-)
+from .checks import assert_capacity, assert_idle_disconnected, fd_inodes
+from .conftest import Server, StartServer, UDPPeer, answer_then_close, cycle, drained, read_until_eof
 
 if TYPE_CHECKING:
     import socket

@@ -21,14 +21,8 @@ import trio.testing
 
 import trio_recycle
 
-from .conftest import (
-    assert_capacity,
-    assert_idle_disconnected,
-    drained,
-    fd_inodes,
-    time_wait_count,
-    wait_for_time_wait,
-)
+from .checks import assert_capacity, assert_idle_disconnected, fd_inodes
+from .conftest import drained, time_wait_count, wait_for_time_wait
 
 pytest.importorskip("httpx", reason="needs the httpx extra: pip install 'trio-recycle[httpx]'")
 pytest.importorskip("httpcore", reason="needs the httpx extra: pip install 'trio-recycle[httpx]'")

@@ -44,7 +44,9 @@ from hypothesis import event, given, settings
 import trio_recycle
 from trio_recycle._pooled_socket import PooledSocket
 
-from .conftest import assert_capacity, assert_idle_disconnected, fd_inodes, has_ipv6, socket_inode, tcp_state
+from . import checks
+from .checks import assert_capacity, assert_idle_disconnected, fd_inodes, socket_inode
+from .conftest import has_ipv6, tcp_state
 from .hostile import ALL_KINDS, POLITE_KINDS, Conn, HostileServer, dead_address, start_hostile_server
 from .strategies import POKES, SERVERS, Config, Program, Step, keepalive_programs, pattern, programs
 
@@ -368,12 +370,12 @@ def check(world: World) -> None:
         assert_capacity(world.pool)
     except AssertionError as exc:
         world.violate(f"I4: {world.pool.statistics()}: {exc}")
-    for psock in world.pool._store.sockets(parked=True):
+    for psock in checks.sockets_in(world.pool, checks.State.PARKED):
         # I9 (what holds between steps): every parked connection is watched.
         # A FIN or bytes may have arrived since the watcher last ran.
-        if psock not in world.pool._watch:
+        if not checks.watching(world.pool, psock):
             world.violate("I9: a parked connection is not watched")
-    for psock in world.pool._store.sockets():
+    for psock in checks.sockets_in(world.pool, checks.State.IDLE, checks.State.PARKED):
         world.created_inodes.add(socket_inode(psock.sock))
 
 
@@ -439,7 +441,7 @@ def watching_pools(
 # Steps
 
 
-async def _end(world: World, m: StreamModel, end: Callable[[], Awaitable[None]], what: str) -> None:
+async def _end(world: World, m: StreamModel, end: Callable[[], Awaitable[object]], what: str) -> None:
     """``await end()`` (aclose or release); afterwards, even if it raised, the handle must be dead (I2)."""
     try:
         await end()

@@ -15,21 +15,24 @@ import trio.testing
 
 import trio_recycle
 
+from . import checks
+from .checks import (
+    assert_capacity,
+    assert_idle_disconnected,
+    assert_parked_clean,
+    fd_inodes,
+    parked_sockets,
+    socket_inode,
+)
 from .conftest import (
     TCP_CLOSE,
     KeepAlive,
     ResolveNames,
     Server,
     StartServer,
-    assert_capacity,
-    assert_idle_disconnected,
-    assert_parked_clean,
     drained,
     exchange,
-    fd_inodes,
     keep_alive,
-    parked_sockets,
-    socket_inode,
     tcp_state,
     time_wait_count,
 )
@@ -406,7 +409,7 @@ async def test_release_of_a_reset_connection_is_not_handed_to_a_waiter() -> None
             conn, _ = listener.accept()
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn.close()  # linger 0: an RST, no FIN
-            (psock,) = pool._in_use
+            (psock,) = checks.sockets_in(pool, checks.State.IN_USE)
             # TCP_INFO, not SO_ERROR or a peek: those would consume the pending error.
             await until_kernel(lambda: tcp_state(psock.sock) == TCP_CLOSE)
             got: list[RecyclingStream] = []
@@ -460,7 +463,7 @@ async def test_take_finds_the_peer_gone_and_connects_afresh() -> None:
             conn = await _park_one(pool, listener)
             # Closed and taken in one task step: the watch cannot run in between.
             conn.close()
-            (psock,) = pool._store.sockets(parked=True)
+            (psock,) = checks.sockets_in(pool, checks.State.PARKED)
             await until_kernel(lambda: _peek(psock.sock) == b"")
             stream = await pool.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
             assert not stream.kept_alive
@@ -479,7 +482,7 @@ async def test_take_finds_the_peer_gone_with_recycle_off_and_opens_a_fresh_socke
         async with trio_recycle.open_socket_pool(capacity=1, recycle=False) as pool:
             conn = await _park_one(pool, listener)
             conn.close()
-            (psock,) = pool._store.sockets(parked=True)
+            (psock,) = checks.sockets_in(pool, checks.State.PARKED)
             await until_kernel(lambda: _peek(psock.sock) == b"")
             stream = await pool.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
             assert not stream.kept_alive
@@ -500,7 +503,7 @@ async def test_take_finds_the_peer_gone_and_the_reconnect_fails() -> None:
             conn = await _park_one(pool, listener)
             conn.close()
             listener.close()
-            (psock,) = pool._store.sockets(parked=True)
+            (psock,) = checks.sockets_in(pool, checks.State.PARKED)
             await until_kernel(lambda: _peek(psock.sock) == b"")
             with pytest.raises(OSError, match="all attempts to connect") as info:
                 await pool.open_tcp_stream("127.0.0.1", port)
@@ -516,7 +519,7 @@ async def test_take_finds_unsolicited_bytes_and_never_hands_them_on() -> None:
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             conn = await _park_one(pool, listener)
             conn.sendall(POISON)
-            (psock,) = pool._store.sockets(parked=True)
+            (psock,) = checks.sockets_in(pool, checks.State.PARKED)
             await until_kernel(lambda: _peek(psock.sock) == POISON[:1])
             stream = await pool.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
             assert not stream.kept_alive
@@ -672,7 +675,7 @@ async def test_full_pool_evicts_the_least_recently_used_idle_or_parked(start_ser
         await exchange(b, b"b")
         await a.release()  # oldest
         await b.release()
-        (oldest, _) = pool._store.sockets()
+        (oldest, _) = checks.stored_sockets(pool)
         c = await pool.open_tcp_stream(keep2.host, keep2.port)  # takes b's
         assert c.kept_alive
         d = await pool.open_tcp_stream("127.0.0.1", keep2.port)  # other open key: evicts a's
@@ -739,7 +742,7 @@ async def test_capacity_per_peer_holds_when_an_attempt_takes_over_a_hanging_sibl
 
                 nursery.start_soon(open_slow)
                 await trio.sleep(1)  # the second attempt, toward the held peer, is past its delay
-                assert pool._per_peer[peer] == 1
+                assert checks.peer_count(pool, peer) == 1
                 assert not opened
                 assert pool.statistics().tasks_waiting == 1
                 await exchange(held, b"one")
@@ -747,7 +750,7 @@ async def test_capacity_per_peer_holds_when_an_attempt_takes_over_a_hanging_sibl
             (stream,) = opened
             assert stream.getpeername() == peer
             assert await exchange(stream, b"two") == (2, 1, b"two")
-            assert pool._per_peer[peer] == 1
+            assert checks.peer_count(pool, peer) == 1
             await stream.aclose()
             check(pool)
 
@@ -818,14 +821,14 @@ async def test_exit_closes_parked_connections_and_the_watch(start_server: StartS
                 await stream.release()
         assert pool.statistics().parked == 3
         inodes = {socket_inode(s) for s in parked_sockets(pool)}
-        epoll = pool._watch._epoll
+        epoll = checks.watch_epoll(pool)
         assert epoll is not None
         epoll_fd = epoll.fileno()
         assert "anon_inode:[eventpoll]" in fd_inodes()[epoll_fd]
     assert epoll.closed
     assert not inodes & set(fd_inodes().values())
     # The watcher task ran in the pool's nursery, which the exit waited for.
-    assert pool._watch._closed
+    assert checks.watch_closed(pool)
 
 
 # ----------------------------------------------------------------------
@@ -920,7 +923,7 @@ async def test_evicting_a_parked_connection_with_unread_bytes_does_not_reset_the
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             conn = await _park_one(pool, listener)
             conn.sendall(b"the end of an answer, late")
-            (psock,) = pool._store.sockets(parked=True)
+            (psock,) = checks.sockets_in(pool, checks.State.PARKED)
             await until_kernel(lambda: _peek(psock.sock) is not None)
             # Evicted in this task step: the watch has not run.
             stream = await pool.open_tcp_stream(other.host, other.port)

@@ -18,22 +18,20 @@ from trio_recycle import SocketPool
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
+from . import checks
+from .checks import assert_capacity, assert_idle_disconnected, fd_inodes, socket_inode
 from .conftest import (
     ResolveNames,
     StartServer,
     answer_then_close,
     answer_then_reset,
-    assert_capacity,
-    assert_idle_disconnected,
     cycle,
     drained,
     echo_tagged,
-    fd_inodes,
     flood,
     half_close,
     never_close,
     read_until_eof,
-    socket_inode,
     time_wait_count,
     wait_for_time_wait,
 )
@@ -180,7 +178,7 @@ async def test_i5_exit_closes_everything(
         await draining.aclose()  # -> draining (the holder never closes)
         stats = pool.statistics()
         assert (stats.idle, stats.in_use, stats.draining) == (1, 1, 1)
-        inodes = [socket_inode(p.sock) for p in (*pool._store.sockets(), *pool._in_use, *pool._draining)]
+        inodes = [socket_inode(sock) for sock in checks.owned_sockets(pool)]
         entered = trio.current_time()
     assert trio.current_time() - entered < 1000  # did not wait for the drain
     left = set(fd_inodes().values())
@@ -358,11 +356,11 @@ async def test_no_socket_call_in_steady_state(start_server: StartServer, loopbac
     server = await start_server(answer_then_close, loopback)
     async with trio_recycle.open_socket_pool(capacity=1) as pool:
         await cycle(pool, server)
-        (psock,) = pool._store.sockets()
+        (psock,) = checks.stored_sockets(pool)
         inode = socket_inode(psock.sock)
         for i in range(200):
             assert await cycle(pool, server, b"%d" % i) == b"ok:%d" % i
-        (same,) = pool._store.sockets()
+        (same,) = checks.stored_sockets(pool)
         assert socket_inode(same.sock) == inode
         stats = pool.statistics()
         assert (stats.created, stats.reused, stats.recycled) == (1, 200, 201)
@@ -729,7 +727,7 @@ async def test_drain_finishing_as_the_pool_exits_leaks_nothing() -> None:
                 assert peer.recv(100) == b""  # our FIN
                 peer.close()  # the peer's FIN arrives now
                 await trio.lowlevel.checkpoint()
-            leaked += sum(p.sock.fileno() != -1 for p in pool._store.sockets())
+            leaked += sum(p.sock.fileno() != -1 for p in checks.stored_sockets(pool))
             stats = pool.statistics()
             assert (stats.idle, stats.in_use, stats.draining) == (0, 0, 0)
             assert stats.created == stats.discarded

@@ -16,7 +16,8 @@ import trio.testing
 
 import trio_recycle
 
-from .conftest import ResolveNames, StartServer, answer_then_close, assert_capacity, read_until_eof
+from .checks import assert_capacity
+from .conftest import ResolveNames, StartServer, answer_then_close, read_until_eof
 
 if TYPE_CHECKING:
     from collections.abc import Callable

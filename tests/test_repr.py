@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 import trio_recycle
-from trio_recycle._socket_access import format_address
+from trio_recycle._addresses import format_address
 
 from .conftest import StartServer, UDPPeer, answer_then_close, never_close, read_until_eof
 
@@ -28,7 +28,7 @@ async def test_pool_repr_shows_counts_and_state(start_server: StartServer) -> No
             await trio.testing.wait_all_tasks_blocked()
             assert repr(pool) == (
                 "<trio_recycle.SocketPool open, recycling: 2/2 sockets"
-                " (2 in use, 0 idle, 0 parked, 0 draining), 1 tasks waiting>"
+                " (2 in use, 0 idle, 0 parked, 0 draining), 1 task waiting>"
             )
             nursery.cancel_scope.cancel()
         await first.aclose()  # no FIN from never_close: drains in the background
@@ -93,12 +93,12 @@ async def test_pooled_socket_repr(start_server: StartServer) -> None:
         stream = await pool.open_tcp_stream(server.host, server.port)
         psock = stream._psock
         assert repr(psock) == (
-            f"<trio_recycle.PooledSocket fd={psock.sock.fileno()} TCP/IPv4 peer=127.0.0.1:{server.port}>"
+            f"<trio_recycle.PooledSocket IN_USE fd={psock.sock.fileno()} TCP/IPv4 peer=127.0.0.1:{server.port}>"
         )
         stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 65536)  # cannot be restored
         assert repr(psock).endswith(" tainted>")
         await stream.aclose()
-    assert re.fullmatch(r"<trio_recycle\.PooledSocket closed TCP/IPv4 peer=127\.0\.0\.1:\d+ tainted>", repr(psock))
+    assert re.fullmatch(r"<trio_recycle\.PooledSocket CLOSED TCP/IPv4 peer=127\.0\.0\.1:\d+ tainted>", repr(psock))
 
 
 async def test_pooled_socket_repr_without_peer_affinity(start_server: StartServer) -> None:

@@ -30,7 +30,7 @@ import trio
 
 import trio_recycle
 
-from .conftest import assert_capacity, assert_idle_disconnected, fd_inodes
+from .checks import assert_capacity, assert_idle_disconnected, fd_inodes
 from .hostile import POLITE_KINDS, HostileServer, dead_address, start_hostile_server
 from .strategies import pattern
 from .test_interleavings import RESETTING_KINDS, Canceller, _pool_tasks_left, watching_pools

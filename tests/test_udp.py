@@ -11,21 +11,10 @@ import trio
 import trio.testing
 
 import trio_recycle
-from trio_recycle import RecyclingUDPSocket, _pooled_socket
+from trio_recycle import RecyclingUDPSocket, _close, _pooled_socket
 
-from .conftest import (
-    StartServer,
-    UDPPeer,
-    answer_then_close,
-    assert_capacity,
-    assert_idle_disconnected,
-    bytes_queued,
-    cycle,
-    fd_inodes,
-    idle_sockets,
-    read_until_eof,
-    socket_inode,
-)
+from .checks import assert_capacity, assert_idle_disconnected, bytes_queued, fd_inodes, idle_sockets, socket_inode
+from .conftest import StartServer, UDPPeer, answer_then_close, cycle, read_until_eof
 
 # ----------------------------------------------------------------------
 # Helpers. A UDP peer (the udp_peer fixture) is a bound trio socket the test drives.
@@ -567,7 +556,7 @@ async def test_datagrams_that_keep_coming_close_the_socket_instead(
     """More queued datagrams than one drain discards: the socket is closed, never handed on with a queue."""
     peer = await udp_peer("127.0.0.1")
     # The bound is 65536 datagrams in production; a few make the same case.
-    monkeypatch.setattr(_pooled_socket, "_DRAIN_MAX_DATAGRAMS", 4)
+    monkeypatch.setattr(_close, "_DRAIN_MAX_DATAGRAMS", 4)
     async with trio_recycle.open_socket_pool(capacity=1) as pool:
         async with await pool.open_udp_socket("127.0.0.1", port_of(peer)) as udp:
             for n in range(8):
@@ -601,7 +590,7 @@ async def test_reused_socket_whose_queue_will_not_empty_fails_the_open(
     # the drain at release misses the queue; the one after the connect
     # then meets more datagrams than its bound (lowered from 65536).
     monkeypatch.setattr(_pooled_socket, "drain_datagrams", lambda sock: True)
-    monkeypatch.setattr(_pooled_socket, "_DRAIN_MAX_DATAGRAMS", 4)
+    monkeypatch.setattr(_close, "_DRAIN_MAX_DATAGRAMS", 4)
     async with trio_recycle.open_socket_pool(capacity=1) as pool:
         async with await pool.open_udp_socket("127.0.0.1", port_of(peer)) as udp:
             for n in range(8):

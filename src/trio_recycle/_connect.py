@@ -40,7 +40,8 @@ import trio
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
 
-from ._pooled_socket import drain_datagrams
+from ._close import drain_datagrams
+from ._lifecycle import State
 
 if TYPE_CHECKING:
     from ._pooled_socket import OpenKey, PooledSocket
@@ -245,7 +246,7 @@ async def _attempt(
 ) -> PooledSocket:
     family, type, proto, sockaddr = target
     psock = await source.acquire_socket(family, type, proto, local_address, sockaddr, origin=origin)
-    if psock.handed_live:
+    if psock.state is State.HANDED:
         return psock  # a released connection of the same open, handed to this waiter
     try:
         await connect_socket(psock.sock, sockaddr)
@@ -314,7 +315,7 @@ async def connect_pooled(
 
     ``origin``: the open's (host, port, local_address). A task that waits for
     capacity may then be handed a live connection released by a stream of
-    the same open (``psock.handed_live``), which needs no connect.
+    the same open (a HANDED socket), which needs no connect.
     """
     # An IP literal resolves synchronously from the cache: no coroutine,
     # no copy, nothing to reorder when there is one address.
@@ -369,7 +370,7 @@ async def connect_pooled(
             for scope in waiting:
                 scope.deadline = min(scope.deadline, deadline)
             try:
-                if not psock.handed_live:
+                if psock.state is not State.HANDED:
                     await connect_socket(psock.sock, sockaddr)
             except BaseException:
                 source.discard_socket(psock)

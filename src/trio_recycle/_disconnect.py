@@ -29,6 +29,8 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Final, Protocol
 
+from ._tcp_state import TcpState, tcp_state
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -43,9 +45,6 @@ _FALSE_VALUES: Final = frozenset({"", "0", "false", "no", "off"})
 #: The unrecognised values already warned about: one warning per value,
 #: not one per pool.
 _warned_values: set[str] = set()
-
-#: TCP_INFO's tcpi_state of a closed socket (include/net/tcp_states.h).
-TCP_CLOSE = 7
 
 
 class _HasFileno(Protocol):
@@ -115,8 +114,7 @@ def _probe() -> bool:
                 if client.recv(1) != b"":
                     return False  # pragma: no cover - defensive: the server side closed, the read is EOF
                 disconnect(client)
-                info = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
-                if info[0] != TCP_CLOSE:
+                if tcp_state(client) is not TcpState.CLOSE:
                     return False
                 client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 try:

@@ -1,54 +1,56 @@
-"""SocketPool and open_socket_pool: capacity, waiting, hand-off, keep-alive, statistics."""
+"""SocketPool: the coordinator that decides which socket serves which open, and what happens to it afterwards."""
 
-# Bookkeeping. Every descriptor the pool owns is in exactly one of four
-# places: `_store` (idle: disconnected, waiting; or parked: a live
-# connection released for another exchange, watched by `_watch`),
-# `_in_use` (handed to a caller, connecting or wrapped in a stream),
-# `_draining` (a background task waits for the peer's FIN). Their sizes add
-# up to the descriptors open, which is at most `capacity` (invariant I4).
-# `created - discarded` equals the same sum at every checkpoint.
+# The pool's parts each have a room of their own, and the pool coordinates
+# them:
 #
-# Waiting is FIFO and hand-off is direct, like trio.CapacityLimiter: a task
-# that finds the pool full parks in `_waiters`; whoever frees a socket or a
-# slot gives it straight to the first waiter that can be served (re-created
-# for the waiter's peer if it does not match) before anybody else can take
-# it. So a task arriving later can never overtake one that is waiting, and
-# while anyone waits there is nothing idle or parked: an arriving task that
-# finds the pool full but some socket idle or parked (for another peer)
-# closes the least recently used of them and takes its place instead of
-# waiting, and a stream released while tasks wait is not parked.
+# * _lifecycle: a socket's states, the moves allowed between them, and the
+#   Ledger, the only writer of states, counts and lifetime counters;
+# * _store: idle sockets and parked connections in one eviction order, and
+#   the parked ones' watch;
+# * _waiting: the tasks waiting for capacity, first come first served;
+# * _close: from a stream's end to a verdict (recycle, drain, close) and the
+#   bounded wait for the peer's FIN;
+# * _connect: resolution and happy eyeballs over the pool's sockets.
 #
-# Failures while a waiter's socket is made (socket(), setsockopt(), bind(),
-# whatever they raise) belong to that waiter: _hand_off gives the error to
-# its task and offers the slot to the next waiter, so the aclose() or the
-# drain task that freed the slot never sees it. Out of descriptors
-# (EMFILE/ENFILE), _create first evicts the least recently used idle socket
-# or parked connection and retries once. If socket() still fails, every
-# queued waiter gets the error at once: the limit is the process's, the pool
-# gets no event when some other part of the program frees a descriptor, and
-# a waiter left queued in front of a free slot would block everyone behind
-# it with no bound. Failing fast is what trio.open_tcp_stream does in the
-# same spot.
+# Every entry point (an open, a stream closed or released, the watch
+# waking, a drain ending, a dropped stream reclaimed, a failed connect)
+# changes states through the ledger and then calls _serve_waiters, the one
+# reconciler: it gives what is free (an idle socket of the waiter's key, a
+# free place, or a place made by evicting the least recently used idle or
+# parked socket) to the first waiter that can be served. Nothing else hands
+# anything to a waiter, except `release` handing its live connection to a
+# task waiting for the same open. So a task arriving later never overtakes
+# one that waits, and while a waiter that could be served waits, nothing is
+# idle or parked.
 #
-# capacity_per_peer bounds the sockets in use, draining or parked toward one
-# peer address (idle sockets are disconnected and count for nobody). A
-# waiter whose peer is at its limit is skipped, not served, so it never
-# blocks the waiters of other peers behind it; among the waiters that can
-# be served the order stays first come first served.
+# Failures while a waiter's socket is made (socket(), setsockopt(), bind())
+# belong to that waiter: it gets the error, and the reconciler goes on with
+# the next one, so the aclose() or drain that freed the place never sees
+# it. Out of descriptors (EMFILE/ENFILE), _create first evicts the least
+# recently used idle socket or parked connection and retries once; if
+# socket() still fails, every queued waiter gets the error at once: the
+# limit is the process's, the pool gets no event when some other part of
+# the program frees a descriptor, and a waiter left queued in front of a
+# free place would block everyone behind it with no bound. Failing fast is
+# what trio.open_tcp_stream does in the same spot.
+#
+# capacity_per_peer bounds the sockets toward one peer address (every state
+# but IDLE and CLOSED: the ledger counts them). A waiter whose peer is at
+# its limit is skipped, not served, so it never blocks the waiters of other
+# peers; among the waiters that can be served the order stays FIFO.
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import math
 import socket
 import weakref
-from typing import TYPE_CHECKING, Final, Literal, Protocol, final
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar, final
 
 import attrs
-import outcome
 import trio
 
+from ._close import StreamEnd, Verdict, decide, discard_queued, wait_for_fin
 from ._connect import (
     all_failed,
     connect_pooled,
@@ -58,33 +60,27 @@ from ._connect import (
     validate_endpoint,
     validate_local_address,
 )
-from ._disconnect import can_recycle
-from ._drain import read_available, wait_for_fin
 from ._errors import check_run, wrong_run_error
-from ._pooled_socket import OpenKey, PooledSocket, PoolKey, SocketOption
+from ._lifecycle import Ledger, State
+from ._pooled_socket import OpenKey, PooledSocket, SocketOption
+from ._statistics import PoolStatistics
 from ._store import SocketStore
 from ._stream import RecyclingStream
+from ._tcp_state import TcpState, tcp_state
 from ._udp import RecyclingUDPSocket
-from ._watch import Watch
+from ._waiting import Request, WaitingRoom
+from ._watch import URGENT, quiet
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterable
+    from collections.abc import Callable
 
-__all__ = ["PoolStatistics", "SocketPool", "open_socket_pool"]
+__all__ = ["SocketPool"]
+
+IDLE, CONNECTING, HANDED, IN_USE, PARKED, DRAINING, CLOSED = State
 
 # The pool's methods check first that they run in the pool's own trio.run
 # (_stream.py says why).
 _current_trio_token: Final = trio.lowlevel.current_trio_token
-
-#: Default for ``open_socket_pool(capacity=...)``.
-DEFAULT_CAPACITY: Final = 64
-#: Default for ``open_socket_pool(eof_timeout=...)``, in seconds.
-DEFAULT_EOF_TIMEOUT: Final = 5.0
-#: Default for ``open_socket_pool(drain_limit=...)``, in bytes.
-DEFAULT_DRAIN_LIMIT: Final = 65536
-#: Default for ``open_socket_pool(keepalive_expiry=...)``, in seconds.
-DEFAULT_KEEPALIVE_EXPIRY: Final = 5.0
-
 
 # TCP defaults, the same as trio.SocketStream's (trio issue #72); both
 # survive a disconnect, so they are set once per socket, not per use.
@@ -96,62 +92,12 @@ _TCP_DEFAULTS: Final[tuple[SocketOption, ...]] = tuple(
     )
     if option is not None
 )
-
-
-@final
-@attrs.frozen
-class PoolStatistics:
-    """A snapshot of a `SocketPool`, from `SocketPool.statistics`.
-
-    The fields from ``capacity`` to ``tasks_waiting`` and ``parked`` are
-    the state now; the others are counts over the pool's life. The sockets
-    the pool owns are ``idle + in_use + draining + parked``.
-
-    Attributes:
-      capacity: The most sockets the pool may own at once.
-      idle: Disconnected sockets waiting to be reused.
-      in_use: Sockets handed out: connecting, or behind an open stream.
-      draining: Closed streams whose socket waits for the peer's FIN.
-      tasks_waiting: Tasks blocked because ``capacity`` sockets are owned
-          (or ``capacity_per_peer`` sockets toward their peer).
-      created: ``socket()`` calls made.
-      reused: Opens served by an idle socket instead of a new one.
-      recycled: Disconnects that put a socket back idle, or straight into
-          the hands of a task waiting for the same peer.
-      discarded: Sockets closed instead of recycled (failed connects,
-          peers that sent no FIN in time, evictions, the pool's exit).
-      parked: Live connections released with `RecyclingStream.release`
-          and waiting, watched, for an open of the same host and port.
-      kept_alive: Opens served by a parked connection: no DNS, no
-          ``connect()``.
-      not_parked: `RecyclingStream.release` calls that ran the close
-          protocol instead of parking (something unread, an EOF, an error,
-          an option that cannot be undone, a task waiting, the pool's exit).
-    """
-
-    capacity: int
-    idle: int
-    in_use: int
-    draining: int
-    tasks_waiting: int
-    created: int
-    reused: int
-    recycled: int
-    discarded: int
-    parked: int = 0
-    kept_alive: int = 0
-    not_parked: int = 0
-
-
-@attrs.frozen
-class _Request:
-    family: int
-    type: int
-    proto: int
-    local_address: str | None
-    key: PoolKey
-    peer: object
-    origin: OpenKey | None = None
+#: socket() errors that closing one of our own descriptors can cure.
+_OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+#: How a parked connection that expired or received bytes unasked ends:
+#: the close protocol of a healthy stream that saw no EOF.
+_QUIET_END: Final = StreamEnd(eof_seen=False, eof_sent=False, healthy=True)
+_CLOSED_MESSAGE: Final = "this SocketPool is closed: the `async with open_socket_pool()` block has exited"
 
 
 class _Owner(Protocol):
@@ -160,15 +106,18 @@ class _Owner(Protocol):
     def _force_close(self) -> None: ...
 
 
+_O = TypeVar("_O", RecyclingStream, RecyclingUDPSocket)
+
+
 @final
-@attrs.define(eq=False, repr=False)
+@attrs.define(eq=False, repr=False, init=False)
 class SocketPool:
     """A capacity-limited set of sockets that are disconnected and reused.
 
-    Create one with `open_socket_pool`; see there for the options. The pool
-    is bound to the ``async with`` block that created it: its background
-    drain tasks run in a nursery of that block, and when the block exits
-    every socket it owns is closed.
+    Open one with ``async with trio_recycle.open_socket_pool(...) as pool``;
+    see `open_socket_pool` for the options. The pool is bound to that
+    block: its background drains run in a nursery of the block, and when
+    the block exits every socket it owns is closed.
     """
 
     _capacity: int
@@ -176,42 +125,68 @@ class SocketPool:
     _drain_limit: int
     _peer_affinity: bool
     _recycle: bool
+    #: Options for every socket it makes, and for TCP ones (trio's defaults first).
     _socket_options: tuple[SocketOption, ...]
+    _tcp_options: tuple[SocketOption, ...]
+    _capacity_per_peer: int | None
     _nursery: trio.Nursery
-    _keepalive_expiry: float = DEFAULT_KEEPALIVE_EXPIRY
-    _capacity_per_peer: int | None = None
-    _store: SocketStore = attrs.field(factory=SocketStore)
-    _watch: Watch = attrs.field(init=False)
-    #: Socket -> a weak reference to its open stream (None while it
-    #: connects). Weak, so that a stream dropped without aclose() can be
-    #: garbage-collected and give its place back (see socket_dropped).
-    _in_use: dict[PooledSocket, weakref.ref[_Owner] | None] = attrs.field(factory=dict)
-    _draining: set[PooledSocket] = attrs.field(factory=set)
-    _waiters: dict[trio.lowlevel.Task, _Request] = attrs.field(factory=dict)
-    #: Sockets counted against ``capacity_per_peer``, by peer address.
-    _per_peer: dict[object, int] = attrs.field(factory=dict)
-    _closed: bool = False
+    _ledger: Ledger[PooledSocket]
+    _store: SocketStore
+    _room: WaitingRoom[PooledSocket]
+    #: A weak reference to each IN_USE socket's stream: a stream dropped
+    #: without aclose() can be collected and give its place back.
+    _owners: dict[PooledSocket, weakref.ref[_Owner]]
+    _closed: bool
     #: The pool's own run: finalizers hand their work to it.
-    _token: trio.lowlevel.TrioToken = attrs.field(factory=trio.lowlevel.current_trio_token)
-    _created: int = 0
-    _reused: int = 0
-    _recycled: int = 0
-    _discarded: int = 0
-    _kept_alive: int = 0
-    _not_parked: int = 0
+    _token: trio.lowlevel.TrioToken
 
-    def __attrs_post_init__(self) -> None:
-        self._watch = Watch(self._keepalive_expiry, self._check_parked, self._parked_expired)
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise TypeError(
+            "SocketPool is not created directly: open one with `async with trio_recycle.open_socket_pool() as pool:`"
+        )
+
+    @classmethod
+    def _open(
+        cls,
+        nursery: trio.Nursery,
+        *,
+        capacity: int,
+        eof_timeout: float,
+        drain_limit: int,
+        peer_affinity: bool,
+        recycle: bool,
+        socket_options: tuple[SocketOption, ...],
+        keepalive_expiry: float,
+        capacity_per_peer: int | None,
+    ) -> SocketPool:
+        """The pool of an `open_socket_pool` block, whose arguments are checked already."""
+        self = object.__new__(cls)
+        self._capacity = capacity
+        self._eof_timeout = eof_timeout
+        self._drain_limit = drain_limit
+        self._peer_affinity = peer_affinity
+        self._recycle = recycle
+        self._socket_options = socket_options
+        self._tcp_options = _TCP_DEFAULTS + socket_options
+        self._capacity_per_peer = capacity_per_peer
+        self._nursery = nursery
+        self._ledger = Ledger()
+        self._store = SocketStore(nursery, keepalive_expiry, self._on_watch)
+        self._room = WaitingRoom()
+        self._owners = {}
+        self._closed = False
+        self._token = trio.lowlevel.current_trio_token()
+        return self
 
     def __repr__(self) -> str:
         # Counts only: the pool can own thousands of sockets.
-        state = "closed" if self._closed else "open"
-        mode = "recycling" if self._recycle else "not recycling"
+        ledger, waiting = self._ledger, len(self._room)
+        in_use = ledger.count(CONNECTING) + ledger.count(HANDED) + ledger.count(IN_USE)
         return (
-            f"<trio_recycle.SocketPool {state}, {mode}: {self._owned()}/{self._capacity} sockets"
-            f" ({len(self._in_use)} in use, {self._store.idle_count} idle, {self._store.parked_count} parked,"
-            f" {len(self._draining)} draining),"
-            f" {len(self._waiters)} tasks waiting>"
+            f"<trio_recycle.SocketPool {'closed' if self._closed else 'open'},"
+            f" {'recycling' if self._recycle else 'not recycling'}: {len(ledger)}/{self._capacity} sockets"
+            f" ({in_use} in use, {ledger.count(IDLE)} idle, {ledger.count(PARKED)} parked,"
+            f" {ledger.count(DRAINING)} draining), {waiting} task{'' if waiting == 1 else 's'} waiting>"
         )
 
     # ------------------------------------------------------------------
@@ -299,76 +274,14 @@ class SocketPool:
             # a retry loop must not starve the other tasks (EMFILE, bind()).
             await trio.lowlevel.checkpoint()
             raise
-        # The pool's exit can come between the winning attempt and here (the
-        # happy-eyeballs nursery still had to wind down): then the socket is
-        # closed already.
-        self._check_open()
-        if self._in_use.get(psock, _GONE) is not None:  # pragma: no cover - defensive
-            raise trio.ClosedResourceError("the socket was closed while it was connecting")
         psock.open_key = open_key
-        kept_alive = psock.handed_live
-        if kept_alive:
-            psock.handed_live = False
-            self._kept_alive += 1
-        stream = RecyclingStream(self, psock, psock.sock, kept_alive=kept_alive, token=self._token)
-        self._in_use[psock] = weakref.ref(stream)
-        return stream
+        return self._adopt(psock, self._new_stream)
 
-    async def _take_parked(self, open_key: OpenKey) -> RecyclingStream | None:
-        """Serve an open with a parked connection of ``open_key``; None: none was alive.
+    def _new_stream(self, psock: PooledSocket) -> RecyclingStream:
+        return RecyclingStream(self, psock, psock.sock, kept_alive=psock.state is not CONNECTING, token=self._token)
 
-        The liveness check is the watch's: connections past their expiry
-        are closed as the watcher would (it may not have run), then one
-        poll of the private epoll finds every parked connection with
-        bytes, a FIN or an error, and each is handled before anything is
-        taken. A connection of this open
-        whose peer closed meanwhile is disconnected and connected again to
-        the same address here (no DNS), if no live one is left.
-        """
-        # Before taking anything, as in acquire_socket; after it, nothing
-        # below awaits until the stream exists, except a reconnect, whose
-        # failure discards the socket like any failed connect.
-        await trio.lowlevel.checkpoint_if_cancelled()
-        self._watch.expire_due()
-        closed_by_peer = self._check_parked(open_key)
-        psock = self._store.take_parked(open_key)
-        if psock is None:
-            if closed_by_peer is None:
-                return None
-            return await self._reconnect(closed_by_peer, open_key)
-        if closed_by_peer is not None:
-            self._recycle_or_close(closed_by_peer)
-        self._watch.remove(psock)
-        self._kept_alive += 1
-        stream = RecyclingStream(self, psock, psock.sock, kept_alive=True, token=self._token)
-        self._in_use[psock] = weakref.ref(stream)
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        return stream
-
-    async def _reconnect(self, psock: PooledSocket, open_key: OpenKey) -> RecyclingStream:
-        """The peer closed a parked connection first: disconnect it and connect it again."""
-        peer = psock.peer
-        if not (self._recycle and psock.reset_for_reuse()):
-            self._close_psock(psock)
-            self._free_slot()
-            family, type, proto, _, _ = psock.key
-            psock = await self.acquire_socket(family, type, proto, open_key[2], peer)
-        else:
-            self._recycled += 1
-            self._reused += 1
-            self._in_use[psock] = None
-        try:
-            await connect_socket(psock.sock, peer)
-        except BaseException as exc:
-            self.discard_socket(psock)
-            if isinstance(exc, OSError):
-                raise all_failed(open_key[0], open_key[1], [(peer, exc)]) from exc
-            raise
-        self._check_open()
-        psock.open_key = open_key
-        stream = RecyclingStream(self, psock, psock.sock, token=self._token)
-        self._in_use[psock] = weakref.ref(stream)
-        return stream
+    def _new_udp(self, psock: PooledSocket) -> RecyclingUDPSocket:
+        return RecyclingUDPSocket(self, psock, psock.sock, token=self._token)
 
     async def open_udp_socket(
         self,
@@ -421,12 +334,7 @@ class SocketPool:
         except Exception:
             await trio.lowlevel.checkpoint()  # as in open_tcp_stream
             raise
-        self._check_open()  # as in open_tcp_stream
-        if self._in_use.get(psock, _GONE) is not None:  # pragma: no cover - defensive
-            raise trio.ClosedResourceError("the socket was closed while it was connecting")
-        udp = RecyclingUDPSocket(self, psock, psock.sock, token=self._token)
-        self._in_use[psock] = weakref.ref(udp)
-        return udp
+        return self._adopt(psock, self._new_udp)
 
     def statistics(self) -> PoolStatistics:
         """Return a snapshot of this pool's state and counters.
@@ -440,20 +348,20 @@ class SocketPool:
               no run at all, for example after it, is fine).
         """
         check_run(self._token, "SocketPool")
-        store = self._store
+        ledger = self._ledger
         return PoolStatistics(
             capacity=self._capacity,
-            idle=store.idle_count,
-            in_use=len(self._in_use),
-            draining=len(self._draining),
-            tasks_waiting=len(self._waiters),
-            created=self._created,
-            reused=self._reused,
-            recycled=self._recycled,
-            discarded=self._discarded,
-            parked=store.parked_count,
-            kept_alive=self._kept_alive,
-            not_parked=self._not_parked,
+            idle=ledger.count(IDLE),
+            in_use=ledger.count(CONNECTING) + ledger.count(HANDED) + ledger.count(IN_USE),
+            draining=ledger.count(DRAINING),
+            tasks_waiting=len(self._room),
+            created=ledger.created,
+            reused=ledger.reused,
+            recycled=ledger.recycled,
+            discarded=ledger.discarded,
+            parked=ledger.count(PARKED),
+            kept_alive=ledger.kept_alive,
+            not_parked=ledger.not_parked,
         )
 
     @property
@@ -474,13 +382,71 @@ class SocketPool:
         return self._recycle
 
     # ------------------------------------------------------------------
-    # Taking sockets (SocketSource protocol of _connect)
+    # Opens: taking a parked connection, or a socket (the SocketSource of _connect)
 
     def _check_open(self) -> None:
         if self._closed:
-            raise trio.ClosedResourceError(
-                "this SocketPool is closed: the `async with open_socket_pool()` block has exited"
-            )
+            raise trio.ClosedResourceError(_CLOSED_MESSAGE)
+
+    def _adopt(self, psock: PooledSocket, make: Callable[[PooledSocket], _O]) -> _O:
+        """A connected socket, or a live one handed over, becomes an open stream or UDP socket."""
+        # The pool's exit can come between the winning attempt and here (the
+        # happy-eyeballs nursery still had to wind down): then the socket is
+        # closed already.
+        self._check_open()
+        if psock.state is CLOSED:  # pragma: no cover - defensive
+            raise trio.ClosedResourceError("the socket was closed while it was connecting")
+        owner = make(psock)
+        self._ledger.move(psock, IN_USE)
+        self._owners[psock] = weakref.ref(owner)
+        return owner
+
+    async def _take_parked(self, open_key: OpenKey) -> RecyclingStream | None:
+        """Serve an open with a parked connection of ``open_key``; None: none was alive.
+
+        The liveness check is the watch's: every parked connection past its
+        expiry or with bytes, a FIN or an error is handled before anything
+        is taken. A connection of this open whose peer closed meanwhile is
+        disconnected and connected again to the same address here (no DNS),
+        if no live one is left.
+        """
+        # Before taking anything; after it, nothing awaits until the stream
+        # exists, except a reconnect, whose failure discards the socket.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        closed_by_peer = self._check_parked(open_key)
+        psock = self._store.take_parked(open_key)
+        if psock is None:
+            if closed_by_peer is None:
+                self._serve_waiters()
+                return None
+            return await self._reconnect(closed_by_peer, open_key)
+        if closed_by_peer is not None:
+            self._recycle_or_close(closed_by_peer)
+        stream = self._adopt(psock, self._new_stream)
+        self._serve_waiters()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return stream
+
+    async def _reconnect(self, psock: PooledSocket, open_key: OpenKey) -> RecyclingStream:
+        """The peer closed a parked connection first: disconnect it and connect it again."""
+        peer = psock.peer
+        if self._recycle and psock.reset_for_reuse():
+            self._ledger.move(psock, IDLE)
+            self._ledger.move(psock, CONNECTING, peer)
+        else:
+            self._discard(psock)
+            self._serve_waiters()
+            family, type, proto, _, _ = psock.key
+            psock = await self.acquire_socket(family, type, proto, open_key[2], peer)
+        try:
+            await connect_socket(psock.sock, peer)
+        except BaseException as exc:
+            self.discard_socket(psock)
+            if isinstance(exc, OSError):
+                raise all_failed(open_key[0], open_key[1], [(peer, exc)]) from exc
+            raise
+        psock.open_key = open_key
+        return self._adopt(psock, self._new_stream)
 
     async def acquire_socket(
         self,
@@ -497,238 +463,202 @@ class SocketPool:
 
         ``origin``: the (host, port, local_address) of the open. When this
         call waits, a stream of the same open released meanwhile may hand
-        its live connection over directly (``handed_live`` is then set).
+        its live connection over directly (the socket is then HANDED).
 
         ``replacing``: a socket of the same open still connecting (happy
         eyeballs). If this call would have to wait and that socket's SYN is
         still unanswered (SYN_SENT), the new socket takes its place and it
         is closed: the open keeps the capacity it holds, and overtakes
         nobody; unless this call's peer is at ``capacity_per_peer``, which
-        then waits like any other. A connect that has already finished, either way, is left
-        alone: its task is about to win or to free its place.
+        then waits like any other. A connect that has already finished,
+        either way, is left alone: its task is about to win or to free its
+        place.
         """
         self._check_open()
         # Before taking anything: a task cancelled on entry must not take an
         # idle socket only to close it in its error path.
         await trio.lowlevel.checkpoint_if_cancelled()
         key = (family, type, proto, local_address, peer if self._peer_affinity else None)
-        if (
-            replacing is not None
-            and self._in_use.get(replacing, _GONE) is None
-            # Only when this call would wait: behind a waiter that can be
-            # served, or at a full pool with nothing to evict. Waiters
-            # held back by their own peer's limit hold nobody else up.
-            and ((self._waiters and self._someone_servable()) or (self._owned() >= self._capacity and not self._store))
-            # The place taken over counts for the sibling's peer, the new
-            # socket for this one: never past this peer's capacity_per_peer.
-            and not (self._peer_full(peer) and replacing.counted_peer != peer)
-            and _still_in_syn_sent(replacing.sock)
-        ):
-            return self._take_over(replacing, _Request(family, type, proto, local_address, key, peer, origin))
-        limited = self._capacity_per_peer is not None
-        if not self._waiters or not self._someone_servable():
-            if limited and self._peer_full(peer):
-                # A parked connection to the same peer (of another host
-                # name, say) makes room, as an idle socket does below.
-                victim = self._store.oldest_parked_for(peer)
-                if victim is not None:
-                    self._evict(victim)
-                    self._serve_waiters()
-            if not (limited and self._peer_full(peer)):
-                psock = self._store.take_idle(key)
-                if psock is not None:
-                    self._reused += 1
-                    self._give(psock, peer)
-                    return psock
-                if self._owned() >= self._capacity:
-                    victim = self._store.oldest()
-                    if victim is not None:
-                        self._evict(victim)
-                        self._serve_waiters()
-                if self._owned() < self._capacity:
-                    psock = self._create(_Request(family, type, proto, local_address, key, peer, origin))
-                    self._give(psock, peer)
-                    return psock
-        request = _Request(family, type, proto, local_address, key, peer, origin)
-        task = trio.lowlevel.current_task()
-        self._waiters[task] = request
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            # Only a task still queued can be here: _hand_off and _close
-            # reschedule every task they take off the queue.
-            self._waiters.pop(task, None)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        psock = await trio.lowlevel.wait_task_rescheduled(abort)
-        assert isinstance(psock, PooledSocket)
+        request = Request(family, type, proto, local_address, key, peer, origin)
+        if replacing is not None and self._may_take_over(replacing, peer):
+            return self._take_over(replacing, request)
+        if not self._someone_servable():
+            psock = self._take_now(request)
+            if psock is not None:
+                return psock
+        psock = await self._room.wait(request)
         # Granted, then the pool closed before this task ran: the socket
         # is gone with the pool.
         self._check_open()
         return psock
 
-    def _take_over(self, replacing: PooledSocket, request: _Request) -> PooledSocket:
+    def _take_now(self, request: Request) -> PooledSocket | None:
+        """Serve an arriving task at once, when nobody it would overtake waits; None: it must wait."""
+        peer = request.peer
+        if self._capacity_per_peer is not None and self._peer_full(peer):
+            # A parked connection to the same peer (of another host name,
+            # say) makes room, as an idle socket does below.
+            victim = self._store.oldest_parked_for(peer)
+            if victim is not None:
+                self._evict(victim)
+                self._serve_waiters()
+            if self._peer_full(peer):
+                return None
+        psock = self._store.take_idle(request.key)
+        if psock is not None:
+            self._ledger.move(psock, CONNECTING, peer)
+            return psock
+        if len(self._ledger) >= self._capacity:
+            victim = self._store.oldest()
+            if victim is None:
+                return None
+            self._evict(victim)
+            self._serve_waiters()
+            if len(self._ledger) >= self._capacity:
+                return None
+        return self._create(request)
+
+    def _may_take_over(self, replacing: PooledSocket, peer: object) -> bool:
+        return (
+            replacing.state is CONNECTING
+            # Only when this call would wait: behind a waiter that can be
+            # served, or at a full pool with nothing to evict. Waiters
+            # held back by their own peer's limit hold nobody else up.
+            and (self._someone_servable() or (len(self._ledger) >= self._capacity and not self._store))
+            # The place taken over counts for the sibling's peer, the new
+            # socket for this one: never past this peer's capacity_per_peer.
+            and not (self._peer_full(peer) and replacing.peer != peer)
+            and tcp_state(replacing.sock) is TcpState.SYN_SENT
+        )
+
+    def _take_over(self, replacing: PooledSocket, request: Request) -> PooledSocket:
         """Close a sibling attempt still in SYN_SENT and give its place to a new socket."""
         # Create first: if that fails, the sibling keeps connecting.
         # Nothing here awaits, so the moment with one socket too many is
         # never seen at a checkpoint (I4).
         try:
-            taking_over = self._create(request)
+            taking_over: PooledSocket | None = self._create(request)
         except OSError as exc:
             if exc.errno not in _OUT_OF_DESCRIPTORS:
                 raise
             taking_over = None
-        del self._in_use[replacing]
         trio.lowlevel.notify_closing(replacing.sock)
-        self._close_psock(replacing)
+        self._discard(replacing)
         if taking_over is None:
             # At RLIMIT_NOFILE the sibling's descriptor is the one we need.
             try:
                 taking_over = self._create(request)
             except BaseException:
-                self._free_slot()
+                self._serve_waiters()
                 raise
-        self._give(taking_over, request.peer)
         return taking_over
 
     def discard_socket(self, psock: PooledSocket) -> None:
-        """Close a socket that was taken but never became an open stream."""
-        if self._in_use.pop(psock, _GONE) is _GONE:
+        """Close a socket that was taken but never became an open stream (a failed or cancelled connect)."""
+        if psock.state is CLOSED:
             return
-        self._close_psock(psock)
-        self._free_slot()
-
-    def _give(self, psock: PooledSocket, peer: object) -> None:
-        """Hand ``psock`` out for a connection to ``peer``: in use from now on."""
-        psock.peer = peer
-        if self._capacity_per_peer is not None:
-            self._count(psock, peer)
-        self._in_use[psock] = None
-
-    def _count(self, psock: PooledSocket, peer: object) -> None:
-        psock.counted_peer = peer
-        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
-
-    def _uncount(self, psock: PooledSocket) -> None:
-        peer = psock.counted_peer
-        if peer is not None:
-            psock.counted_peer = None
-            left = self._per_peer[peer] - 1
-            if left:
-                self._per_peer[peer] = left
-            else:
-                del self._per_peer[peer]
-
-    def _peer_full(self, peer: object) -> bool:
-        limit = self._capacity_per_peer
-        return limit is not None and self._per_peer.get(peer, 0) >= limit
-
-    def _someone_servable(self) -> bool:
-        """Whether a waiter's peer is below its limit (every waiter is, without one)."""
-        if self._capacity_per_peer is None:
-            return True
-        return any(not self._peer_full(request.peer) for request in self._waiters.values())
+        self._discard(psock)
+        self._serve_waiters()
 
     # ------------------------------------------------------------------
-    # Giving sockets back (the Home protocol of _socket_access)
+    # Sockets coming back (the Home protocol of _socket_access)
 
-    def return_socket(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None:
+    def return_socket(self, psock: PooledSocket, end: StreamEnd) -> None:
         """A stream was closed: recycle, drain or close its socket."""
-        if self._in_use.pop(psock, _GONE) is _GONE:
+        if psock.state is not IN_USE:
             return  # pragma: no cover - defensive: the pool's exit force-closes the stream first
-        self._close_protocol(psock, eof_seen=eof_seen, eof_sent=eof_sent, healthy=healthy)
+        del self._owners[psock]
+        self._end(psock, end)
+        self._serve_waiters()
 
-    def release_socket(
-        self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool, parkable: bool
-    ) -> None:
-        """A stream was released: park the live connection if it is clean, else as `return_socket`.
-
-        ``parkable`` False: the stream knows the connection is not clean
-        (a send cut short, another task inside the stream).
-        """
-        if self._in_use.pop(psock, _GONE) is _GONE:
-            return  # pragma: no cover - defensive: the pool's exit force-closes the stream first
-        if (
-            parkable
-            and healthy
-            and not (eof_seen or eof_sent or self._closed)
-            and psock.open_key is not None
-            and psock.restore_options()
-        ):
-            kept = self._keep(psock)
-            if kept == "kept":
-                return
-            if kept == "found unclean":
-                self._not_parked += 1
-                return
-        self._not_parked += 1
-        self._close_protocol(psock, eof_seen=eof_seen, eof_sent=eof_sent, healthy=healthy)
-
-    def _keep(self, psock: PooledSocket) -> Literal["kept", "refused", "found unclean"]:
-        """A live connection: to a task waiting for the same open, else parked.
+    def release_socket(self, psock: PooledSocket, end: StreamEnd) -> bool:
+        """A stream was released: hand over or park the live connection if it is clean, else as `return_socket`.
 
         Returns:
-          "kept" (handed over or parked), "refused" (the caller runs the
-          close protocol) or "found unclean" (parked, but the watch found
-          bytes, the peer's FIN or an error at once and handled it).
+          Whether the connection was parked or handed to a waiting task.
         """
-        if self._waiters:
+        if psock.state is not IN_USE:
+            return False  # pragma: no cover - defensive: the pool's exit force-closes the stream first
+        del self._owners[psock]
+        kept = None
+        if end.may_park and not self._closed and psock.open_key is not None and psock.restore_options():
+            kept = self._keep(psock)
+        if kept is None:
+            self._end(psock, end)
+        if not kept:
+            self._ledger.note_not_parked()
+        self._serve_waiters()
+        return bool(kept)
+
+    def _keep(self, psock: PooledSocket) -> bool | None:
+        """A clean live connection: to a task waiting for the same open, else parked.
+
+        Returns:
+          True (handed over or parked), None (refused: the caller runs the
+          close protocol) or False (parked, but found at once with bytes,
+          the peer's FIN or an error, and handled).
+        """
+        if self._room:
             # Its own place does not count against its peer while the first
             # waiter that could be served is chosen.
-            peer = psock.counted_peer
-            self._uncount(psock)
-            task = self._next_waiter()
-            if task is not None:
-                request = self._waiters[task]
-                if request.origin == psock.open_key and request.peer == psock.peer and _nothing_queued(psock.sock):
-                    del self._waiters[task]
-                    psock.handed_live = True
-                    self._give(psock, psock.peer)
-                    trio.lowlevel.reschedule(task, outcome.Value(psock))
-                    return "kept"
-            if peer is not None:
-                self._count(psock, peer)
-            if task is not None:
-                # No parking while a task that the room could serve waits:
-                # the close protocol frees the room.
-                return "refused"
-        try:
-            self._watch.add(psock, self._nursery)
-        except OSError:  # pragma: no cover - epoll_ctl fails only out of kernel memory or past max_user_watches
-            return "refused"
+            limit = self._capacity_per_peer
+            per_peer = self._ledger.per_peer
+            found = self._room.first_servable(
+                None if limit is None else lambda p: per_peer.get(p, 0) - (p == psock.peer) >= limit
+            )
+            if found is not None:
+                task, request = found
+                if request.origin != psock.open_key or request.peer != psock.peer or not quiet(psock.sock):
+                    # No parking while a task that the room could serve
+                    # waits: the close protocol frees the room.
+                    return None
+                self._ledger.move(psock, HANDED)
+                self._room.grant(task, psock)
+                return True
         assert psock.open_key is not None
-        self._store.park(psock, psock.open_key)
+        try:
+            self._store.park(psock, psock.open_key)
+        except OSError:  # pragma: no cover - epoll_ctl fails only out of kernel memory or past max_user_watches
+            return None
+        self._ledger.move(psock, PARKED)
         # The check for anything unread: the answer may have had more bytes
-        # than the caller read, or the peer may have closed already. Either
-        # way the connection is not the clean one the next owner expects,
-        # and the watch's handling closes or recycles it.
-        self._check_parked(None)
-        return "kept" if self._store.is_parked(psock) else "found unclean"
+        # than the caller read, or the peer may have closed already.
+        self._check_parked()
+        return psock.state is PARKED
+
+    def _on_watch(self) -> None:
+        """The watch woke: a parked connection has something to read, an error, or has expired."""
+        self._check_parked()
+        self._serve_waiters()
 
     def _check_parked(self, key: OpenKey | None = None) -> PooledSocket | None:
-        """Handle every parked connection the watch finds ready: the peer's FIN, bytes or an error.
+        """The liveness check: end every parked connection that expired or has something to read or an error.
 
         Returns:
           With a ``key``: one connection of that key whose peer closed, not
           yet disconnected, for the caller to reconnect; else None.
         """
+        for psock in self._store.expired():
+            # Parked for keepalive_expiry: close it politely (our FIN, then the drain).
+            self._end(psock, _QUIET_END)
         closed_by_peer = None
-        for psock in self._watch.ready():
-            self._store.remove(psock)
-            try:
-                peeked = psock.sock.recv(1, socket.MSG_PEEK)
-            except BlockingIOError:  # pragma: no cover - level-triggered: something was there
-                self._watch.add(psock, self._nursery)
-                self._store.park(psock, psock.open_key)  # type: ignore[arg-type]
-                continue
-            except OSError:
-                self._close_psock(psock)
-                self._free_slot()
-                continue
+        for psock, events in self._store.ready():
+            if events & URGENT:
+                peeked = b"!"
+            else:
+                try:
+                    peeked = psock.sock.recv(1, socket.MSG_PEEK)
+                except BlockingIOError:  # pragma: no cover - level-triggered: something was there
+                    self._store.park(psock, psock.open_key)  # type: ignore[arg-type]
+                    continue
+                except OSError:
+                    self._discard(psock)
+                    continue
             if peeked:
                 # Unsolicited bytes (I9): discarded with the connection,
                 # never handed out. The close protocol may still recycle
                 # it, if the peer's FIN follows them.
-                self._close_protocol(psock, eof_seen=False, eof_sent=False, healthy=True)
+                self._end(psock, _QUIET_END)
             elif key is not None and closed_by_peer is None and psock.open_key == key:
                 closed_by_peer = psock
             else:
@@ -736,50 +666,6 @@ class SocketPool:
                 # TIME_WAIT anywhere and frees the peer's state at once.
                 self._recycle_or_close(psock)
         return closed_by_peer
-
-    def _parked_expired(self, psock: PooledSocket) -> None:
-        """A connection stayed parked for keepalive_expiry: close it politely (our FIN, then the drain)."""
-        self._store.remove(psock)
-        self._close_protocol(psock, eof_seen=False, eof_sent=False, healthy=True)
-
-    def _evict(self, psock: PooledSocket) -> None:
-        """Close an idle socket or a parked connection to make room for an open."""
-        if self._store.remove(psock):
-            # A parked connection is closed at once, not drained: the room
-            # is needed now. What arrived since the watch last looked is
-            # read and discarded first: close() with unread bytes would
-            # reset the peer (I7); with none it sends our FIN and the kernel
-            # finishes the connection. TIME_WAIT stays with us, as after
-            # any close we start.
-            self._watch.remove(psock)
-            _discard_queued(psock.sock, self._drain_limit)
-        self._close_psock(psock)
-
-    def _close_protocol(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None:
-        """Recycle, drain or close a socket that belongs to no place any more."""
-        if not (self._recycle and healthy) or psock.tainted:
-            self._close_psock(psock)
-            self._free_slot()
-            return
-        received = 0
-        if not eof_seen:
-            # The peer's FIN may be here already, unread: look before sending
-            # ours. A FIN of ours would move a peer that has closed from
-            # FIN_WAIT2 to TIME_WAIT, which recycling exists to avoid.
-            try:
-                eof_seen, received = read_available(psock.sock, self._drain_limit)
-                if not eof_seen and received <= self._drain_limit and not eof_sent:
-                    psock.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                received = self._drain_limit + 1
-        if eof_seen:
-            self._recycle_or_close(psock)
-        elif received > self._drain_limit:
-            self._close_psock(psock)
-            self._free_slot()
-        else:
-            self._draining.add(psock)
-            self._nursery.start_soon(self._drain, psock, received)
 
     def socket_dropped(self, psock: PooledSocket) -> None:
         """A stream was garbage-collected without aclose(): reclaim its socket.
@@ -794,11 +680,12 @@ class SocketPool:
 
     def _reclaim(self, psock: PooledSocket) -> None:
         # Its state is unknown (unread data, no FIN): close, never recycle.
-        if self._in_use.pop(psock, _GONE) is _GONE:
-            return  # the pool's exit came first, or it was released
+        if psock.state is not IN_USE:
+            return  # the pool's exit came first
+        del self._owners[psock]
         trio.lowlevel.notify_closing(psock.sock)
-        self._close_psock(psock)
-        self._free_slot()
+        self._discard(psock)
+        self._serve_waiters()
 
     async def _drain(self, psock: PooledSocket, received: int) -> None:
         fin = False
@@ -809,32 +696,65 @@ class SocketPool:
             pass
         finally:
             # Also on Cancelled (the pool's exit): then fin is False.
-            self._draining.discard(psock)
             if fin:
                 self._recycle_or_close(psock)
             else:
-                self._close_psock(psock)
-                self._free_slot()
+                self._discard(psock)
+            self._serve_waiters()
+
+    # ------------------------------------------------------------------
+    # The moves, and the reconciler
+
+    def _end(self, psock: PooledSocket, end: StreamEnd) -> None:
+        """Carry out the close protocol for a socket whose stream ended (or whose parking did)."""
+        recycle = self._recycle and not psock.tainted
+        verdict, received = decide(end, psock.sock, recycle=recycle, drain_limit=self._drain_limit)
+        if verdict is Verdict.RECYCLE:
+            self._recycle_or_close(psock)
+        elif verdict is Verdict.DRAIN:
+            self._ledger.move(psock, DRAINING)
+            self._nursery.start_soon(self._drain, psock, received)
+        else:
+            self._discard(psock)
 
     def _recycle_or_close(self, psock: PooledSocket) -> None:
         # A drain can see the peer's FIN in the same scheduler round as the
         # pool's exit, after _close() ran: then there is no idle to go to.
-        if self._recycle and not self._closed and psock.reset_for_reuse():
-            self._put_idle(psock)
+        if self._recycle and not self._closed and psock.reset_for_reuse() and self._wanted(psock):
+            psock.open_key = None
+            self._ledger.move(psock, IDLE)
+            self._store.put_idle(psock)
         else:
-            self._close_psock(psock)
-            self._free_slot()
+            self._discard(psock)
 
-    # ------------------------------------------------------------------
-    # Internals
+    def _wanted(self, psock: PooledSocket) -> bool:
+        """Whether a disconnected socket may go idle: not when the first waiter it would go to needs another key.
 
-    def _owned(self) -> int:
-        return len(self._store) + len(self._in_use) + len(self._draining)
+        Its place then goes to a new socket for that waiter (the
+        reconciler makes it); counting it recycled would count a socket
+        that is closed at once.
+        """
+        found = self._room.first_servable(self._full_peers()) if self._room else None
+        return found is None or found[1].key == psock.key
 
-    def _create(self, request: _Request) -> PooledSocket:
-        options = self._socket_options
-        if request.type == socket.SOCK_STREAM:
-            options = _TCP_DEFAULTS + options
+    def _discard(self, psock: PooledSocket) -> None:
+        psock.close()
+        self._ledger.move(psock, CLOSED)
+
+    def _evict(self, psock: PooledSocket) -> None:
+        """Close an idle socket or a parked connection to make room for an open."""
+        if self._store.remove(psock):
+            # A parked connection is closed at once, not drained: the room
+            # is needed now. What arrived since the watch last looked is
+            # read and discarded first: close() with unread bytes would
+            # reset the peer (I7); with none it sends our FIN and the kernel
+            # finishes the connection. TIME_WAIT stays with us, as after
+            # any close we start.
+            discard_queued(psock.sock, self._drain_limit)
+        self._discard(psock)
+
+    def _create(self, request: Request) -> PooledSocket:
+        options = self._tcp_options if request.type == socket.SOCK_STREAM else self._socket_options
         args = (request.family, request.type, request.proto, request.local_address, options, request.key)
         try:
             psock = PooledSocket.create(*args)
@@ -847,299 +767,65 @@ class SocketPool:
                 raise
             self._evict(victim)
             psock = PooledSocket.create(*args)
-        self._created += 1
+        self._ledger.add(psock, request.peer)
         return psock
 
-    def _put_idle(self, psock: PooledSocket) -> None:
-        """A disconnected socket: to the first waiter who can use it, else idle."""
-        if psock.counted_peer is not None:
-            self._uncount(psock)
-        psock.peer = psock.open_key = None
-        if self._waiters and self._hand_off(psock):
-            return
-        self._recycled += 1
-        self._store.put_idle(psock)
+    def _peer_full(self, peer: object) -> bool:
+        limit = self._capacity_per_peer
+        return limit is not None and self._ledger.per_peer.get(peer, 0) >= limit
 
-    def _close_psock(self, psock: PooledSocket) -> None:
-        if psock.counted_peer is not None:
-            self._uncount(psock)
-        psock.close()
-        self._discarded += 1
+    def _full_peers(self) -> Callable[[object], bool] | None:
+        return None if self._capacity_per_peer is None else self._peer_full
 
-    def _free_slot(self) -> None:
-        if self._waiters and not self._closed:
-            self._hand_off(None)
+    def _someone_servable(self) -> bool:
+        """Whether a waiter's peer is below its limit (every waiter is, without one)."""
+        return bool(self._room) and self._room.first_servable(self._full_peers()) is not None
 
     def _serve_waiters(self) -> None:
-        """After an eviction: serve the waiters it made servable (their peer was at its limit) first.
-
-        Only with ``capacity_per_peer``: without it a waiter is always
-        servable, and an arriving task evicts only when nobody waits.
-        """
-        while self._waiters and self._next_waiter() is not None:
-            if self._owned() >= self._capacity:
+        """The reconciler: give what is free to the waiters that can be served, first come first served."""
+        room = self._room
+        while room and not self._closed:
+            found = room.first_servable(self._full_peers())
+            if found is None:
+                return
+            task, request = found
+            psock = self._store.take_idle(request.key)
+            if psock is not None:
+                self._ledger.move(psock, CONNECTING, request.peer)
+            elif len(self._ledger) >= self._capacity:
                 victim = self._store.oldest()
                 if victim is None:
                     return
+                # Then again from the top: the eviction may have made an
+                # earlier waiter servable (its peer was at its limit).
                 self._evict(victim)
-            self._hand_off(None)
-
-    def _next_waiter(self) -> trio.lowlevel.Task | None:
-        """The first waiter whose peer is below ``capacity_per_peer`` (the first, without a limit)."""
-        if self._capacity_per_peer is None:
-            return next(iter(self._waiters), None)
-        for task, request in self._waiters.items():
-            if not self._peer_full(request.peer):
-                return task
-        return None
-
-    def _hand_off(self, psock: PooledSocket | None) -> bool:
-        """Give a recycled socket, or a freed slot, to the first waiter that can be served.
-
-        Returns:
-          Whether ``psock`` was used up (given, or closed to make room); when
-          False the caller keeps it.
-        """
-        while (task := self._next_waiter()) is not None:
-            request = self._waiters.pop(task)
-            if psock is not None and psock.key == request.key:
-                self._recycled += 1
-                self._reused += 1
-                self._give(psock, request.peer)
-                trio.lowlevel.reschedule(task, outcome.Value(psock))
-                return True
-            if psock is not None:
-                self._close_psock(psock)
-                psock = None
-            try:
-                new = self._create(request)
-            except Exception as exc:
-                # The waiter's own failure (its local_address, the
-                # descriptors running out): it goes to that task alone, not
-                # to whoever freed the slot (an aclose(), a drain task).
-                trio.lowlevel.reschedule(task, outcome.Error(exc))
-                continue  # the slot is still free: next waiter
-            self._give(new, request.peer)
-            trio.lowlevel.reschedule(task, outcome.Value(new))
-            return True
-        return psock is None
+                continue
+            else:
+                try:
+                    psock = self._create(request)
+                except Exception as exc:
+                    # The waiter's own failure (its local_address, the
+                    # descriptors running out): it goes to that task alone.
+                    room.fail(task, exc)
+                    continue
+            room.grant(task, psock)
 
     def _close(self) -> None:
         """The pool's block exited: close everything, fail every waiter."""
         if self._closed:
             return  # pragma: no cover - defensive: open_socket_pool's exit calls this once
         self._closed = True
-        for task in list(self._waiters):
-            del self._waiters[task]
-            # One exception object per task: a shared one would collect
-            # every task's traceback.
-            error = trio.ClosedResourceError(
-                "this SocketPool is closed: the `async with open_socket_pool()` block has exited"
-            )
-            trio.lowlevel.reschedule(task, outcome.Error(error))
-        for psock, ref in list(self._in_use.items()):
+        self._room.fail_all(lambda: trio.ClosedResourceError(_CLOSED_MESSAGE))
+        for psock in self._ledger.sockets(CONNECTING, HANDED, IN_USE):
+            ref = self._owners.pop(psock, None)
             owner = ref() if ref is not None else None
             if owner is not None:
                 owner._force_close()
             trio.lowlevel.notify_closing(psock.sock)
-            self._close_psock(psock)
-        self._in_use.clear()
-        # The watch first: its epoll must not hold descriptors being closed.
-        self._watch.close()
+            self._discard(psock)
         for psock in self._store.clear():
-            if psock.open_key is not None:  # parked: as in _evict
-                _discard_queued(psock.sock, self._drain_limit)
-            self._close_psock(psock)
+            if psock.state is PARKED:  # as in _evict
+                discard_queued(psock.sock, self._drain_limit)
+            self._discard(psock)
+        # Draining sockets: their drain tasks close them when cancelled.
         self._nursery.cancel_scope.cancel()
-
-
-_GONE: Final = object()
-#: socket() errors that closing one of our own descriptors can cure.
-_OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
-_C_INT_MIN: Final = -(2**31)
-_C_INT_MAX: Final = 2**31 - 1
-_TCP_SYN_SENT: Final = 2  # include/net/tcp_states.h
-
-
-def _discard_queued(sock: socket.socket, limit: int) -> None:
-    """Read and drop what a connected socket has queued (up to about ``limit`` bytes) before a close."""
-    with contextlib.suppress(OSError):
-        read_available(sock, limit)
-
-
-def _nothing_queued(sock: socket.socket) -> bool:
-    """Whether a connected socket has nothing to read: no bytes, no FIN, no error."""
-    try:
-        sock.recv(1, socket.MSG_PEEK)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
-def _still_in_syn_sent(sock: socket.socket) -> bool:
-    """Whether a connecting TCP socket's SYN is still unanswered."""
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_SYN_SENT
-    except OSError:  # pragma: no cover - defensive: TCP_INFO of an open TCP socket does not fail
-        return False
-
-
-def _check_options(socket_options: Iterable[SocketOption]) -> tuple[SocketOption, ...]:
-    try:
-        options = tuple(socket_options)
-    except TypeError:
-        raise TypeError(
-            f"socket_options must be an iterable of (level, option, value) triples, not {socket_options!r}"
-        ) from None
-    for item in options:
-        if (
-            not isinstance(item, tuple)
-            or len(item) != 3
-            or not all(isinstance(part, int) for part in item[:2])
-            or not isinstance(item[2], (int, bytes))
-        ):
-            raise TypeError(
-                f"socket_options entries must be (level: int, option: int, value: int | bytes), not {item!r}"
-            )
-        # setsockopt() takes C ints; a larger int fails only at socket
-        # creation, and a value with a misleading "bytes-like object" error.
-        if not all(_C_INT_MIN <= part <= _C_INT_MAX for part in item if isinstance(part, int)):
-            raise ValueError(f"socket_options entries must hold C int values (32-bit signed), not {item!r}")
-    return options
-
-
-def _check_number(name: str, value: object, *, integer: bool) -> None:
-    kinds: tuple[type, ...] = (int,) if integer else (int, float)
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, not {value!r}")
-    assert isinstance(value, (int, float))
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be >= 0, not {value!r}")
-
-
-@contextlib.asynccontextmanager
-async def open_socket_pool(
-    *,
-    capacity: int = DEFAULT_CAPACITY,
-    eof_timeout: float = DEFAULT_EOF_TIMEOUT,
-    drain_limit: int = DEFAULT_DRAIN_LIMIT,
-    peer_affinity: bool = True,
-    recycle: bool = True,
-    socket_options: Iterable[tuple[int, int, int | bytes]] = (),
-    keepalive_expiry: float = DEFAULT_KEEPALIVE_EXPIRY,
-    capacity_per_peer: int | None = None,
-) -> AsyncIterator[SocketPool]:
-    """Open a `SocketPool` for the duration of an ``async with`` block.
-
-    ::
-
-        async with trio_recycle.open_socket_pool(capacity=32) as pool:
-            async with await pool.open_tcp_stream("127.0.0.1", 8080) as stream:
-                await stream.send_all(b"ping")
-                async for chunk in stream:
-                    ...
-
-    The pool owns a nursery, where streams closed before the peer's FIN wait
-    for it, and every socket it creates. When the block exits, every socket
-    is closed, every stream still open is closed with it, every background
-    task is cancelled, and tasks waiting for capacity get
-    `trio.ClosedResourceError`.
-
-    Args:
-      capacity: The most sockets the pool owns at once, idle, in use and
-          draining together. Opens beyond it wait, first come first served.
-          64 by default: enough concurrency for a busy upstream, far below
-          the usual 1024-descriptor limit.
-      eof_timeout: Seconds a closed stream's socket waits for the peer's FIN
-          before it is closed instead of recycled. 5 by default: a peer that
-          closes after answering does so within milliseconds, and a socket
-          that waits longer holds a place in ``capacity``.
-      drain_limit: Bytes read and discarded while waiting for that FIN;
-          past it the socket is closed. 64 KiB by default: reading more of
-          an unwanted answer costs more than a new socket.
-      peer_affinity: When True (the default), an idle socket is reconnected
-          only to the address it last talked to. A reconnected socket's
-          initial sequence number follows from the previous connection's,
-          so the previous peer could predict it; set False only when every
-          peer is trusted alike.
-      recycle: False closes sockets instead of recycling them, the same
-          fallback the pool uses when `can_recycle` is False. Use it for
-          protocols where the peer half-closes and keeps reading: recycling
-          answers its FIN with an RST.
-      socket_options: ``(level, option, value)`` triples set on every socket
-          the pool creates, after the defaults (``TCP_NODELAY`` on and
-          ``TCP_NOTSENT_LOWAT`` 16 KiB for TCP, as in `trio.SocketStream`).
-          Options the kernel resets on disconnect (``TCP_MAXSEG``,
-          ``TCP_WINDOW_CLAMP``) are set again after every recycle.
-      keepalive_expiry: Seconds a live connection given back with
-          `RecyclingStream.release` stays parked at most; then the pool
-          closes it politely (our FIN, then the usual drain). 5 by default,
-          httpcore's choice: well below nginx's 75 s idle timeout, so the
-          pool closes first there; uvicorn, Apache and Node.js close after
-          5 s idle too, and since their timer starts before ours they
-          usually close first. That is harmless: the watch sees their FIN
-          and recycles the socket with no TIME_WAIT on either side, and
-          `RecyclingStream.kept_alive` lets a protocol retry a request that
-          meets the close in flight.
-          ``math.inf`` keeps connections parked until the peer closes them.
-      capacity_per_peer: The most sockets in use, draining or parked
-          toward one peer address at once (idle sockets are disconnected
-          and count for nobody); None (the default) sets no limit below
-          ``capacity``. What aiohttp calls ``limit_per_host`` and nginx
-          ``max_conns``: one slow upstream cannot take the whole pool.
-          Opens beyond it wait without holding up opens to other peers.
-
-    Yields:
-      SocketPool: the open pool.
-
-    Raises:
-      TypeError: an argument has the wrong type (the message names it).
-      ValueError: ``capacity`` or ``capacity_per_peer`` < 1, a negative or
-          NaN ``eof_timeout``, ``drain_limit`` or ``keepalive_expiry``, or a
-          ``socket_options`` int that does not fit a C int.
-    """
-    if not isinstance(capacity, int) or isinstance(capacity, bool):
-        raise TypeError(f"capacity must be an int, not {capacity!r}")
-    if capacity < 1:
-        raise ValueError(f"capacity must be >= 1, not {capacity!r}")
-    _check_number("eof_timeout", eof_timeout, integer=False)
-    _check_number("drain_limit", drain_limit, integer=True)
-    if not isinstance(peer_affinity, bool):
-        raise TypeError(f"peer_affinity must be a bool, not {peer_affinity!r}")
-    if not isinstance(recycle, bool):
-        raise TypeError(f"recycle must be a bool, not {recycle!r}")
-    options = _check_options(socket_options)
-    _check_number("keepalive_expiry", keepalive_expiry, integer=False)
-    if capacity_per_peer is not None:
-        if not isinstance(capacity_per_peer, int) or isinstance(capacity_per_peer, bool):
-            raise TypeError(f"capacity_per_peer must be an int or None, not {capacity_per_peer!r}")
-        if capacity_per_peer < 1:
-            raise ValueError(f"capacity_per_peer must be >= 1 or None, not {capacity_per_peer!r}")
-    body_error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        pool = SocketPool(
-            capacity,
-            float(eof_timeout),
-            drain_limit,
-            peer_affinity,
-            recycle and can_recycle(),
-            options,
-            nursery,
-            float(keepalive_expiry),
-            capacity_per_peer,
-        )
-        try:
-            yield pool
-        except BaseException as exc:
-            # Re-raised below, outside the nursery, so that the caller sees
-            # its own exception and not an ExceptionGroup around it.
-            body_error = exc
-        finally:
-            pool._close()
-    if body_error is not None:
-        try:
-            raise body_error
-        finally:
-            body_error = None

@@ -45,8 +45,11 @@ from typing import TYPE_CHECKING, Final, Union
 
 import attrs
 
-from ._disconnect import TCP_CLOSE, disconnect
-from ._socket_access import format_address
+from ._addresses import format_address
+from ._close import drain_datagrams
+from ._disconnect import disconnect
+from ._lifecycle import State
+from ._tcp_state import TcpState, tcp_state
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -140,32 +143,6 @@ def reset_by_disconnect(type: int) -> frozenset[tuple[int, int]]:
     return frozenset()
 
 
-#: Upper bound on the datagrams drain_datagrams() discards in one call. The
-#: receive queue is bounded by SO_RCVBUF, and an unhashed socket receives
-#: nothing new, so this is only a guard against looping forever.
-_DRAIN_MAX_DATAGRAMS: Final = 1 << 16
-
-
-def drain_datagrams(sock: socket.socket) -> bool:
-    """Discard every datagram queued on a non-blocking socket.
-
-    Returns:
-      True once the queue is empty; False if it was still not empty after
-      ``_DRAIN_MAX_DATAGRAMS`` datagrams (somebody keeps sending).
-
-    Raises:
-      OSError: from ``recv()``, for example a pending ICMP error.
-    """
-    for _ in range(_DRAIN_MAX_DATAGRAMS):
-        try:
-            # One byte is enough: a datagram socket dequeues the whole
-            # datagram and drops what does not fit.
-            sock.recv(1)
-        except BlockingIOError:
-            return True
-    return False
-
-
 @attrs.define(eq=False, repr=False)
 class PooledSocket:
     """A stdlib socket owned by a pool, with what recycling it needs to know."""
@@ -183,22 +160,19 @@ class PooledSocket:
     #: TCP_WINDOW_CLAMP): the live connection must not be parked.
     unparkable: bool = False
     uses: int = 0
+    #: Where the socket is in its life; written only by the pool's Ledger.
+    state: State = State.CONNECTING
     #: The address the socket is connected (or connecting) to, while it is.
     peer: object = None
     #: The open that made the current connection, for parking it.
     open_key: OpenKey | None = None
-    #: The peer this socket counts against under ``capacity_per_peer``.
-    counted_peer: object = None
-    #: Handed to a waiting open still connected (a released connection):
-    #: the open skips its connect and makes a kept-alive stream.
-    handed_live: bool = False
 
     def __repr__(self) -> str:
         sock = self.sock
         kind = {socket.SOCK_STREAM: "TCP", socket.SOCK_DGRAM: "UDP"}.get(sock.type, str(sock.type))
         family = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}.get(sock.family, str(sock.family))
         fd = sock.fileno()
-        parts = [f"fd={fd}" if fd >= 0 else "closed", f"{kind}/{family}"]
+        parts = [self.state.name, *([f"fd={fd}"] if fd >= 0 else []), f"{kind}/{family}"]
         peer = self.key[4]
         if peer is not None:
             parts.append(f"peer={format_address(peer)}")
@@ -285,10 +259,8 @@ class PooledSocket:
         sock = self.sock
         try:
             disconnect(sock)
-            if sock.type == socket.SOCK_STREAM:
-                state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-                if state != TCP_CLOSE:
-                    return False  # pragma: no cover - defensive: a successful disconnect leaves CLOSE on Linux
+            if sock.type == socket.SOCK_STREAM and tcp_state(sock) is not TcpState.CLOSE:
+                return False  # pragma: no cover - defensive: a successful disconnect leaves CLOSE on Linux
             # Reading SO_ERROR clears the ECONNRESET that tcp_disconnect()
             # leaves behind (for UDP: an ICMP error not yet reported); what
             # the next user sees is then its own.

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Final, Protocol, overload
 
 import trio
 
+from ._addresses import format_address
 from ._errors import check_run, closed_stream_error
 
 if TYPE_CHECKING:
@@ -15,31 +16,22 @@ if TYPE_CHECKING:
 
     from typing_extensions import Buffer
 
+    from ._close import StreamEnd
     from ._pooled_socket import PooledSocket
 
-__all__ = ["DEFAULT_RECEIVE_SIZE", "Home", "SocketAccess", "format_address"]
+__all__ = ["DEFAULT_RECEIVE_SIZE", "Home", "SocketAccess"]
 
 #: Bytes asked of one recv() when the caller gives no size: trio's
 #: SocketStream default, and the largest UDP payload fits.
 DEFAULT_RECEIVE_SIZE: Final = 65536
 
 
-def format_address(address: object) -> str:
-    """``127.0.0.1:8080`` or ``[::1]:8080``, as a repr shows a socket address."""
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return repr(address)
-
-
 class Home(Protocol):
     """What a stream or UDP socket needs from its pool (the pool implements it)."""
 
-    def return_socket(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None: ...
+    def return_socket(self, psock: PooledSocket, end: StreamEnd) -> None: ...
 
-    def release_socket(
-        self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool, parkable: bool
-    ) -> None: ...
+    def release_socket(self, psock: PooledSocket, end: StreamEnd) -> bool: ...
 
     def socket_dropped(self, psock: PooledSocket) -> None: ...
 

@@ -1,4 +1,4 @@
-"""SocketStore: the pool's idle sockets and parked live connections, in one eviction order."""
+"""SocketStore: the pool's idle sockets and parked connections in one eviction order, and the parked ones' watch."""
 
 # Two kinds of sockets wait in the pool between owners:
 #
@@ -15,6 +15,11 @@
 # the socket to evict, whatever its kind. Every operation is O(1) except
 # removing a socket from the middle of its stack (eviction, the watch),
 # which is O(sockets of that key).
+#
+# The store owns the Watch of its parked connections: parking registers a
+# connection with it, and every way out of the store (taken, removed,
+# found ready, expired, cleared) unregisters it, so "parked means watched"
+# (I9) holds by construction and no caller keeps the two in step.
 
 from __future__ import annotations
 
@@ -22,7 +27,13 @@ from typing import TYPE_CHECKING, TypeVar, final
 
 import attrs
 
+from ._watch import Watch
+
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import trio
+
     from ._pooled_socket import OpenKey, PooledSocket, PoolKey
 
 __all__ = ["SocketStore"]
@@ -33,14 +44,26 @@ _K = TypeVar("_K")
 @final
 @attrs.define(eq=False)
 class SocketStore:
-    """Idle and parked sockets by key, with one least-recently-used order over both."""
+    """Idle and parked sockets by key, with one least-recently-used order over both, and the parked ones' watch.
 
+    ``on_wake()`` is called from the watch's task when a parked connection
+    has something to read or an error, or has expired: the pool then asks
+    for `expired` and `ready`.
+    """
+
+    _nursery: trio.Nursery
+    _keepalive_expiry: float
+    _on_wake: Callable[[], object]
+    _watch: Watch = attrs.field(init=False)
     _idle: dict[PoolKey, list[PooledSocket]] = attrs.field(factory=dict)
     _parked: dict[OpenKey, list[PooledSocket]] = attrs.field(factory=dict)
     #: Every stored socket, least recently stored first; the value says
     #: whether it is parked.
     _lru: dict[PooledSocket, bool] = attrs.field(factory=dict)
     parked_count: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self._watch = Watch(self._keepalive_expiry, self._on_wake)
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -71,7 +94,12 @@ class SocketStore:
         return psock
 
     def park(self, psock: PooledSocket, key: OpenKey) -> None:
-        """Store a live connection under the OpenKey of the open that made it."""
+        """Store and watch a live connection under the OpenKey of the open that made it.
+
+        Raises:
+          OSError: from epoll_ctl (for example ENOMEM); nothing was stored.
+        """
+        self._watch.add(psock, self._nursery)
         stack = self._parked.get(key)
         if stack is None:
             self._parked[key] = [psock]
@@ -94,18 +122,48 @@ class SocketStore:
             del self._parked[key]
         del self._lru[psock]
         self.parked_count -= 1
+        self._watch.remove(psock)
         return psock
 
     def remove(self, psock: PooledSocket) -> bool:
         """Remove a stored socket; return whether it was parked (KeyError if not stored)."""
         parked = self._lru.pop(psock)
         if parked:
-            assert psock.open_key is not None
-            self._remove_from(self._parked, psock.open_key, psock)
-            self.parked_count -= 1
+            self._unpark(psock)
+            self._watch.remove(psock)
         else:
             self._remove_from(self._idle, psock.key, psock)
         return parked
+
+    def _unpark(self, psock: PooledSocket) -> None:
+        """Forget a parked connection that the watch no longer watches."""
+        assert psock.open_key is not None
+        self._remove_from(self._parked, psock.open_key, psock)
+        self.parked_count -= 1
+
+    def ready(self) -> list[tuple[PooledSocket, int]]:
+        """Remove and return every parked connection with something to read or an error, with its epoll events.
+
+        One epoll_wait(0) (more only when more than 1023 are ready): the
+        liveness check of every parked connection at once.
+        """
+        found = self._watch.ready()
+        for psock, _ in found:
+            del self._lru[psock]
+            self._unpark(psock)
+        return found
+
+    def expired(self) -> list[PooledSocket]:
+        """Remove and return every connection parked longer than ``keepalive_expiry``."""
+        found = self._watch.expired()
+        for psock in found:
+            del self._lru[psock]
+            self._unpark(psock)
+        return found
+
+    def watching(self, psock: PooledSocket) -> bool:
+        """Whether the watch watches ``psock`` (for tests: every parked connection, nothing else)."""
+        return psock in self._watch
 
     @staticmethod
     def _remove_from(stacks: dict[_K, list[PooledSocket]], key: _K, psock: PooledSocket) -> None:
@@ -136,7 +194,9 @@ class SocketStore:
         return [psock for psock, is_parked in self._lru.items() if is_parked is parked]
 
     def clear(self) -> list[PooledSocket]:
-        """Forget every stored socket and return them (the pool's exit closes them)."""
+        """Close the watch, forget every stored socket and return them (the pool's exit closes them)."""
+        # The watch first: its epoll must not hold descriptors being closed.
+        self._watch.close()
         stored = list(self._lru)
         self._idle.clear()
         self._parked.clear()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, final
 import attrs
 import trio
 
+from ._close import StreamEnd
 from ._errors import check_run, translate_oserror, wrong_run_error
 from ._socket_access import DEFAULT_RECEIVE_SIZE, Home, SocketAccess
 
@@ -318,15 +319,10 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
             # same open file, so its registration stays valid.
             if self._waiting:
                 trio.lowlevel.notify_closing(self._sock)
-            self._home.return_socket(
-                self._psock,
-                eof_seen=self._eof_seen,
-                eof_sent=self._eof_sent,
-                healthy=self._healthy,
-            )
+            self._home.return_socket(self._psock, StreamEnd(self._eof_seen, self._eof_sent, self._healthy))
         await trio.lowlevel.checkpoint()
 
-    async def release(self) -> None:
+    async def release(self) -> bool:
         """End the stream and give its live connection back for another exchange.
 
         Like `aclose`, this closes the stream at once: every later call
@@ -362,25 +358,27 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         never handed out again; after ``keepalive_expiry`` seconds it is
         closed politely.
 
+        Returns:
+          bool: True when the connection was parked (or handed to a task
+          waiting for the same open); False when it went through the close
+          protocol instead, or the stream was closed already.
+
         Raises:
           RuntimeError: called from a trio.run other than the pool's; the
               stream is left as it was.
         """
         if _current_trio_token() is not self._token:
             raise wrong_run_error("RecyclingStream")
+        parked = False
         if not self._closed:
             self._closed = True
             parkable = not (self._send_cut or self._receive_cut or self._sending or self._waiting)
             if self._waiting:
                 trio.lowlevel.notify_closing(self._sock)
-            self._home.release_socket(
-                self._psock,
-                eof_seen=self._eof_seen,
-                eof_sent=self._eof_sent,
-                healthy=self._healthy,
-                parkable=parkable,
-            )
+            end = StreamEnd(self._eof_seen, self._eof_sent, self._healthy, parkable)
+            parked = self._home.release_socket(self._psock, end)
         await trio.lowlevel.checkpoint()
+        return parked
 
     @property
     def kept_alive(self) -> bool:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Final, NoReturn, final
 import attrs
 import trio
 
+from ._close import StreamEnd
 from ._errors import CLOSED_ERRNOS, translate_oserror, wrong_run_error
 from ._socket_access import DEFAULT_RECEIVE_SIZE, Home, SocketAccess
 
@@ -214,5 +215,5 @@ class RecyclingUDPSocket(SocketAccess, trio.abc.AsyncResource):
             self._closed = True
             trio.lowlevel.notify_closing(self._sock)
             # UDP has no FIN to wait for: the socket is ready to recycle.
-            self._home.return_socket(self._psock, eof_seen=True, eof_sent=True, healthy=self._healthy)
+            self._home.return_socket(self._psock, StreamEnd(eof_seen=True, eof_sent=True, healthy=self._healthy))
         await trio.lowlevel.checkpoint()

@@ -1,4 +1,4 @@
-"""Watch: one task per pool that watches every parked connection through a private epoll, and ages them out."""
+"""Watch: one task per pool watching every parked connection through a private epoll; the one-socket check."""
 
 # A parked connection must be noticed when its peer closes (FIN), sends
 # something unasked, or breaks, and when it has been parked longer than
@@ -6,20 +6,28 @@
 # would do it, but starting and cancelling a task per park costs more than
 # the rest of an exchange (measured at 34-62 us per exchange). Instead:
 #
-# * The pool owns one private `select.epoll` object, created at the first
+# * The store owns one private `select.epoll` object, created at the first
 #   park. Parking registers the connection's descriptor there (EPOLLIN |
-#   EPOLLRDHUP, level-triggered), taking it unregisters it: one epoll_ctl
+#   EPOLLRDHUP | EPOLLPRI, level-triggered), taking it unregisters it: one epoll_ctl
 #   system call each, synchronous, no await, so nothing can come between
 #   taking a connection and the end of its watch.
 # * One watcher task waits with trio.lowlevel.wait_readable on the private
 #   epoll's own descriptor, which is readable while any registered socket
 #   has an event. Woken, it asks the private epoll what is ready with
-#   poll(0) and hands each connection to the pool.
+#   poll(0) and tells the pool, which asks the store what is ready.
 # * The same poll(0) is the liveness check: release() registers the socket
 #   and polls, and an open polls before it takes a parked connection. One
 #   epoll_wait(0) covers every parked connection at once and costs less
 #   than a recv(MSG_PEEK) on one (no exception for EAGAIN), and whatever
-#   it finds is handled there and then, as the watcher would.
+#   it finds is handled there and then, as the watcher would. One
+#   epoll_wait returns at most `maxevents` events (CPython's default is
+#   FD_SETSIZE - 1 = 1023), so `ready` polls again while a call comes back
+#   full: every ready connection is found, whatever the number parked, and
+#   the cost grows with the number ready (each of which must be handled
+#   anyway), not with the number parked.
+# * Urgent data (TCP MSG_OOB) is reported only as EPOLLPRI: neither
+#   EPOLLIN nor recv(MSG_PEEK) sees a lone urgent byte, and an owner that
+#   sets SO_OOBINLINE would read it. It counts as unsolicited bytes.
 # * No trio task ever waits on a parked socket itself, so trio's rule that
 #   only one task may wait on a descriptor (BusyResourceError) is never at
 #   stake: the next owner's first wait_readable is the only one.
@@ -35,8 +43,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import select
+import socket
 from typing import TYPE_CHECKING, Final, final
 
 import attrs
@@ -47,25 +57,43 @@ if TYPE_CHECKING:
 
     from ._pooled_socket import PooledSocket
 
-__all__ = ["Watch"]
+__all__ = ["URGENT", "Watch", "quiet"]
 
-_EVENTS: Final = select.EPOLLIN | select.EPOLLRDHUP
+_EVENTS: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLPRI
+#: Events that mean bytes the peer sent unasked, however the peek reads.
+URGENT: Final = select.EPOLLPRI
+#: The most events one epoll.poll() returns when maxevents is not given.
+_MAX_EVENTS: Final = 1023
+_POLL_EVENTS: Final = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0)
+
+
+def quiet(sock: socket.socket) -> bool:
+    """Whether a connected socket has nothing to read: no bytes, no urgent byte, no FIN, no error (one poll(0)).
+
+    When something is there, a peek reads a pending error (as SO_ERROR
+    would), so that the close protocol that follows sees the state it left.
+    """
+    poller = select.poll()
+    poller.register(sock, _POLL_EVENTS)
+    if not poller.poll(0):
+        return True
+    with contextlib.suppress(OSError):
+        sock.recv(1, socket.MSG_PEEK)
+    return False
 
 
 @final
 @attrs.define(eq=False)
 class Watch:
-    """The parked connections' watch; the pool decides what an event means.
+    """The parked connections' watch, owned by the SocketStore; the pool decides what an event means.
 
-    ``on_ready()`` is called when some watched connection has something to
-    read (FIN, data) or an error: the pool then calls `ready` and handles
-    each. ``on_expired(psock)`` is called for one parked longer than
-    ``expiry`` seconds, no longer watched by then.
+    ``on_wake()`` is called when some watched connection has something to
+    read (FIN, data, urgent data) or an error, or when the oldest one's
+    ``expiry`` has passed: the pool then asks for `expired` and `ready`.
     """
 
     expiry: float
-    _on_ready: Callable[[], object]
-    _on_expired: Callable[[PooledSocket], None]
+    _on_wake: Callable[[], object]
     _epoll: select.epoll | None = None
     _by_fd: dict[int, PooledSocket] = attrs.field(factory=dict)
     #: Every watched connection and its deadline, in park (= deadline) order.
@@ -121,40 +149,43 @@ class Watch:
             self._scope = None
             if self.closed:
                 return  # woken, then the pool's exit ran before this task did
-            self._on_ready()
-            self.expire_due()
+            self._on_wake()
 
-    def expire_due(self) -> None:
-        """Hand each connection parked longer than ``expiry`` to ``on_expired``, no longer watched (no await).
+    def expired(self) -> list[PooledSocket]:
+        """The connections parked longer than ``expiry``, no longer watched (no await).
 
-        The watcher does it when its deadline passes, and a take does it
-        first: a run that went that long without a checkpoint never let the
-        watcher run, and a connection past its expiry is the one whose
-        server may be closing it right now.
+        The watcher's wake-up asks, and so does a take first: a run that
+        went that long without a checkpoint never let the watcher run, and a
+        connection past its expiry is the one whose server may be closing
+        it right now.
         """
         deadlines = self._deadlines
         if not deadlines:
-            return
+            return []
         now = trio.current_time()
+        found = []
         while deadlines:
             psock, deadline = next(iter(deadlines.items()))
             if deadline > now:
                 break
             self.remove(psock)
-            self._on_expired(psock)
+            found.append(psock)
+        return found
 
-    def ready(self) -> list[PooledSocket]:
-        """The watched connections with something to read or an error, no longer watched (no await)."""
+    def ready(self) -> list[tuple[PooledSocket, int]]:
+        """The watched connections with something to read or an error, with their events, unwatched (no await)."""
         epoll = self._epoll
         if epoll is None or not self._deadlines:
             return []
         found = []
-        for fd, _ in epoll.poll(0):
-            psock = self._by_fd.get(fd)
-            if psock is not None:
+        while True:
+            events = epoll.poll(0)
+            for fd, mask in events:
+                psock = self._by_fd[fd]
                 self.remove(psock)
-                found.append(psock)
-        return found
+                found.append((psock, mask))
+            if len(events) < _MAX_EVENTS:
+                return found
 
     @property
     def closed(self) -> bool:

@@ -13,10 +13,10 @@ import pytest
 import trio
 import trio.testing
 
-from trio_recycle import _drain
-from trio_recycle._drain import READ_BUDGET, read_available, wait_for_fin
+from trio_recycle import _close as _drain
+from trio_recycle._close import READ_BUDGET, read_available, wait_for_fin
 
-from .conftest import bytes_queued
+from .checks import bytes_queued
 
 _TCP_CLOSE_WAIT: Final = 8  # include/net/tcp_states.h
 

@@ -1,0 +1,187 @@
+"""The life cycle of a pooled socket: its states, the moves allowed between them, and the ledger that applies them."""
+
+# Everything that changes a pooled socket's state goes through this file,
+# as everything that changes an h11 connection's state goes through
+# h11/_state.py. The rules:
+#
+# * A socket is in exactly one State at a time, `psock.state`, written only
+#   by Ledger.move (and Ledger.add for a new socket).
+# * A move not in MOVES raises LifecycleError: a bug in the pool, never a
+#   user's mistake, caught before it corrupts the counts.
+# * Every state but CLOSED counts toward `capacity` (I4); every state but
+#   IDLE and CLOSED counts toward the socket's peer (capacity_per_peer, the
+#   per-peer statistics). IDLE sockets are disconnected: they have no peer.
+# * The ledger keeps the per-state and per-peer counts and the lifetime
+#   counters behind SocketPool.statistics(); nothing else writes them, so
+#   the counts cannot drift from the states.
+# * Where a socket is stored (the SocketStore for IDLE and PARKED, a drain
+#   task for DRAINING, a stream for IN_USE) is the coordinator's business;
+#   the state says which of those places holds it.
+#
+# The states:
+#
+#   IDLE        disconnected, in the store, any open of its key may take it
+#   CONNECTING  taken for an open: connect() in progress (or about to be)
+#   HANDED      a released live connection given straight to a task
+#               waiting for the same open: no connect needed
+#   IN_USE      behind an open RecyclingStream or RecyclingUDPSocket
+#   PARKED      a released live connection in the store, watched
+#   DRAINING    closed before the peer's FIN: a drain task waits for it
+#   CLOSED      the descriptor is closed; the end of every path
+#
+# https://github.com/python-hyper/h11/blob/master/h11/_state.py
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar, final
+
+import attrs
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = ["MOVES", "PEER_STATES", "Ledger", "LifecycleError", "State", "Tracked"]
+
+
+class State(enum.Enum):
+    """Where a pooled socket is in its life."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    HANDED = "handed"
+    IN_USE = "in use"
+    PARKED = "parked"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+IDLE, CONNECTING, HANDED, IN_USE, PARKED, DRAINING, CLOSED = State
+
+# start-moves (docs/how-it-works.rst includes this table)
+#: The allowed moves: from a state, the states it may go to.
+MOVES: Final[dict[State, frozenset[State]]] = {
+    # A new socket starts in CONNECTING (Ledger.add).
+    IDLE: frozenset({CONNECTING, CLOSED}),  # taken by an open; evicted or the pool's exit
+    CONNECTING: frozenset({IN_USE, CLOSED}),  # connected, wrapped in a stream; failed, cancelled or taken over
+    HANDED: frozenset({IN_USE, CLOSED}),  # the waiter makes its stream; the waiter is gone
+    IN_USE: frozenset(
+        {
+            IDLE,  # closed after the peer's FIN: disconnected
+            PARKED,  # released clean
+            HANDED,  # released clean to a task waiting for the same open
+            DRAINING,  # closed before the peer's FIN
+            CLOSED,  # closed unhealthy, dropped, or the pool's exit
+        }
+    ),
+    PARKED: frozenset(
+        {
+            IN_USE,  # taken alive by an open of the same host and port
+            IDLE,  # the peer closed it (FIN): disconnected
+            DRAINING,  # expired, or unsolicited bytes: our FIN, then the drain
+            CLOSED,  # evicted, broken, or the pool's exit
+        }
+    ),
+    DRAINING: frozenset({IDLE, CLOSED}),  # the FIN came: disconnected; it did not, or the pool's exit
+    CLOSED: frozenset(),
+}
+# end-moves
+
+#: States that count toward the socket's peer.
+PEER_STATES: Final = frozenset({CONNECTING, HANDED, IN_USE, PARKED, DRAINING})
+
+
+class Tracked(Protocol):
+    """What the ledger needs of a socket (PooledSocket): its state and its peer."""
+
+    state: State
+    peer: object
+
+    def __hash__(self) -> int: ...
+
+
+S = TypeVar("S", bound=Tracked)
+
+
+class LifecycleError(RuntimeError):
+    """A move that the table does not allow: a bug in trio_recycle."""
+
+
+@final
+@attrs.define(eq=False)
+class Ledger(Generic[S]):
+    """The only writer of sockets' states, of the counts by state and by peer, and of the lifetime counters."""
+
+    #: The sockets in each state but CLOSED, oldest arrival first.
+    _members: dict[State, dict[S, None]] = attrs.field(
+        factory=lambda: {state: {} for state in State if state is not CLOSED}
+    )
+    #: Sockets in PEER_STATES, by peer address.
+    per_peer: dict[object, int] = attrs.field(factory=dict)
+    created: int = 0
+    reused: int = 0
+    recycled: int = 0
+    discarded: int = 0
+    kept_alive: int = 0
+    not_parked: int = 0
+
+    def __len__(self) -> int:
+        """The sockets owned: every state but CLOSED."""
+        return sum(len(members) for members in self._members.values())
+
+    def count(self, state: State) -> int:
+        """How many sockets are in ``state`` (CLOSED: 0, they are forgotten)."""
+        members = self._members.get(state)
+        return 0 if members is None else len(members)
+
+    def sockets(self, *states: State) -> Iterator[S]:
+        """The sockets in ``states`` (all owned ones when none is given), a snapshot."""
+        for state in states or tuple(self._members):
+            yield from list(self._members[state])
+
+    def add(self, psock: S, peer: object) -> None:
+        """A new socket, made for an open toward ``peer``: CONNECTING, and counted in ``created``."""
+        self.created += 1
+        psock.state = CONNECTING
+        psock.peer = peer
+        self._members[CONNECTING][psock] = None
+        self._count_peer(peer, 1)
+
+    def move(self, psock: S, new: State, peer: object = None) -> None:
+        """Move ``psock`` to ``new``; ``peer`` is the address of a socket leaving IDLE.
+
+        Raises:
+          LifecycleError: the move is not in `MOVES`.
+        """
+        old = psock.state
+        if new not in MOVES[old]:
+            raise LifecycleError(f"{psock!r} cannot go from {old.name} to {new.name}")
+        del self._members[old][psock]
+        psock.state = new
+        if new is CLOSED:
+            self.discarded += 1
+        else:
+            self._members[new][psock] = None
+        if new is CONNECTING:  # from IDLE: reused for an open
+            psock.peer = peer
+            self._count_peer(peer, 1)
+            self.reused += 1
+        elif new is IDLE or new is CLOSED:
+            if old is not IDLE:
+                self._count_peer(psock.peer, -1)
+            psock.peer = None
+            if new is IDLE:
+                self.recycled += 1
+        elif new is IN_USE and (old is PARKED or old is HANDED):
+            self.kept_alive += 1
+
+    def _count_peer(self, peer: object, delta: int) -> None:
+        left = self.per_peer.get(peer, 0) + delta
+        if left:
+            self.per_peer[peer] = left
+        else:
+            del self.per_peer[peer]
+
+    def note_not_parked(self) -> None:
+        """A release ran the close protocol instead of parking."""
+        self.not_parked += 1

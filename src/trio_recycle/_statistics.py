@@ -1,0 +1,54 @@
+"""PoolStatistics: the frozen snapshot that SocketPool.statistics() returns."""
+
+from __future__ import annotations
+
+from typing import final
+
+import attrs
+
+__all__ = ["PoolStatistics"]
+
+
+@final
+@attrs.frozen
+class PoolStatistics:
+    """A snapshot of a `SocketPool`, from `SocketPool.statistics`.
+
+    The fields from ``capacity`` to ``tasks_waiting`` and ``parked`` are
+    the state now; the others are counts over the pool's life. The sockets
+    the pool owns are ``idle + in_use + draining + parked``.
+
+    Attributes:
+      capacity: The most sockets the pool may own at once.
+      idle: Disconnected sockets waiting to be reused.
+      in_use: Sockets handed out: connecting, or behind an open stream.
+      draining: Closed streams whose socket waits for the peer's FIN.
+      tasks_waiting: Tasks blocked because ``capacity`` sockets are owned
+          (or ``capacity_per_peer`` sockets toward their peer).
+      created: ``socket()`` calls made.
+      reused: Opens served by an idle socket instead of a new one.
+      recycled: Disconnects that put a socket back idle, or straight into
+          the hands of a task waiting for the same peer.
+      discarded: Sockets closed instead of recycled (failed connects,
+          peers that sent no FIN in time, evictions, the pool's exit).
+      parked: Live connections released with `RecyclingStream.release`
+          and waiting, watched, for an open of the same host and port.
+      kept_alive: Opens served by a parked connection: no DNS, no
+          ``connect()``.
+      not_parked: `RecyclingStream.release` calls that ran the close
+          protocol instead of parking (something unread, an EOF, an error,
+          an option that cannot be undone, a task waiting, the pool's exit).
+    """
+
+    capacity: int
+    idle: int
+    in_use: int
+    draining: int
+    tasks_waiting: int
+    created: int
+    reused: int
+    recycled: int
+    discarded: int
+    parked: int = 0
+    kept_alive: int = 0
+    not_parked: int = 0

@@ -1,0 +1,220 @@
+"""The invariants every pool test checks, in one place: the only test module that looks inside a pool.
+
+The shape of trio's ``testing/_check_streams.py``: each check is a plain
+function over a live pool, run at a checkpoint of the test. A sum written
+out in four files drifts; one checker does not.
+
+* `check_pool`: I3 (idle means disconnected), I4 (the counts add up to the
+  descriptors the pool owns, parked connections included, at most
+  ``capacity``), I9 (parked means established, watched, nothing queued),
+  and the ledger's counts by state and by peer against a recount.
+* `assert_dead`: I2 (a closed handle raises ClosedResourceError and
+  touches no socket).
+* Accessors for the tests that need to reach one socket of a pool (to look
+  at its kernel state): `sockets_in`, `idle_sockets`, `parked_sockets`,
+  `owned_sockets`, `peer_count`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+import termios
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from trio_recycle._lifecycle import PEER_STATES, State
+
+if TYPE_CHECKING:
+    import select
+
+    from trio_recycle import RecyclingStream, RecyclingUDPSocket, SocketPool
+    from trio_recycle._pooled_socket import PooledSocket
+
+__all__ = [
+    "State",
+    "assert_capacity",
+    "assert_dead",
+    "assert_idle_disconnected",
+    "assert_parked_clean",
+    "bytes_queued",
+    "check_pool",
+    "fd_inodes",
+    "idle_sockets",
+    "owned_sockets",
+    "parked_sockets",
+    "peer_count",
+    "socket_inode",
+    "stored_sockets",
+    "watch_closed",
+    "watch_epoll",
+    "sockets_in",
+    "watching",
+]
+
+_TCP_ESTABLISHED = 1
+_TCP_CLOSE = 7
+
+
+def fd_inodes() -> dict[int, str]:
+    """This process's open descriptors and what each points to (``socket:[inode]``, ...)."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # closed between listdir and readlink
+            continue
+    return found
+
+
+def socket_inode(sock: socket.socket) -> str:
+    """``socket:[inode]`` of a socket, as /proc/self/fd shows it."""
+    return f"socket:[{os.fstat(sock.fileno()).st_ino}]"
+
+
+def bytes_queued(sock: socket.socket) -> int:
+    """Bytes in the socket's receive queue (FIONREAD)."""
+    buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", buf)[0])
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+# ----------------------------------------------------------------------
+# Accessors
+
+
+def sockets_in(pool: SocketPool, *states: State) -> list[PooledSocket]:
+    """The pool's sockets in ``states`` (every owned one when none is given)."""
+    return list(pool._ledger.sockets(*states))
+
+
+def idle_sockets(pool: SocketPool) -> list[socket.socket]:
+    """The stdlib sockets stored idle, oldest first."""
+    return [psock.sock for psock in pool._store.sockets(parked=False)]
+
+
+def parked_sockets(pool: SocketPool) -> list[socket.socket]:
+    """The stdlib sockets of the parked connections, oldest first."""
+    return [psock.sock for psock in pool._store.sockets(parked=True)]
+
+
+def owned_sockets(pool: SocketPool) -> list[socket.socket]:
+    """Every stdlib socket the pool owns, whatever its state."""
+    return [psock.sock for psock in pool._ledger.sockets()]
+
+
+def stored_sockets(pool: SocketPool) -> list[PooledSocket]:
+    """The idle sockets and parked connections, least recently stored first (the eviction order)."""
+    return pool._store.sockets()
+
+
+def watch_epoll(pool: SocketPool) -> select.epoll | None:
+    """The keep-alive watch's private epoll (None before the first park)."""
+    return pool._store._watch._epoll
+
+
+def watch_closed(pool: SocketPool) -> bool:
+    """Whether the keep-alive watch was closed (the pool's exit)."""
+    return pool._store._watch.closed
+
+
+def peer_count(pool: SocketPool, peer: object) -> int:
+    """The sockets the pool counts toward ``peer`` (its capacity_per_peer)."""
+    return pool._ledger.per_peer.get(peer, 0)
+
+
+def watching(pool: SocketPool, psock: PooledSocket) -> bool:
+    """Whether the pool's keep-alive watch watches ``psock``."""
+    return pool._store.watching(psock)
+
+
+# ----------------------------------------------------------------------
+# Invariants
+
+
+def assert_idle_disconnected(pool: SocketPool) -> None:
+    """I3: every idle socket is disconnected, CLOSE, SO_ERROR 0, empty."""
+    for sock in idle_sockets(pool):
+        with pytest.raises(OSError) as info:
+            sock.getpeername()
+        assert info.value.errno == errno.ENOTCONN
+        if sock.type == socket.SOCK_STREAM:
+            assert _tcp_state(sock) == _TCP_CLOSE
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        assert bytes_queued(sock) == 0
+
+
+def assert_parked_clean(pool: SocketPool) -> None:
+    """I9: every parked connection is established, watched, with nothing queued; nothing else is watched."""
+    for psock in pool._store.sockets(parked=True):
+        assert psock.state is State.PARKED, psock
+        assert _tcp_state(psock.sock) == _TCP_ESTABLISHED
+        assert watching(pool, psock)
+        assert bytes_queued(psock.sock) == 0
+    for psock in pool._store.sockets(parked=False):
+        assert psock.state is State.IDLE, psock
+        assert not watching(pool, psock)
+
+
+def assert_capacity(pool: SocketPool) -> None:
+    """I4: idle + in_use + draining + parked <= capacity, each an open descriptor the pool owns, counted right."""
+    stats = pool.statistics()
+    owned = stats.idle + stats.in_use + stats.draining + stats.parked
+    assert owned <= stats.capacity, stats
+    assert stats.created - stats.discarded == owned, stats
+    socks = sockets_in(pool)
+    assert len(socks) == owned, (socks, stats)
+    # The ledger's counts against a recount of the states themselves.
+    by_state = Counter(psock.state for psock in socks)
+    assert State.CLOSED not in by_state
+    assert by_state[State.IDLE] == stats.idle == pool._store.idle_count
+    assert by_state[State.PARKED] == stats.parked == pool._store.parked_count
+    assert by_state[State.DRAINING] == stats.draining
+    assert by_state[State.CONNECTING] + by_state[State.HANDED] + by_state[State.IN_USE] == stats.in_use
+    peers = Counter(psock.peer for psock in socks if psock.state in PEER_STATES)
+    assert dict(peers) == pool._ledger.per_peer
+    open_fds = fd_inodes()
+    for psock in socks:
+        fd = psock.sock.fileno()
+        assert fd in open_fds, psock
+        assert open_fds[fd] == socket_inode(psock.sock)
+
+
+def check_pool(pool: SocketPool) -> None:
+    """Every invariant a pool must keep at a checkpoint: I3, I4 (with the recount), I9."""
+    assert_capacity(pool)
+    assert_idle_disconnected(pool)
+    assert_parked_clean(pool)
+
+
+async def assert_dead(handle: RecyclingStream | RecyclingUDPSocket) -> None:
+    """I2: a closed stream or UDP socket raises ClosedResourceError on every call and reaches no socket."""
+    from trio_recycle import RecyclingStream
+
+    with pytest.raises(trio.ClosedResourceError):
+        handle.getsockname()
+    with pytest.raises(trio.ClosedResourceError):
+        handle.getpeername()
+    with pytest.raises(trio.ClosedResourceError):
+        handle.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0)
+    if isinstance(handle, RecyclingStream):
+        with pytest.raises(trio.ClosedResourceError):
+            await handle.send_all(b"x")
+        with pytest.raises(trio.ClosedResourceError):
+            await handle.receive_some(1)
+        with pytest.raises(trio.ClosedResourceError):
+            await handle.send_eof()
+    else:
+        with pytest.raises(trio.ClosedResourceError):
+            await handle.send(b"x")
+        with pytest.raises(trio.ClosedResourceError):
+            await handle.receive()
