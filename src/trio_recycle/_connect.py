@@ -66,7 +66,7 @@ _numeric_cache: dict[tuple[str | bytes, int, int], list[Target]] = {}
 class SocketSource(Protocol):
     """The part of the pool the connection logic uses."""
 
-    async def acquire_socket(
+    async def acquire(
         self,
         family: int,
         type: int,
@@ -245,7 +245,7 @@ async def _attempt(
     source: SocketSource, target: Target, local_address: str | None, origin: OpenKey | None
 ) -> PooledSocket:
     family, type, proto, sockaddr = target
-    psock = await source.acquire_socket(family, type, proto, local_address, sockaddr, origin=origin)
+    psock = await source.acquire(family, type, proto, local_address, sockaddr, origin=origin)
     if psock.state is State.HANDED:
         return psock  # a released connection of the same open, handed to this waiter
     try:
@@ -266,7 +266,7 @@ async def connect_udp(source: SocketSource, host: str | bytes, port: int, *, loc
     errors: list[tuple[object, OSError]] = []
     for family, type, proto, sockaddr in targets:
         try:
-            psock = await source.acquire_socket(family, type, proto, local_address, sockaddr)
+            psock = await source.acquire(family, type, proto, local_address, sockaddr)
         except OSError as exc:
             errors.append((sockaddr, exc))
             continue
@@ -354,7 +354,7 @@ async def connect_pooled(
             with trio.CancelScope() as scope:
                 waiting.append(scope)
                 try:
-                    return await source.acquire_socket(
+                    return await source.acquire(
                         family, type, proto, local_address, sockaddr, replacing=replacing, origin=origin
                     )
                 finally:

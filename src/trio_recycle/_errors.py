@@ -30,6 +30,11 @@ def closed_stream_error(*, by_pool: bool = False) -> trio.ClosedResourceError:
     return trio.ClosedResourceError("this stream was already closed")
 
 
+def pool_closed_error() -> trio.ClosedResourceError:
+    """The error for a call on a pool whose block has exited (a new object each time: it collects a traceback)."""
+    return trio.ClosedResourceError("this SocketPool is closed: the `async with open_socket_pool()` block has exited")
+
+
 def wrong_run_error(what: str) -> RuntimeError:
     """The error for a call from a trio.run other than the pool's."""
     return RuntimeError(

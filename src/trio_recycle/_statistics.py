@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import final
+from typing import TYPE_CHECKING, final
 
 import attrs
+
+from ._lifecycle import State
+
+if TYPE_CHECKING:
+    from ._lifecycle import Ledger, S
 
 __all__ = ["PoolStatistics"]
 
@@ -52,3 +57,22 @@ class PoolStatistics:
     parked: int = 0
     kept_alive: int = 0
     not_parked: int = 0
+
+    @classmethod
+    def _of(cls, capacity: int, ledger: Ledger[S], tasks_waiting: int) -> PoolStatistics:
+        """The snapshot of a pool with this ``capacity``, ``ledger`` and number of waiters."""
+        count = ledger.count
+        return cls(
+            capacity=capacity,
+            idle=count(State.IDLE),
+            in_use=count(State.CONNECTING) + count(State.HANDED) + count(State.IN_USE),
+            draining=count(State.DRAINING),
+            tasks_waiting=tasks_waiting,
+            created=ledger.created,
+            reused=ledger.reused,
+            recycled=ledger.recycled,
+            discarded=ledger.discarded,
+            parked=count(State.PARKED),
+            kept_alive=ledger.kept_alive,
+            not_parked=ledger.not_parked,
+        )

@@ -1,0 +1,331 @@
+"""Capacity: which open gets which socket, who waits, and the one reconciler that serves the waiters."""
+
+# The policy beside the waiting room, as trio keeps CapacityLimiter beside
+# ParkingLot (trio/_sync.py, trio/_core/_parking_lot.py):
+#
+# * An arriving open takes an idle socket of its key, or a new one while
+#   fewer than `capacity` sockets are owned, or the place of the least
+#   recently used idle or parked socket, which is evicted; otherwise it
+#   waits in the WaitingRoom, first come first served. It never overtakes a
+#   waiter that could be served.
+# * `serve_waiters` is the reconciler, and nothing else serves a waiter
+#   (but a released live connection handed to a waiter of the same open,
+#   which keep-alive decides): every entry point of the pool ends with it,
+#   as every change of httpcore's pool ends with
+#   _assign_requests_to_connections. It gives what is free (an idle socket
+#   of the waiter's key, a free place, a place made by an eviction) to the
+#   first waiter that can be served, until nothing is free or nobody can
+#   be served.
+# * Failures while a waiter's socket is made (socket(), setsockopt(),
+#   bind()) belong to that waiter: it gets the error, and the reconciler
+#   goes on with the next one, so the aclose() or drain that freed the place
+#   never sees it. Out of descriptors (EMFILE/ENFILE), `create` first
+#   evicts the least recently used idle socket or parked connection and
+#   retries once; if socket() still fails, every queued waiter gets the
+#   error at once: the limit is the process's, the pool gets no event when
+#   some other part of the program frees a descriptor, and a waiter left
+#   queued in front of a free place would block everyone behind it with no
+#   bound. Failing fast is what trio.open_tcp_stream does in the same spot.
+# * capacity_per_peer bounds the sockets toward one peer address (every
+#   state but IDLE and CLOSED: the ledger counts them). A waiter whose peer
+#   is at its limit is skipped, not served, so it never blocks the waiters
+#   of other peers; among the waiters that can be served the order stays
+#   FIFO. An arriving open for a full peer first evicts a parked connection
+#   to the same peer (of another host name, say), as an idle socket makes
+#   room at a full pool.
+# * Happy eyeballs at a full pool: a later attempt of the same open that
+#   would have to wait takes over the place of its sibling still in
+#   SYN_SENT instead (`replacing`), so an open toward a silent first address
+#   does not queue behind its own SYN retries.
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import TYPE_CHECKING, Final, final
+
+import attrs
+import trio
+
+from ._close import discard_queued
+from ._errors import pool_closed_error
+from ._lifecycle import Ledger, State
+from ._pooled_socket import PooledSocket
+from ._tcp_state import TcpState, tcp_state
+from ._waiting import Request, WaitingRoom
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ._pooled_socket import OpenKey, SocketOption
+    from ._store import SocketStore
+
+__all__ = ["Capacity"]
+
+IDLE, CONNECTING, HANDED, IN_USE, PARKED, DRAINING, CLOSED = State
+
+# TCP defaults, the same as trio.SocketStream's (trio issue #72); both
+# survive a disconnect, so they are set once per socket, not per use.
+_TCP_DEFAULTS: Final[tuple[SocketOption, ...]] = tuple(
+    (socket.IPPROTO_TCP, option, value)
+    for option, value in (
+        (socket.TCP_NODELAY, 1),
+        (getattr(socket, "TCP_NOTSENT_LOWAT", None), 2**14),
+    )
+    if option is not None
+)
+#: socket() errors that closing one of our own descriptors can cure.
+_OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+@final
+@attrs.define(eq=False)
+class Capacity:
+    """The places of one pool: taking a socket for an open or waiting for one, evicting, and serving the waiters."""
+
+    capacity: int
+    per_peer: int | None
+    _peer_affinity: bool
+    recycling: bool
+    _drain_limit: int
+    #: Options for every socket made, and for TCP ones (trio's defaults first).
+    _socket_options: tuple[SocketOption, ...]
+    ledger: Ledger[PooledSocket]
+    store: SocketStore
+    room: WaitingRoom[PooledSocket] = attrs.field(factory=WaitingRoom)
+    closed: bool = False
+    _tcp_options: tuple[SocketOption, ...] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._tcp_options = _TCP_DEFAULTS + self._socket_options
+
+    # ------------------------------------------------------------------
+    # Taking
+
+    async def acquire(
+        self,
+        family: int,
+        type: int,
+        proto: int,
+        local_address: str | None,
+        peer: object,
+        *,
+        replacing: PooledSocket | None = None,
+        origin: OpenKey | None = None,
+    ) -> PooledSocket:
+        """Take an idle socket for ``peer`` or a new one, waiting for capacity (the SocketSource of _connect).
+
+        ``origin``: the (host, port, local_address) of the open. When this
+        call waits, a stream of the same open released meanwhile may hand
+        its live connection over directly (the socket is then HANDED).
+
+        ``replacing``: a socket of the same open still connecting (happy
+        eyeballs). If this call would have to wait and that socket's SYN is
+        still unanswered (SYN_SENT), the new socket takes its place and it
+        is closed: the open keeps the capacity it holds, and overtakes
+        nobody; unless this call's peer is at ``capacity_per_peer``, which
+        then waits like any other. A connect that has already finished,
+        either way, is left alone: its task is about to win or to free its
+        place.
+
+        Raises:
+          trio.ClosedResourceError: the pool's block has exited (before, or
+              while this call waited).
+        """
+        if self.closed:
+            raise pool_closed_error()
+        # Before taking anything: a task cancelled on entry must not take an
+        # idle socket only to close it in its error path.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        key = (family, type, proto, local_address, peer if self._peer_affinity else None)
+        request = Request(family, type, proto, local_address, key, peer, origin)
+        if replacing is not None and self._may_take_over(replacing, peer):
+            return self._take_over(replacing, request)
+        if not self._someone_servable():
+            psock = self._take_now(request)
+            if psock is not None:
+                return psock
+        granted = await self.room.wait(request)
+        if self.closed:
+            # Granted, then the pool closed before this task ran: the
+            # socket is gone with the pool.
+            raise pool_closed_error()
+        return granted
+
+    def _take_now(self, request: Request) -> PooledSocket | None:
+        """Serve an arriving task at once, when nobody it would overtake waits; None: it must wait."""
+        peer = request.peer
+        if self.per_peer is not None and self.peer_full(peer):
+            victim = self.store.oldest_parked_for(peer)
+            if victim is not None:
+                self.evict(victim)
+                self.serve_waiters()
+            if self.peer_full(peer):
+                return None
+        psock = self.store.take_idle(request.key)
+        if psock is not None:
+            self.ledger.move(psock, CONNECTING, peer)
+            return psock
+        if len(self.ledger) >= self.capacity:
+            victim = self.store.oldest()
+            if victim is None:
+                return None
+            self.evict(victim)
+            self.serve_waiters()
+            if len(self.ledger) >= self.capacity:
+                return None
+        return self.create(request)
+
+    def _may_take_over(self, replacing: PooledSocket, peer: object) -> bool:
+        return (
+            replacing.state is CONNECTING
+            # Only when this call would wait: behind a waiter that can be
+            # served, or at a full pool with nothing to evict. Waiters
+            # held back by their own peer's limit hold nobody else up.
+            and (self._someone_servable() or (len(self.ledger) >= self.capacity and not self.store))
+            # The place taken over counts for the sibling's peer, the new
+            # socket for this one: never past this peer's capacity_per_peer.
+            and not (self.peer_full(peer) and replacing.peer != peer)
+            and tcp_state(replacing.sock) is TcpState.SYN_SENT
+        )
+
+    def _take_over(self, replacing: PooledSocket, request: Request) -> PooledSocket:
+        """Close a sibling attempt still in SYN_SENT and give its place to a new socket."""
+        # Create first: if that fails, the sibling keeps connecting.
+        # Nothing here awaits, so the moment with one socket too many is
+        # never seen at a checkpoint (I4).
+        try:
+            taking_over: PooledSocket | None = self.create(request)
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_DESCRIPTORS:
+                raise
+            taking_over = None
+        trio.lowlevel.notify_closing(replacing.sock)
+        self.discard(replacing)
+        if taking_over is None:
+            # At RLIMIT_NOFILE the sibling's descriptor is the one we need.
+            try:
+                taking_over = self.create(request)
+            except BaseException:
+                self.serve_waiters()
+                raise
+        return taking_over
+
+    def create(self, request: Request) -> PooledSocket:
+        """A new socket for ``request``, counted CONNECTING (out of descriptors: evict once and retry)."""
+        options = self._tcp_options if request.type == socket.SOCK_STREAM else self._socket_options
+        args = (request.family, request.type, request.proto, request.local_address, options, request.key)
+        try:
+            psock = PooledSocket.create(*args)
+        except OSError as exc:
+            victim = self.store.oldest()
+            if exc.errno not in _OUT_OF_DESCRIPTORS or victim is None:
+                raise
+            self.evict(victim)
+            psock = PooledSocket.create(*args)
+        self.ledger.add(psock, request.peer)
+        return psock
+
+    # ------------------------------------------------------------------
+    # Giving back
+
+    def put_back(self, psock: PooledSocket) -> None:
+        """Disconnect a socket whose peer has sent its FIN and store it idle; close it when it cannot be."""
+        # A drain can see the peer's FIN in the same scheduler round as the
+        # pool's exit: then there is no idle to go to.
+        if self.recycling and not self.closed and psock.reset_for_reuse() and self._wanted(psock):
+            psock.open_key = None
+            self.ledger.move(psock, IDLE)
+            self.store.put_idle(psock)
+        else:
+            self.discard(psock)
+
+    def _wanted(self, psock: PooledSocket) -> bool:
+        """Whether a disconnected socket may go idle: not when the first waiter it would go to needs another key.
+
+        Its place then goes to a new socket for that waiter (the reconciler
+        makes it); counting it recycled would count a socket closed at once.
+        """
+        found = self.room.first_servable(self._full_peers()) if self.room else None
+        return found is None or found[1].key == psock.key
+
+    def discard_socket(self, psock: PooledSocket) -> None:
+        """Close a socket that was taken but never became an open stream (a failed or cancelled connect)."""
+        if psock.state is not CLOSED:
+            self.discard(psock)
+            self.serve_waiters()
+
+    def discard(self, psock: PooledSocket) -> None:
+        """Close a socket for good."""
+        psock.close()
+        self.ledger.move(psock, CLOSED)
+
+    def evict(self, psock: PooledSocket) -> None:
+        """Close an idle socket or a parked connection to make room for an open."""
+        if self.store.remove(psock):
+            # A parked connection is closed at once, not drained: the room
+            # is needed now. What arrived since the watch last looked is
+            # read and discarded first: close() with unread bytes would
+            # reset the peer (I7); with none it sends our FIN and the kernel
+            # finishes the connection. TIME_WAIT stays with us, as after
+            # any close we start.
+            discard_queued(psock.sock, self._drain_limit)
+        self.discard(psock)
+
+    # ------------------------------------------------------------------
+    # Waiters
+
+    def peer_full(self, peer: object) -> bool:
+        """Whether ``peer`` has ``capacity_per_peer`` sockets."""
+        limit = self.per_peer
+        return limit is not None and self.ledger.per_peer.get(peer, 0) >= limit
+
+    def _full_peers(self) -> Callable[[object], bool] | None:
+        return None if self.per_peer is None else self.peer_full
+
+    def _someone_servable(self) -> bool:
+        """Whether a waiter's peer is below its limit (every waiter is, without one)."""
+        return bool(self.room) and self.room.first_servable(self._full_peers()) is not None
+
+    def first_servable_besides(self, psock: PooledSocket) -> tuple[trio.lowlevel.Task, Request] | None:
+        """The first waiter that could be served if ``psock`` did not count against its peer."""
+        if not self.room:
+            return None
+        limit, per_peer = self.per_peer, self.ledger.per_peer
+        if limit is None:
+            return self.room.first_servable(None)
+        return self.room.first_servable(lambda p: per_peer.get(p, 0) - (p == psock.peer) >= limit)
+
+    def serve_waiters(self) -> None:
+        """The reconciler: give what is free to the waiters that can be served, first come first served."""
+        room = self.room
+        while room and not self.closed:
+            found = room.first_servable(self._full_peers())
+            if found is None:
+                return
+            task, request = found
+            psock = self.store.take_idle(request.key)
+            if psock is not None:
+                self.ledger.move(psock, CONNECTING, request.peer)
+            elif len(self.ledger) >= self.capacity:
+                victim = self.store.oldest()
+                if victim is None:
+                    return
+                # Then again from the top: the eviction may have made an
+                # earlier waiter servable (its peer was at its limit).
+                self.evict(victim)
+                continue
+            else:
+                try:
+                    psock = self.create(request)
+                except Exception as exc:
+                    # The waiter's own failure (its local_address, the
+                    # descriptors running out): it goes to that task alone.
+                    room.fail(task, exc)
+                    continue
+            room.grant(task, psock)
+
+    def close(self, make_error: Callable[[], BaseException]) -> None:
+        """The pool's exit: no more taking; every waiter fails with ``make_error()``."""
+        self.closed = True
+        self.room.fail_all(make_error)
