@@ -34,19 +34,22 @@ from trio_recycle._lifecycle import PEER_STATES, State
 if TYPE_CHECKING:
     import select
 
-    from trio_recycle import RecyclingStream, RecyclingUDPSocket, SocketPool
+    from trio_recycle import PoolStatistics, RecyclingStream, RecyclingUDPSocket, SocketPool
     from trio_recycle._pooled_socket import PooledSocket
 
 __all__ = [
     "State",
     "assert_capacity",
+    "assert_counts",
     "assert_dead",
     "assert_idle_disconnected",
     "assert_parked_clean",
     "bytes_queued",
     "check_pool",
+    "counts_add_up",
     "fd_inodes",
     "idle_sockets",
+    "owned_count",
     "owned_sockets",
     "parked_sockets",
     "peer_count",
@@ -165,12 +168,27 @@ def assert_parked_clean(pool: SocketPool) -> None:
         assert not watching(pool, psock)
 
 
+def owned_count(stats: PoolStatistics) -> int:
+    """The sockets a pool owns, from its statistics: every state but closed, parked ones included."""
+    return stats.idle + stats.in_use + stats.draining + stats.parked
+
+
+def counts_add_up(stats: PoolStatistics) -> bool:
+    """I4 from statistics() alone (no look at /proc: listing it takes a descriptor)."""
+    owned = owned_count(stats)
+    return owned <= stats.capacity and stats.created - stats.discarded == owned
+
+
+def assert_counts(stats: PoolStatistics) -> None:
+    """`counts_add_up`, as an assertion that shows the statistics."""
+    assert counts_add_up(stats), stats
+
+
 def assert_capacity(pool: SocketPool) -> None:
     """I4: idle + in_use + draining + parked <= capacity, each an open descriptor the pool owns, counted right."""
     stats = pool.statistics()
-    owned = stats.idle + stats.in_use + stats.draining + stats.parked
-    assert owned <= stats.capacity, stats
-    assert stats.created - stats.discarded == owned, stats
+    assert_counts(stats)
+    owned = owned_count(stats)
     socks = sockets_in(pool)
     assert len(socks) == owned, (socks, stats)
     # The ledger's counts against a recount of the states themselves.

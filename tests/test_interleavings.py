@@ -388,8 +388,7 @@ class CapacityWatch(trio.abc.Instrument):
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         stats = self.pool.statistics()
-        owned = stats.idle + stats.in_use + stats.draining + stats.parked
-        if owned > stats.capacity or stats.created - stats.discarded != owned:
+        if not checks.counts_add_up(stats):
             self.world.violate(f"I4 after a step of {task.name}: {stats}")
 
 

@@ -932,3 +932,86 @@ async def test_evicting_a_parked_connection_with_unread_bytes_does_not_reset_the
             assert conn.recv(100) == b""  # our FIN; a reset would raise ConnectionResetError
             conn.close()
             await stream.aclose()
+
+
+# ----------------------------------------------------------------------
+# I9 at scale and for urgent data (regressions)
+
+
+async def test_the_take_check_sees_the_connection_taken_with_more_than_1023_ready() -> None:
+    """1,100 parked connections receive bytes at once, the last parked last: none is handed out (I9)."""
+    count = 1100
+    with socket.create_server(("127.0.0.1", 0), backlog=count) as listener:
+        port = listener.getsockname()[1]
+        peers: list[socket.socket] = []
+        try:
+            async with trio_recycle.open_socket_pool(capacity=count + 1) as pool:
+                streams = [await pool.open_tcp_stream("127.0.0.1", port) for _ in range(count)]
+                peers = [listener.accept()[0] for _ in range(count)]
+                for stream in streams:
+                    assert await stream.release()
+                assert pool.statistics().parked == count
+                # In park order, with no checkpoint in between: the most
+                # recently parked (the one an open takes) is the last of the
+                # kernel's ready list, past the first epoll_wait's 1023.
+                for peer in peers:
+                    peer.send(b"unasked")
+                stream = await pool.open_tcp_stream("127.0.0.1", port)
+                assert not stream.kept_alive
+                assert pool.statistics().parked == 0
+                fresh, _ = listener.accept()
+                with fresh:
+                    fresh.send(b"answer")
+                    assert await stream.receive_some(100) == b"answer"
+                await stream.aclose()
+                checks.check_pool(pool)
+        finally:
+            for peer in peers:
+                peer.close()
+
+
+async def test_release_with_more_than_1023_ready_parks_nothing_dirty() -> None:
+    """release()'s check covers the connection it parks, however many others are ready."""
+    count = 1100
+    with socket.create_server(("127.0.0.1", 0), backlog=count + 1) as listener:
+        port = listener.getsockname()[1]
+        peers: list[socket.socket] = []
+        try:
+            async with trio_recycle.open_socket_pool(capacity=count + 1) as pool:
+                streams = [await pool.open_tcp_stream("127.0.0.1", port) for _ in range(count + 1)]
+                peers = [listener.accept()[0] for _ in range(count + 1)]
+                for stream in streams[:count]:
+                    assert await stream.release()
+                for peer in peers:
+                    peer.send(b"unasked")  # the last one to the stream still open
+                assert not await streams[count].release()
+                assert pool.statistics().parked == 0
+                checks.check_pool(pool)
+        finally:
+            for peer in peers:
+                peer.close()
+
+
+@pytest.mark.parametrize("when", ["while parked", "just before the take"])
+async def test_an_urgent_byte_sent_to_a_parked_connection_is_never_handed_out(when: str) -> None:
+    """A lone MSG_OOB byte (seen by no peek, only by EPOLLPRI) ends the parked connection (I9)."""
+    with _raw_listener() as listener:
+        port = listener.getsockname()[1]
+        async with trio_recycle.open_socket_pool(capacity=2) as pool:
+            stream = await pool.open_tcp_stream("127.0.0.1", port)
+            peer, _ = listener.accept()
+            with peer:
+                assert await stream.release()
+                peer.send(b"!", socket.MSG_OOB)
+                if when == "while parked":
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert pool.statistics().parked == 0
+                taken = await pool.open_tcp_stream("127.0.0.1", port)
+                assert not taken.kept_alive
+                taken.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+                fresh, _ = listener.accept()
+                with fresh:
+                    fresh.send(b"answer")
+                    assert await taken.receive_some(100) == b"answer"
+                await taken.aclose()
+                checks.check_pool(pool)

@@ -30,7 +30,7 @@ import trio
 
 import trio_recycle
 
-from .checks import assert_capacity, assert_idle_disconnected, fd_inodes
+from .checks import assert_capacity, assert_idle_disconnected, counts_add_up, fd_inodes
 from .hostile import POLITE_KINDS, HostileServer, dead_address, start_hostile_server
 from .strategies import pattern
 from .test_interleavings import RESETTING_KINDS, Canceller, _pool_tasks_left, watching_pools
@@ -72,7 +72,7 @@ FD_SLACK: Final = len(WEIGHTS) + 2
 
 
 class CountsWatch(trio.abc.Instrument):
-    """I4 after every task step: idle + in_use + draining == created - discarded <= capacity."""
+    """I4 after every task step: idle + in_use + draining + parked == created - discarded <= capacity."""
 
     def __init__(self, pool: SocketPool, violations: list[str]) -> None:
         self.pool = pool
@@ -80,8 +80,7 @@ class CountsWatch(trio.abc.Instrument):
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         stats = self.pool.statistics()
-        owned = stats.idle + stats.in_use + stats.draining
-        if (owned > stats.capacity or stats.created - stats.discarded != owned) and len(self.violations) < 10:
+        if not counts_add_up(stats) and len(self.violations) < 10:
             self.violations.append(f"I4 after a step of {task.name}: {stats}")
 
 
