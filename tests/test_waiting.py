@@ -90,13 +90,13 @@ async def test_fail_all_raises_a_fresh_error_in_every_waiter() -> None:
 
 async def test_fail_reaches_that_waiter_alone(nursery: trio.Nursery) -> None:
     room: WaitingRoom[str] = WaitingRoom()
-    outcomes: list[object] = []
+    outcomes: list[tuple[str, object]] = []
 
     async def wait(peer: str) -> None:
         try:
-            outcomes.append(await room.wait(request(peer)))
+            outcomes.append((peer, await room.wait(request(peer))))
         except OSError as exc:
-            outcomes.append(exc)
+            outcomes.append((peer, str(exc)))
 
     nursery.start_soon(wait, "a")
     await trio.testing.wait_all_tasks_blocked()
@@ -109,4 +109,4 @@ async def test_fail_reaches_that_waiter_alone(nursery: trio.Nursery) -> None:
     assert second is not None
     room.grant(second[0], "socket")
     await trio.testing.wait_all_tasks_blocked()
-    assert [str(o) for o in outcomes] == ["yours", "socket"]
+    assert sorted(outcomes) == [("a", "yours"), ("b", "socket")]
