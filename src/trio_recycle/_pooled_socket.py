@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Final, Union
 import attrs
 
 from ._disconnect import TCP_CLOSE, disconnect
+from ._isn import renew_isn
 from ._socket_access import format_address
 
 if TYPE_CHECKING:
@@ -289,6 +290,8 @@ class PooledSocket:
                 state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
                 if state != TCP_CLOSE:
                     return False  # pragma: no cover - defensive: a successful disconnect leaves CLOSE on Linux
+                if not renew_isn(sock):
+                    return False
             # Reading SO_ERROR clears the ECONNRESET that tcp_disconnect()
             # leaves behind (for UDP: an ICMP error not yet reported); what
             # the next user sees is then its own.
