@@ -61,6 +61,7 @@ from ._connect import (
 from ._disconnect import can_recycle
 from ._drain import read_available, wait_for_fin
 from ._errors import check_run, wrong_run_error
+from ._isn import fresh_isns, peer_affinity_for
 from ._pooled_socket import OpenKey, PooledSocket, PoolKey, SocketOption
 from ._store import SocketStore
 from ._stream import RecyclingStream
@@ -233,7 +234,7 @@ class SocketPool:
         ``happy_eyeballs_delay``; the first to connect wins. Each attempt
         takes a socket from the pool: an idle one connected to the same
         address before (or any idle one of the right family when the pool
-        was opened with ``peer_affinity=False``), otherwise a new one. When
+        has no peer affinity: see `fresh_isns`), otherwise a new one. When
         ``capacity`` sockets are owned, it waits, first come first served.
 
         Before any of that, a live connection that an earlier stream of the
@@ -384,7 +385,7 @@ class SocketPool:
         (a UDP connect sends nothing, so there is nothing to race). The
         socket comes from the same pool, under the same ``capacity``, as
         TCP streams: an idle UDP socket last connected to the same address
-        (any address when the pool was opened with ``peer_affinity=False``)
+        (any address when the pool has no peer affinity: see `fresh_isns`)
         or a new one, waiting first come first served when the pool is full.
 
         Args:
@@ -461,6 +462,24 @@ class SocketPool:
         """Whether the pool's ``async with`` block has exited."""
         check_run(self._token, "SocketPool")
         return self._closed
+
+    @property
+    def fresh_isns(self) -> bool:
+        """Whether no connection of this pool can continue an earlier one's sequence numbers.
+
+        True when every reconnected TCP socket's next connection starts at a
+        fresh RFC 6528 initial sequence number, as a socket fresh from
+        ``socket()`` does: the pool resets it after every disconnect, which
+        needs ``CAP_NET_ADMIN`` (TCP repair mode), or it does not recycle
+        at all. Then an idle socket serves any peer by default
+        (``peer_affinity="auto"``). False where the reset is not permitted,
+        the common case for unprivileged programs: a reconnected socket's
+        ISN then follows from its previous connection's, which that peer
+        could predict, so by default an idle socket serves only the peer
+        it last talked to.
+        """
+        check_run(self._token, "SocketPool")
+        return not self._recycle or fresh_isns()
 
     @property
     def recycling(self) -> bool:
@@ -1025,7 +1044,7 @@ async def open_socket_pool(
     capacity: int = DEFAULT_CAPACITY,
     eof_timeout: float = DEFAULT_EOF_TIMEOUT,
     drain_limit: int = DEFAULT_DRAIN_LIMIT,
-    peer_affinity: bool = True,
+    peer_affinity: bool | Literal["auto"] = "auto",
     recycle: bool = True,
     socket_options: Iterable[tuple[int, int, int | bytes]] = (),
     keepalive_expiry: float = DEFAULT_KEEPALIVE_EXPIRY,
@@ -1059,11 +1078,15 @@ async def open_socket_pool(
       drain_limit: Bytes read and discarded while waiting for that FIN;
           past it the socket is closed. 64 KiB by default: reading more of
           an unwanted answer costs more than a new socket.
-      peer_affinity: When True (the default), an idle socket is reconnected
-          only to the address it last talked to. A reconnected socket's
+      peer_affinity: ``"auto"`` (the default) gives affinity only where
+          ISNs are not fresh (`SocketPool.fresh_isns`). With affinity (True
+          forces it) an idle socket is reconnected only to the address it
+          last talked to. Where ISNs are not fresh, a reconnected socket's
           initial sequence number follows from the previous connection's,
-          so the previous peer could predict it; set False only when every
-          peer is trusted alike.
+          so the previous peer could predict it: False then leaks that
+          sequence to the next peer; set it only when every peer is
+          trusted alike. Where the pool resets ISNs (``CAP_NET_ADMIN``),
+          affinity protects nothing and only costs ``socket()`` calls.
       recycle: False closes sockets instead of recycling them, the same
           fallback the pool uses when `can_recycle` is False. Use it for
           protocols where the peer half-closes and keeps reading: recycling
@@ -1106,8 +1129,7 @@ async def open_socket_pool(
         raise ValueError(f"capacity must be >= 1, not {capacity!r}")
     _check_number("eof_timeout", eof_timeout, integer=False)
     _check_number("drain_limit", drain_limit, integer=True)
-    if not isinstance(peer_affinity, bool):
-        raise TypeError(f"peer_affinity must be a bool, not {peer_affinity!r}")
+    affinity = peer_affinity_for(peer_affinity)
     if not isinstance(recycle, bool):
         raise TypeError(f"recycle must be a bool, not {recycle!r}")
     options = _check_options(socket_options)
@@ -1123,7 +1145,7 @@ async def open_socket_pool(
             capacity,
             float(eof_timeout),
             drain_limit,
-            peer_affinity,
+            affinity,
             recycle and can_recycle(),
             options,
             nursery,
