@@ -201,6 +201,27 @@ def test_reset_keeps_so_reuseaddr() -> None:
 
 
 @needs_root
+def test_reset_of_a_connected_socket_fails_and_leaves_repair_mode() -> None:
+    """Outside CLOSE the kernel refuses TCP_QUEUE_SEQ: renew_isn says so, and the connection still works."""
+    with listener() as server, socket.socket() as client:
+        client.connect(server.getsockname())
+        peer, _ = server.accept()
+        with peer:
+            assert not renew_isn(client)
+            # Still in repair mode, send() would queue bytes without sending them.
+            client.sendall(b"still here")
+            assert peer.recv(100) == b"still here"
+
+
+@needs_root
+def test_reset_of_a_closed_descriptor_fails() -> None:
+    """A descriptor that is gone cannot be reset: renew_isn says so (the pool then closes, never reuses)."""
+    sock = socket.socket()
+    sock.close()
+    assert not renew_isn(sock)
+
+
+@needs_root
 async def test_pool_with_fresh_isns_reuses_sockets_across_peers(start_server: StartServer) -> None:
     """By default ("auto") a pool with fresh ISNs lets an idle socket serve another peer, at a fresh ISN."""
     a = await start_server(answer_then_close, "127.0.0.1")
