@@ -69,10 +69,12 @@ class Segment:
 
 def _parse(frame: bytes) -> Segment | None:
     ip = frame[14:]  # loopback frames carry a (zeroed) Ethernet header
-    if len(ip) < 40 or ip[0] >> 4 != 4 or ip[9] != socket.IPPROTO_TCP:
+    if len(ip) >= 40 and ip[0] >> 4 == 4 and ip[9] == socket.IPPROTO_TCP:
+        tcp = ip[(ip[0] & 15) * 4 : struct.unpack("!H", ip[2:4])[0]]
+    elif len(ip) >= 60 and ip[0] >> 4 == 6 and ip[6] == socket.IPPROTO_TCP:  # no extension headers on loopback
+        tcp = ip[40 : 40 + struct.unpack("!H", ip[4:6])[0]]
+    else:
         return None
-    total = struct.unpack("!H", ip[2:4])[0]
-    tcp = ip[(ip[0] & 15) * 4 : total]
     sport, dport, seq = struct.unpack("!HHI", tcp[:8])
     offset = (tcp[12] >> 4) * 4
     window = struct.unpack("!H", tcp[14:16])[0]
@@ -142,10 +144,14 @@ def predicted_isns(found: list[Segment], ports: set[int]) -> list[tuple[int, int
 
 @contextlib.contextmanager
 def listener(host: str = "127.0.0.1") -> Iterator[socket.socket]:
-    with socket.socket() as sock:
+    with socket.socket(family_of(host)) as sock:
         sock.bind((host, 0))
         sock.listen(8)
         yield sock
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def exchange_and_disconnect(client: socket.socket, server: socket.socket) -> None:
@@ -171,9 +177,9 @@ def test_fresh_isns_as_root() -> None:
 
 @needs_root
 @pytest.mark.parametrize("reset", [False, True], ids=["without-reset", "after-reset"])
-def test_next_isn_after_disconnect(reset: bool) -> None:
+def test_next_isn_after_disconnect(reset: bool, loopback: str) -> None:
     """Without the reset the next SYN's ISN is exactly old write_seq + max_window + 2; after it, it is not."""
-    with capture() as sniffer, listener() as server, socket.socket() as client:
+    with capture() as sniffer, listener(loopback) as server, socket.socket(family_of(loopback)) as client:
         ports = {server.getsockname()[1]}
         for _ in range(3):
             exchange_and_disconnect(client, server)
