@@ -140,8 +140,9 @@ def peer_affinity_for(peer_affinity: object) -> bool:
     Raises:
       TypeError: not a bool nor ``"auto"``.
     """
-    if isinstance(peer_affinity, bool):
-        return peer_affinity
-    if peer_affinity == "auto":
-        return not fresh_isns()
-    raise TypeError(f'peer_affinity must be a bool or "auto", not {peer_affinity!r}')
+    if not isinstance(peer_affinity, bool) and peer_affinity != "auto":
+        raise TypeError(f'peer_affinity must be a bool or "auto", not {peer_affinity!r}')
+    # Probed here, when a pool opens, whatever the value: not in the
+    # middle of the first recycle.
+    fresh = fresh_isns()
+    return not fresh if peer_affinity == "auto" else bool(peer_affinity)
