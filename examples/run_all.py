@@ -395,6 +395,31 @@ async def check_httpx_fetch() -> str:
     return f"300 URLs fetched with httpx, {sockets[1]} socket() calls"
 
 
+async def check_crawler() -> str:
+    """Both server kinds over 20 peers: every answer its own, no TIME_WAIT where the servers close first."""
+    summaries, fresh_isns = [], "?"
+    for servers in ("close", "keepalive"):
+        argv = example("crawler.py", "--peers", "20", "--requests", "600", "--concurrency", "16", "--capacity", "16")
+        output = await run([*argv, "--servers", servers], 60)
+        ok = re.search(r"(\d+) of 600 requests ok", output)
+        fresh = re.search(r"fresh ISNs: (yes|no)", output)
+        sockets = re.search(r"socket\(\) calls: (\d+)", output)
+        time_wait = re.search(r"TIME_WAIT left: client (-?\d+), servers (-?\d+)", output)
+        if ok is None or fresh is None or sockets is None or time_wait is None:
+            raise CheckFailed(f"unexpected output:\n{output}")
+        fresh_isns = fresh[1]
+        expect(ok[1] == "600" and "cross-talk" not in output, f"failed requests:\n{output}")
+        expect(time_wait[2] == "0", f"TIME_WAIT left on the servers:\n{output}")
+        if servers == "close":
+            expect(time_wait[1] == "0", f"TIME_WAIT left on the client:\n{output}")
+            # With fresh ISNs any idle socket serves any peer: the pool's
+            # capacity bounds the sockets. With affinity, only the peer's own.
+            if fresh[1] == "yes":
+                expect(int(sockets[1]) <= 32, f"more socket() calls than twice the capacity:\n{output}")
+        summaries.append(f"{servers}: {sockets[1]} socket() calls, TIME_WAIT client {time_wait[1]}")
+    return f"600 requests over 20 peers each way, fresh ISNs {fresh_isns}; " + ", ".join(summaries)
+
+
 CHECKS: Final[list[tuple[Callable[[], Awaitable[str]], tuple[str, ...]]]] = [
     (check_upstream_server, ("upstream_server.py",)),
     (check_fetcher, ("fetcher.py",)),
@@ -406,6 +431,7 @@ CHECKS: Final[list[tuple[Callable[[], Awaitable[str]], tuple[str, ...]]]] = [
     (check_demo, ("demo.py",)),
     (check_udp_query, ("udp_query.py",)),
     (check_httpx_fetch, ("httpx_fetch.py",)),
+    (check_crawler, ("crawler.py",)),
 ]
 #: Scripts that are not examples of their own.
 NOT_EXAMPLES: Final = frozenset({"run_all.py"})

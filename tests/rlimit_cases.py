@@ -71,7 +71,7 @@ async def cycle(pool: trio_recycle.SocketPool, port: int) -> bytes:
 
 async def evict_idle_on_emfile(ports: list[int]) -> None:
     """socket() fails with EMFILE while 3 sockets sit idle for other peers: one is evicted, the open succeeds."""
-    async with trio_recycle.open_socket_pool(capacity=8) as pool:
+    async with trio_recycle.open_socket_pool(capacity=8, peer_affinity=True) as pool:
         for port in ports[:3]:
             assert await cycle(pool, port) == b"ok:ping"
         assert pool.statistics().idle == 3

@@ -276,6 +276,23 @@ async def test_fetcher_and_demo_run_clean(nursery: trio.Nursery) -> None:
     assert b"[ok] no TIME_WAIT on the upstream with keep-alive + recycling" in demoed.stdout
 
 
+async def test_crawler_runs_clean() -> None:
+    """The crawler over 10 peers, both server kinds: every answer its own; no TIME_WAIT where servers close first."""
+    argv = [sys.executable, str(EXAMPLES / "crawler.py"), "--peers", "10", "--requests", "200", "--capacity", "8"]
+    with trio.fail_after(2 * TEST_TIMEOUT):
+        closing = await trio.run_process([*argv, "--servers", "close"], capture_stdout=True, check=False)
+        keeping = await trio.run_process([*argv, "--servers", "keepalive"], capture_stdout=True, check=False)
+    for result in (closing, keeping):
+        assert result.returncode == 0, result.stdout.decode()
+        assert b"200 of 200 requests ok" in result.stdout
+        assert b"cross-talk" not in result.stdout
+    assert re.search(rb"TIME_WAIT left: client 0, servers 0", closing.stdout), closing.stdout.decode()
+    calls = re.search(rb"socket\(\) calls: (\d+)", closing.stdout)
+    assert calls is not None
+    if b"fresh ISNs: yes" in closing.stdout:
+        assert int(calls[1]) <= 8, closing.stdout.decode()
+
+
 # ---------------------------------------------------------------------------
 # Keep-alive: upstream connections released after a clean response
 

@@ -149,7 +149,7 @@ async def test_error_making_a_waiters_socket_reaches_the_waiter_not_the_closer(
     server = await start_server(answer_then_close)
     other = await start_server(answer_then_close)
     before = socket_fds()
-    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+    async with trio_recycle.open_socket_pool(capacity=1, peer_affinity=True) as pool:
         held = await pool.open_tcp_stream(server.host, server.port)
         await held.send_all(b"x")
         assert await held.receive_some() == b"ok:x"
@@ -183,7 +183,7 @@ async def test_error_making_a_waiters_socket_after_a_drain_does_not_crash_the_ru
     server = await start_server(echo_tagged)
     other = await start_server(answer_then_close)
     before = socket_fds()
-    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+    async with trio_recycle.open_socket_pool(capacity=1, peer_affinity=True) as pool:
         held = await pool.open_tcp_stream(server.host, server.port)
         await held.send_all(b"x")
         outcomes: list[str] = []
@@ -747,7 +747,10 @@ async def test_failure_combined_with(start_server: StartServer, inject: Injector
     before = socket_fds()
     outcomes: list[str] = []
     with trio.fail_after(20):
-        async with trio.open_nursery() as outer, trio_recycle.open_socket_pool(capacity=2, eof_timeout=1) as pool:
+        async with (
+            trio.open_nursery() as outer,
+            trio_recycle.open_socket_pool(capacity=2, eof_timeout=1, peer_affinity=True) as pool,
+        ):
             box: list[object] = [await pool.open_tcp_stream(answer.host, answer.port)]
             second = await pool.open_tcp_stream(echo.host, echo.port)
 
@@ -813,7 +816,7 @@ async def test_socket_failing_for_every_waiter_fails_them_all_at_once(
     """A freed slot whose socket() keeps failing (EMFILE) fails every queued waiter at once: none is left stuck."""
     server = await start_server(answer_then_close)
     other = await start_server(answer_then_close)
-    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+    async with trio_recycle.open_socket_pool(capacity=1, peer_affinity=True) as pool:
         held = await pool.open_tcp_stream(server.host, server.port)
         errors: list[int | None] = []
 

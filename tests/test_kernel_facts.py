@@ -151,7 +151,8 @@ def test_next_isn_follows_the_previous_connection() -> None:
     tcp_disconnect() keeps write_seq and tcp_connect() then starts from
     write_seq + max_window + 2 instead of a fresh RFC 6528 value, so the
     previous peer can predict the next connection's ISN. That is why peer
-    affinity (I8) is on by default.
+    affinity (I8) is on by default where the pool cannot reset it (see
+    tests/test_isn.py for the reset).
     """
     seqs = _capture_syn_sequence_numbers(connects=4)
     assert len(seqs) == 4

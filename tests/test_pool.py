@@ -169,7 +169,7 @@ async def test_i5_exit_closes_everything(
     other = await start_server(answer_then_close)
     holder = await start_server(never_close)
     inodes = []
-    async with trio_recycle.open_socket_pool(capacity=4, eof_timeout=1000) as pool:
+    async with trio_recycle.open_socket_pool(capacity=4, eof_timeout=1000, peer_affinity=True) as pool:
         still_open = await pool.open_tcp_stream("127.0.0.1", closer.port)  # -> in use
         await cycle(pool, other)  # -> idle
         draining = await pool.open_tcp_stream("127.0.0.1", holder.port)
@@ -317,10 +317,10 @@ async def test_i7_half_closed_peer_sees_the_reset_unless_recycle_is_off(start_se
 
 
 async def test_i8_affinity_keeps_idle_sockets_to_their_peer(start_server: StartServer) -> None:
-    """I8: with affinity an idle socket serves only its last peer; without, any peer."""
+    """I8: with affinity (peer_affinity=True) an idle socket serves only its last peer; without, any peer."""
     a = await start_server(answer_then_close)
     b = await start_server(answer_then_close)
-    async with trio_recycle.open_socket_pool(capacity=4) as pool:
+    async with trio_recycle.open_socket_pool(capacity=4, peer_affinity=True) as pool:
         await cycle(pool, a)
         await cycle(pool, b)
         stats = pool.statistics()
@@ -338,7 +338,7 @@ async def test_i8_full_pool_evicts_idle_socket_of_another_peer(start_server: Sta
     """A full pool whose idle sockets belong to other peers evicts one instead of waiting."""
     a = await start_server(answer_then_close)
     b = await start_server(answer_then_close)
-    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+    async with trio_recycle.open_socket_pool(capacity=1, peer_affinity=True) as pool:
         await cycle(pool, a)
         with trio.fail_after(5):
             await cycle(pool, b)

@@ -181,7 +181,7 @@ async def test_recycled_counts_only_sockets_put_back(start_server: StartServer) 
     """A socket disconnected, then closed because the first waiter wants another peer, is not 'recycled'."""
     s1 = await start_server(answer_then_close)
     s2 = await start_server(answer_then_close)
-    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+    async with trio_recycle.open_socket_pool(capacity=1, peer_affinity=True) as pool:
         held = await pool.open_tcp_stream("127.0.0.1", s1.port)
         await held.send_all(b"a")
         await read_until_eof(held)

@@ -59,7 +59,7 @@ async def test_repr_stays_short_however_many_sockets_the_pool_owns(start_server:
 async def test_stream_repr_shows_addresses_and_state(start_server: StartServer, loopback: str) -> None:
     """Local and peer address (IPv6 in brackets), EOF in either direction, closed."""
     server = await start_server(answer_then_close, loopback)
-    async with trio_recycle.open_socket_pool() as pool:
+    async with trio_recycle.open_socket_pool(peer_affinity=True) as pool:
         stream = await pool.open_tcp_stream(server.host, server.port)
         local_port = stream.getsockname()[1]
         host = f"[{loopback}]" if ":" in loopback else loopback
@@ -89,7 +89,7 @@ async def test_udp_repr_shows_addresses_and_state(udp_peer: UDPPeer) -> None:
 async def test_pooled_socket_repr(start_server: StartServer) -> None:
     """The pool's own socket record: descriptor, type and family, the peer it is kept for."""
     server = await start_server(answer_then_close)
-    async with trio_recycle.open_socket_pool() as pool:
+    async with trio_recycle.open_socket_pool(peer_affinity=True) as pool:
         stream = await pool.open_tcp_stream(server.host, server.port)
         psock = stream._psock
         assert repr(psock) == (

@@ -400,9 +400,9 @@ async def test_tcp_and_udp_share_one_capacity(start_server: StartServer, udp_pee
 
 
 async def test_peer_affinity_for_udp(loopback: str, udp_peer: UDPPeer) -> None:
-    """An idle UDP socket serves only its last peer, unless peer_affinity=False."""
+    """With peer_affinity=True an idle UDP socket serves only its last peer; with False, any peer."""
     a, b = await udp_peer(loopback), await udp_peer(loopback)
-    async with trio_recycle.open_socket_pool(capacity=4) as pool:
+    async with trio_recycle.open_socket_pool(capacity=4, peer_affinity=True) as pool:
         async with await pool.open_udp_socket(loopback, port_of(a)):
             pass
         async with await pool.open_udp_socket(loopback, port_of(b)) as udp:

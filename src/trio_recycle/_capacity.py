@@ -1,4 +1,4 @@
-"""Capacity: which open gets which socket, who waits, and the one reconciler that serves the waiters."""
+"""Capacity: which open gets which socket, who waits, where sockets go back, and the reconciler."""
 
 # The policy beside the waiting room, as trio keeps CapacityLimiter beside
 # ParkingLot (trio/_sync.py, trio/_core/_parking_lot.py):
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Final, final
 import attrs
 import trio
 
-from ._close import discard_queued
+from ._close import StreamEnd, Verdict, decide, discard_queued, wait_for_fin
 from ._errors import pool_closed_error
 from ._lifecycle import Ledger, State
 from ._pooled_socket import PooledSocket
@@ -88,8 +88,11 @@ class Capacity:
     _peer_affinity: bool
     recycling: bool
     _drain_limit: int
+    _eof_timeout: float
     #: Options for every socket made, and for TCP ones (trio's defaults first).
     _socket_options: tuple[SocketOption, ...]
+    #: Where drains run: the pool's.
+    _nursery: trio.Nursery
     ledger: Ledger[PooledSocket]
     store: SocketStore
     room: WaitingRoom[PooledSocket] = attrs.field(factory=WaitingRoom)
@@ -228,6 +231,33 @@ class Capacity:
 
     # ------------------------------------------------------------------
     # Giving back
+
+    def end(self, psock: PooledSocket, end: StreamEnd) -> None:
+        """Carry out the close protocol for a socket whose stream ended (or whose parking did)."""
+        recycle = self.recycling and not psock.tainted
+        verdict, received = decide(end, psock.sock, recycle=recycle, drain_limit=self._drain_limit)
+        if verdict is Verdict.RECYCLE:
+            self.put_back(psock)
+        elif verdict is Verdict.DRAIN:
+            self.ledger.move(psock, DRAINING)
+            self._nursery.start_soon(self._drain, psock, received)
+        else:
+            self.discard(psock)
+
+    async def _drain(self, psock: PooledSocket, received: int) -> None:
+        fin = False
+        try:
+            with trio.move_on_after(self._eof_timeout):
+                fin = await wait_for_fin(psock.sock, received, self._drain_limit)
+        except OSError:
+            pass
+        finally:
+            # Also on Cancelled (the pool's exit): then fin is False.
+            if fin:
+                self.put_back(psock)
+            else:
+                self.discard(psock)
+            self.serve_waiters()
 
     def put_back(self, psock: PooledSocket) -> None:
         """Disconnect a socket whose peer has sent its FIN and store it idle; close it when it cannot be."""

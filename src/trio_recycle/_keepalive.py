@@ -31,8 +31,6 @@ from ._lifecycle import State
 from ._watch import URGENT, quiet
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from ._capacity import Capacity
     from ._pooled_socket import OpenKey, PooledSocket
 
@@ -46,10 +44,9 @@ QUIET_END: Final = StreamEnd(eof_seen=False, eof_sent=False, healthy=True)
 @final
 @attrs.define(eq=False)
 class KeepAlive:
-    """Parking and taking live connections for one pool; ``end`` is the pool's close protocol."""
+    """Parking and taking live connections for one pool."""
 
     _places: Capacity
-    _end: Callable[[PooledSocket, StreamEnd], None]
 
     def keep(self, psock: PooledSocket) -> bool | None:
         """A clean live connection (IN_USE): to a task waiting for the same open, else parked.
@@ -135,7 +132,7 @@ class KeepAlive:
         """
         store = self._places.store
         for psock in store.expired():
-            self._end(psock, QUIET_END)
+            self._places.end(psock, QUIET_END)
         closed_by_peer = None
         for psock, events in store.ready():
             if events & URGENT:
@@ -150,7 +147,7 @@ class KeepAlive:
                     self._places.discard(psock)
                     continue
             if peeked:
-                self._end(psock, QUIET_END)
+                self._places.end(psock, QUIET_END)
             elif key is not None and closed_by_peer is None and psock.open_key == key:
                 closed_by_peer = psock
             else:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 import trio
 
 from ._disconnect import can_recycle
+from ._isn import peer_affinity_for
 from ._pool import SocketPool
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ async def open_socket_pool(
     capacity: int = DEFAULT_CAPACITY,
     eof_timeout: float = DEFAULT_EOF_TIMEOUT,
     drain_limit: int = DEFAULT_DRAIN_LIMIT,
-    peer_affinity: bool = True,
+    peer_affinity: bool | Literal["auto"] = "auto",
     recycle: bool = True,
     socket_options: Iterable[tuple[int, int, int | bytes]] = (),
     keepalive_expiry: float = DEFAULT_KEEPALIVE_EXPIRY,
@@ -105,11 +106,15 @@ async def open_socket_pool(
       drain_limit: Bytes read and discarded while waiting for that FIN;
           past it the socket is closed. 64 KiB by default: reading more of
           an unwanted answer costs more than a new socket.
-      peer_affinity: When True (the default), an idle socket is reconnected
-          only to the address it last talked to. A reconnected socket's
+      peer_affinity: ``"auto"`` (the default) gives affinity only where
+          ISNs are not fresh (`SocketPool.fresh_isns`). With affinity (True
+          forces it) an idle socket is reconnected only to the address it
+          last talked to. Where ISNs are not fresh, a reconnected socket's
           initial sequence number follows from the previous connection's,
-          so the previous peer could predict it; set False only when every
-          peer is trusted alike.
+          so the previous peer could predict it: False then leaks that
+          sequence to the next peer; set it only when every peer is
+          trusted alike. Where the pool resets ISNs (``CAP_NET_ADMIN``),
+          affinity protects nothing and only costs ``socket()`` calls.
       recycle: False closes sockets instead of recycling them, the same
           fallback the pool uses when `can_recycle` is False. Use it for
           protocols where the peer half-closes and keeps reading: recycling
@@ -152,8 +157,7 @@ async def open_socket_pool(
         raise ValueError(f"capacity must be >= 1, not {capacity!r}")
     _check_number("eof_timeout", eof_timeout, integer=False)
     _check_number("drain_limit", drain_limit, integer=True)
-    if not isinstance(peer_affinity, bool):
-        raise TypeError(f"peer_affinity must be a bool, not {peer_affinity!r}")
+    affinity = peer_affinity_for(peer_affinity)
     if not isinstance(recycle, bool):
         raise TypeError(f"recycle must be a bool, not {recycle!r}")
     options = _check_options(socket_options)
@@ -170,7 +174,7 @@ async def open_socket_pool(
             capacity=capacity,
             eof_timeout=float(eof_timeout),
             drain_limit=drain_limit,
-            peer_affinity=peer_affinity,
+            peer_affinity=affinity,
             recycle=recycle and can_recycle(),
             socket_options=options,
             keepalive_expiry=float(keepalive_expiry),

@@ -28,7 +28,7 @@ import attrs
 import trio
 
 from ._capacity import Capacity
-from ._close import StreamEnd, Verdict, decide, discard_queued, wait_for_fin
+from ._close import StreamEnd, discard_queued
 from ._connect import (
     connect_pooled,
     connect_udp,
@@ -37,6 +37,7 @@ from ._connect import (
     validate_local_address,
 )
 from ._errors import check_run, pool_closed_error, wrong_run_error
+from ._isn import fresh_isns
 from ._keepalive import KeepAlive
 from ._lifecycle import Ledger, State
 from ._statistics import PoolStatistics
@@ -117,9 +118,18 @@ class SocketPool:
         self._ledger = Ledger()
         self._store = SocketStore(nursery, keepalive_expiry, self._on_watch)
         self._places = Capacity(
-            capacity, capacity_per_peer, peer_affinity, recycle, drain_limit, socket_options, self._ledger, self._store
+            capacity,
+            capacity_per_peer,
+            peer_affinity,
+            recycle,
+            drain_limit,
+            eof_timeout,
+            socket_options,
+            nursery,
+            self._ledger,
+            self._store,
         )
-        self._keepalive = KeepAlive(self._places, self._end)
+        self._keepalive = KeepAlive(self._places)
         self._owners = {}
         self._closed = False
         self._token = trio.lowlevel.current_trio_token()
@@ -154,7 +164,7 @@ class SocketPool:
         ``happy_eyeballs_delay``; the first to connect wins. Each attempt
         takes a socket from the pool: an idle one connected to the same
         address before (or any idle one of the right family when the pool
-        was opened with ``peer_affinity=False``), otherwise a new one. When
+        has no peer affinity: see `fresh_isns`), otherwise a new one. When
         ``capacity`` sockets are owned, it waits, first come first served.
 
         Before any of that, a live connection that an earlier stream of the
@@ -249,7 +259,7 @@ class SocketPool:
         (a UDP connect sends nothing, so there is nothing to race). The
         socket comes from the same pool, under the same ``capacity``, as
         TCP streams: an idle UDP socket last connected to the same address
-        (any address when the pool was opened with ``peer_affinity=False``)
+        (any address when the pool has no peer affinity: see `fresh_isns`)
         or a new one, waiting first come first served when the pool is full.
 
         Args:
@@ -312,6 +322,21 @@ class SocketPool:
         return self._closed
 
     @property
+    def fresh_isns(self) -> bool:
+        """Whether no connection of this pool can continue an earlier one's sequence numbers.
+
+        True where the pool resets a disconnected socket so that its next
+        connection starts at a fresh RFC 6528 ISN, as after ``socket()``
+        (TCP repair mode, which needs ``CAP_NET_ADMIN``), or does not
+        recycle at all: an idle socket then serves any peer by default
+        (``peer_affinity="auto"``). False where the reset is not permitted,
+        the common case: the next ISN then follows from the last one, which
+        that peer could predict, so an idle socket serves only it.
+        """
+        check_run(self._token, "SocketPool")
+        return not self._recycle or fresh_isns()
+
+    @property
     def recycling(self) -> bool:
         """Whether closed sockets are disconnected and reused.
 
@@ -350,7 +375,7 @@ class SocketPool:
         if psock.state is not IN_USE:
             return  # pragma: no cover - defensive: the pool's exit force-closes the stream first
         del self._owners[psock]
-        self._end(psock, end)
+        self._places.end(psock, end)
         self._places.serve_waiters()
 
     def release_socket(self, psock: PooledSocket, end: StreamEnd) -> bool:
@@ -366,7 +391,7 @@ class SocketPool:
         if end.may_park and not self._closed and psock.open_key is not None and psock.restore_options():
             kept = self._keepalive.keep(psock)
         if kept is None:
-            self._end(psock, end)
+            self._places.end(psock, end)
         if not kept:
             self._ledger.note_not_parked()
         self._places.serve_waiters()
@@ -397,35 +422,8 @@ class SocketPool:
         self._places.discard(psock)
         self._places.serve_waiters()
 
-    async def _drain(self, psock: PooledSocket, received: int) -> None:
-        fin = False
-        try:
-            with trio.move_on_after(self._eof_timeout):
-                fin = await wait_for_fin(psock.sock, received, self._drain_limit)
-        except OSError:
-            pass
-        finally:
-            # Also on Cancelled (the pool's exit): then fin is False.
-            if fin:
-                self._places.put_back(psock)
-            else:
-                self._places.discard(psock)
-            self._places.serve_waiters()
-
     # ------------------------------------------------------------------
-    # The close protocol, and the exit
-
-    def _end(self, psock: PooledSocket, end: StreamEnd) -> None:
-        """Carry out the close protocol for a socket whose stream ended (or whose parking did)."""
-        recycle = self._recycle and not psock.tainted
-        verdict, received = decide(end, psock.sock, recycle=recycle, drain_limit=self._drain_limit)
-        if verdict is Verdict.RECYCLE:
-            self._places.put_back(psock)
-        elif verdict is Verdict.DRAIN:
-            self._ledger.move(psock, DRAINING)
-            self._nursery.start_soon(self._drain, psock, received)
-        else:
-            self._places.discard(psock)
+    # The exit
 
     def _close(self) -> None:
         """The pool's block exited: close everything, fail every waiter."""

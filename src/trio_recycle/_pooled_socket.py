@@ -48,6 +48,7 @@ import attrs
 from ._addresses import format_address
 from ._close import drain_datagrams
 from ._disconnect import disconnect
+from ._isn import renew_isn
 from ._lifecycle import State
 from ._tcp_state import TcpState, tcp_state
 
@@ -259,8 +260,12 @@ class PooledSocket:
         sock = self.sock
         try:
             disconnect(sock)
-            if sock.type == socket.SOCK_STREAM and tcp_state(sock) is not TcpState.CLOSE:
-                return False  # pragma: no cover - defensive: a successful disconnect leaves CLOSE on Linux
+            if sock.type == socket.SOCK_STREAM:
+                if tcp_state(sock) is not TcpState.CLOSE:
+                    return False  # pragma: no cover - defensive: a successful disconnect leaves CLOSE on Linux
+                # A fresh ISN for the next connect where the kernel lets us (_isn.py).
+                if not renew_isn(sock):
+                    return False
             # Reading SO_ERROR clears the ECONNRESET that tcp_disconnect()
             # leaves behind (for UDP: an ICMP error not yet reported); what
             # the next user sees is then its own.
