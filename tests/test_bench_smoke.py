@@ -32,13 +32,18 @@ def test_bench_cycles_quick_run_writes_its_tables(tmp_path: Path) -> None:
         assert label in table
 
     document = json.loads((tmp_path / "cycles.json").read_text())
-    rows = {(row["variant"], row["concurrency"]): row for row in document["rows"]}
-    assert set(rows) == {(v, c) for v in ("raw", "trio", "pool") for c in (1, 8, 32, 64, 256)}
-    assert all(row["rate"] > 0 for row in rows.values())
+    samples = document["samples"]
+    assert {(s["variant"], s["concurrency"]) for s in samples} == {
+        (v, c) for v in ("raw", "trio", "pool") for c in (1, 8, 32, 64, 256)
+    }
+    assert all(s["cycles"] > 0 and s["seconds"] > 0 for s in samples)
     # The audit hook sees one socket() per cycle for the baselines, none for a warm pool.
-    assert rows["raw", 1]["socket_calls_per_1000"] == 1000.0
-    assert rows["pool", 32]["socket_calls_per_1000"] == 0.0
-    assert rows["pool", 256]["capacity"] == 32
+    raw_1 = next(s for s in samples if (s["variant"], s["concurrency"]) == ("raw", 1))
+    assert raw_1["sockets"] == raw_1["cycles"]
+    assert all(s["sockets"] == 0 and s["created"] == 0 for s in samples if s["variant"] == "pool")
+    assert {s["capacity"] for s in samples if (s["variant"], s["concurrency"]) == ("pool", 256)} == {32}
+    verdicts = {(v["key"], v["measured"]) for v in document["verdicts"]}
+    assert ("socket_per_1000", "0 in 100 cycles (32 tasks)") in verdicts
 
     plotted = (tmp_path / "sweep.png").exists()
     assert plotted or "matplotlib is not installed" in result.stdout
