@@ -45,6 +45,7 @@ class ChildServer:
     process: subprocess.Popen[bytes]
     port: int = 0
     output: bytes = b""
+    stopped: bool = False
 
     def _read_until(self, pattern: re.Pattern[bytes], what: str, timeout: float = TIMEOUT) -> re.Match[bytes]:
         stdout = self.process.stdout
@@ -71,7 +72,13 @@ class ChildServer:
         return match[1].decode()
 
     def stop(self, sign: int = signal.SIGTERM) -> bytes:
-        """EOF on stdin and ``sign``; kill after TIMEOUT. Returns what it printed that was not read."""
+        """EOF on stdin and ``sign``; kill after TIMEOUT. Returns what it printed that was not read.
+
+        Stopping a stopped server returns the same output again.
+        """
+        if self.stopped:
+            return self.output
+        self.stopped = True
         if self.process.stdin is not None:
             with contextlib.suppress(OSError):
                 self.process.stdin.close()
@@ -86,7 +93,8 @@ class ChildServer:
         if self.process.stdout is not None:
             rest = self.process.stdout.read()
             self.process.stdout.close()
-        return self.output + rest
+        self.output += rest
+        return self.output
 
 
 @contextlib.contextmanager
