@@ -15,6 +15,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from harness.counters import time_wait_count as time_wait_count
 from hypothesis import HealthCheck, settings
 
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 TCP_ESTABLISHED = 1
 TCP_CLOSE = 7
-TCP_TIME_WAIT = 6
 
 
 def has_ipv6() -> bool:
@@ -332,36 +332,6 @@ def fd_inodes() -> dict[int, str]:
 
 def socket_inode(sock: socket.socket) -> str:
     return f"socket:[{os.fstat(sock.fileno()).st_ino}]"
-
-
-def time_wait_count(port: int, remote_ports: Collection[int] | None = None) -> int:
-    """TIME_WAIT entries whose local port is ``port`` (tcp + tcp6).
-
-    Only the local port: a server's TIME_WAIT entries from earlier
-    connections can carry a *remote* port that bind(0) later hands to a new
-    listener, which would count them for the wrong server. The reverse
-    happens too: a client socket of an earlier test that closed first left
-    a TIME_WAIT entry whose *local* port bind(0) then hands to a listener.
-    ``remote_ports``, when given, keeps only the entries of those clients.
-    """
-    count = 0
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    local_port = int(fields[1].rsplit(":", 1)[1], 16)
-                    remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-                    if (
-                        int(fields[3], 16) == TCP_TIME_WAIT
-                        and local_port == port
-                        and (remote_ports is None or remote_port in remote_ports)
-                    ):
-                        count += 1
-        except FileNotFoundError:
-            continue
-    return count
 
 
 def wait_for_time_wait(
