@@ -83,3 +83,53 @@ def test_bench_stale_quick_run_loses_no_request_with_the_retry(tmp_path: Path) -
     assert [sum(run["failures"].values()) for run in retried] == [0]
     assert retried[0]["requests"] == 200
     assert "| pool + retry | 200 | 0 |" in (tmp_path / "stale.md").read_text()
+
+
+def _strace_works() -> bool:
+    try:
+        return subprocess.run(["strace", "-o", "/dev/null", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool's watch is epoll")
+@pytest.mark.skipif(not _strace_works(), reason="needs strace allowed to trace (apt-get install strace)")
+def test_bench_keepalive_breakdown_counts_a_raw_exchange(tmp_path: Path) -> None:
+    """`--breakdown --quick`: a held raw socket's exchange is one send, one recv, two scheduler passes."""
+    result = subprocess.run(
+        [sys.executable, str(KEEPALIVE), "--breakdown", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads((tmp_path / "keepalive_breakdown.json").read_text())["breakdown"]
+    assert {(row["variant"], row["tasks"]) for row in rows} == {
+        (v, t) for v in ("raw", "stream", "pool") for t in (1, 32)
+    }
+    raw = next(row for row in rows if (row["variant"], row["tasks"]) == ("raw", 1))
+    assert raw["syscalls_per_exchange"]["sendto"] == pytest.approx(1.0, abs=0.1)
+    assert raw["task_steps_per_exchange"] == pytest.approx(2.0, abs=0.2)
+    pool = next(row for row in rows if (row["variant"], row["tasks"]) == ("pool", 1))
+    assert set(pool["us_per_call"]) >= {"open_tcp_stream (take)", "release"}
+
+
+SCALE = BENCH.parent / "bench_scale.py"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool's watch is epoll")
+def test_bench_scale_quick_run_fills_every_point(tmp_path: Path) -> None:
+    """`bench_scale.py --quick`: both sweeps measured, every pool filled to its capacity before the exchanges."""
+    result = subprocess.run(
+        [sys.executable, str(SCALE), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    samples = json.loads((tmp_path / "scale.json").read_text())["samples"]
+    assert {s["sweep"] for s in samples} == {"capacity", "peers"}
+    assert all(s["parked"] == s["capacity"] and s["exchanges"] > 0 for s in samples)
+    assert "Sweep over peers" in (tmp_path / "scale.md").read_text()

@@ -70,6 +70,8 @@ def main(
         return 2
     doc = _report.load(args.from_json) if args.from_json is not None else measure(settings)
     report = render(doc)
+    if doc["command"].split().count("--quick"):
+        report.warnings.append("a --quick run: a smoke test of the benchmark, its figures are no verdict")
     text = _report.write(args.out, name, doc, report)
     print()
     print(text)
