@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import httpx
 import trio
-from harness import cli, counters, report, servers
+from harness import cli, counters, report, runs, servers
 from harness.machine import load_average, machine
 from harness.targets import judge, target
 
@@ -105,7 +104,7 @@ class Cell:
 
     @property
     def rate(self) -> float:
-        return statistics.median(s.rate for s in self.slices)
+        return runs.median(s.rate for s in self.slices)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Cell:
@@ -221,7 +220,7 @@ async def run_pair(settings: Settings, ports: dict[str, int], mode: str, tasks: 
         for c in clients:
             await run_slice(c, settings.warmup, record=False)
         for index in range(settings.slices):
-            for c in clients if index % 2 == 0 else clients[::-1]:
+            for c in runs.rotated(clients, index):
                 await run_slice(c, settings.slice, record=True)
         for c in clients:
             await c.client.aclose()
@@ -272,7 +271,7 @@ async def stream_costs(port: int, size: int, round_trips: int, repeats: int) -> 
     async with trio_recycle.open_socket_pool(capacity=2) as pool:
         backends = {"stock": TrioBackend(), "pool": RecyclingBackend(pool)}
         for index in range(repeats):
-            for name in VARIANTS if index % 2 == 0 else VARIANTS[::-1]:
+            for name in runs.rotated(VARIANTS, index):
                 stream = await backends[name].connect_tcp("127.0.0.1", port, timeout=10)
                 start = time.process_time()
                 for _ in range(round_trips):
@@ -290,8 +289,8 @@ async def stream_costs(port: int, size: int, round_trips: int, repeats: int) -> 
     return [
         StreamCost(
             name,
-            statistics.median(r for r, _ in samples[name]) * 1e6,
-            statistics.median(i for _, i in samples[name]) * 1e6,
+            runs.median(r for r, _ in samples[name]) * 1e6,
+            runs.median(i for _, i in samples[name]) * 1e6,
         )
         for name in VARIANTS
     ]
@@ -352,7 +351,7 @@ def render(doc: report.Document) -> report.Report:
         if cell.variant == "pool" and (cell.mode, cell.tasks) in ratio:
             overall, cpu, rounds = ratio[cell.mode, cell.tasks]
             shown = [
-                f"**{overall:.2f}x** ({statistics.median(rounds):.2f}x)",
+                f"**{overall:.2f}x** ({runs.median(rounds):.2f}x)",
                 f"{min(rounds):.2f}-{max(rounds):.2f}x",
                 f"{1 / cpu:.2f}x",
             ]
@@ -385,7 +384,7 @@ def render(doc: report.Document) -> report.Report:
         "The network streams alone, on one kept-alive connection:",
     )
     for (mode, tasks), (overall, _, rounds) in ratio.items():
-        paired = statistics.median(rounds) if rounds else 0.0
+        paired = runs.median(rounds)
         out.verdicts.append(judge(target("httpx", f"{mode}@{tasks}"), overall, paired))
     for cell in cells:
         if cell.variant == "pool" and cell.mode == "close":

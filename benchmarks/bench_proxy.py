@@ -51,7 +51,6 @@ demo's checks); a missed throughput target is reported, not an error.
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import attrs
-from harness import cli, report, servers
+from harness import cli, report, runs, servers
 from harness.machine import load_average, machine
 from harness.targets import Verdict, judge, target
 
@@ -140,31 +139,31 @@ class Summary:
         return 1000 * self.time_wait / self.requests if self.requests else 0.0
 
 
-def summarize(mode: str, runs: list[dict[str, object]]) -> Summary:
+def summarize(mode: str, mode_runs: list[dict[str, object]]) -> Summary:
     def number(run: dict[str, object], key: str) -> float:
         value = run[key]
         assert isinstance(value, (int, float))
         return value
 
-    rates = [number(r, "measured") / number(r, "seconds") for r in runs if number(r, "seconds")]
-    cpu = [1e6 * number(r, "proxy_cpu") / number(r, "measured") for r in runs if number(r, "measured")]
+    rates = [number(r, "measured") / number(r, "seconds") for r in mode_runs if number(r, "seconds")]
+    cpu = [1e6 * number(r, "proxy_cpu") / number(r, "measured") for r in mode_runs if number(r, "measured")]
     failed = 0
-    for run in runs:
+    for run in mode_runs:
         failures = run["failures"]
         assert isinstance(failures, dict)
         failed += sum(failures.values())
     return Summary(
         mode=mode,
-        rate=statistics.median(rates) if rates else 0.0,
+        rate=runs.median(rates),
         rate_min=min(rates, default=0.0),
         rate_max=max(rates, default=0.0),
-        cpu_us=statistics.median(cpu) if cpu else 0.0,
-        requests=int(sum(number(r, "requests") for r in runs)),
+        cpu_us=runs.median(cpu),
+        requests=int(sum(number(r, "requests") for r in mode_runs)),
         failed=failed,
-        socket_calls=int(sum(number(r, "socket_calls") for r in runs)),
-        time_wait=int(sum(number(r, "time_wait") for r in runs)),
-        retried=int(sum(number(r, "retried") for r in runs)),
-        peak_fds=int(max(number(r, "peak_fds") for r in runs)),
+        socket_calls=int(sum(number(r, "socket_calls") for r in mode_runs)),
+        time_wait=int(sum(number(r, "time_wait") for r in mode_runs)),
+        retried=int(sum(number(r, "retried") for r in mode_runs)),
+        peak_fds=int(max(number(r, "peak_fds") for r in mode_runs)),
         rates=tuple(rates),
     )
 
@@ -176,7 +175,7 @@ def verdict(scenario: str, summaries: list[Summary]) -> Verdict | None:
     if run is None or other is None or not (other.rate and run.cpu_us):
         return None
     pairs = [a / b for a, b in zip(run.rates, other.rates, strict=True) if b]
-    ratio, paired = run.rate / other.rate, statistics.median(pairs) if pairs else 0.0
+    ratio, paired = run.rate / other.rate, runs.median(pairs)
     measured = f"{ratio:.2f}x (paired {paired:.2f}x; by proxy CPU per request {other.cpu_us / run.cpu_us:.2f}x)"
     return judge(target("proxy", scenario), ratio, paired, measured=measured)
 
@@ -197,8 +196,8 @@ def render(doc: report.Document) -> report.Report:
         out.add(f"Skipped: {doc['skipped']}")
     headers = ["upstream connections", "requests/s (median)", "min-max", "proxy CPU/request (us)", "socket()/1000"]
     headers += ["TIME_WAIT/1000", "retried", "failed"]
-    for scenario, runs in doc["runs"].items():
-        summaries = [summarize(mode, [r for r in runs if r["mode"] == mode]) for mode in MODES]
+    for scenario, scenario_runs in doc["runs"].items():
+        summaries = [summarize(mode, [r for r in scenario_runs if r["mode"] == mode]) for mode in MODES]
         cells = [
             [
                 LABELS[x.mode],

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
-from harness import cli, report, servers
+from harness import cli, report, runs, servers
 from harness.machine import load_average, machine
 from harness.targets import judge, target
 
@@ -180,7 +180,7 @@ async def run_all(settings: Settings) -> dict[str, list[Result]]:
     )
     results: dict[str, list[Result]] = {name: [] for name in names}
     for repeat in range(settings.repeats):
-        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+        for name in runs.rotated(names, repeat):
             result = await run_one(name, settings, httpx)
             results[name].append(result)
             print(
@@ -212,13 +212,13 @@ def render(doc: report.Document) -> report.Report:
     )
     cells = []
     reasons = []
-    for name, runs in results.items():
-        requests = sum(r.requests for r in runs)
-        failed = sum(sum(r.failures.values()) for r in runs)
-        closes = sum(r.idle_closed for r in runs)
+    for name, client_runs in results.items():
+        requests = sum(r.requests for r in client_runs)
+        failed = sum(sum(r.failures.values()) for r in client_runs)
+        closes = sum(r.idle_closed for r in client_runs)
         cells.append([name, f"{requests:,}", f"{failed:,}", f"{1000 * failed / max(requests, 1):.1f}", f"{closes:,}"])
         total: Counter[str] = Counter()
-        for run in runs:
+        for run in client_runs:
             total.update(run.failures)
         reasons += [f"- {name}: {count} x {reason}" for reason, count in total.most_common(3)]
     out.table(["client", "requests", "failed", "failed per 1000", "idle closes by the upstream"], cells)
