@@ -156,13 +156,28 @@ def build(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmarks: connect/close cycles, keep-alive exchanges, the proxy, the stale-connection race, httpx."""
+    """The benchmarks on one harness: cycles, keep-alive (and its breakdown), scale, the proxy, the stale race, httpx.
+
+    Arguments go to every script, so only the common ones make sense
+    (benchmarks/harness/cli.py): ``nox -s bench -- --quick`` is a smoke run,
+    ``-- --repeats 7``, ``-- --out DIR``. The keep-alive breakdown counts
+    system calls with strace when it is installed (apt-get install strace).
+    """
     session.install(".[examples,httpx]", "matplotlib")
-    session.run("python", "benchmarks/bench_cycles.py", *session.posargs)
-    session.run("python", "benchmarks/bench_keepalive.py")
-    session.run("python", "benchmarks/bench_proxy.py")
-    session.run("python", "benchmarks/bench_stale.py")
-    session.run("python", "benchmarks/bench_httpx.py")
+    for script in BENCHMARKS:
+        session.run("python", f"benchmarks/{script[0]}", *script[1:], *session.posargs)
+
+
+#: What ``nox -s bench`` runs, in order: the script and its own arguments.
+BENCHMARKS = [
+    ("bench_cycles.py",),
+    ("bench_keepalive.py",),
+    ("bench_keepalive.py", "--breakdown"),
+    ("bench_scale.py",),
+    ("bench_proxy.py",),
+    ("bench_stale.py",),
+    ("bench_httpx.py",),
+]
 
 
 @nox.session

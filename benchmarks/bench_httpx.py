@@ -13,7 +13,7 @@ close``) and one that keeps connections alive. Each client runs two ways:
 Side by side: for each upstream and concurrency, both clients are open
 at once, each against its own fresh upstream process, and they take turns:
 one slice of ``--slice`` seconds each per round, the order alternating,
-for ``--rounds`` rounds, so that a slowdown of the (shared) machine hits
+for ``--repeats`` rounds, so that a slowdown of the (shared) machine hits
 both alike. Per variant: requests/s (median over its slices, min-max), the
 client's CPU time per request (user + system, from getrusage: the steadier
 figure when the machine is shared), ``socket()`` calls (an audit hook) and
@@ -28,7 +28,7 @@ default), else ``benchmarks/http_upstream.py``. Run it with::
 
     python benchmarks/bench_httpx.py                 # 10 rounds of 1 s per variant, about 1.5 minutes
     python benchmarks/bench_httpx.py --quick         # a smoke run, seconds
-    python benchmarks/bench_httpx.py --upstream python --slice 2 --rounds 15
+    python benchmarks/bench_httpx.py --upstream python --slice 2 --repeats 15
 
 Results: a table on stdout, and ``httpx.md`` and ``httpx.json`` in
 ``benchmarks/results`` (``--out``). It needs the ``httpx`` extra and Linux
@@ -37,43 +37,32 @@ Results: a table on stdout, and ``httpx.md`` and ``httpx.json`` in
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
-import json
-import os
-import platform
 import resource
-import select
-import shutil
-import socket
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import httpx
 import trio
+from harness import cli, counters, report, runs, servers
+from harness.machine import load_average, machine
+from harness.targets import judge, target
 
 import trio_recycle
 from trio_recycle.httpx import RecyclingTransport
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Iterator
 
 HERE: Final = Path(__file__).resolve().parent
-DEFAULT_OUT: Final = HERE / "results"
 MODES: Final = ("close", "keep-alive")
 TASKS: Final = (1, 16)
 VARIANTS: Final = ("stock", "pool")
 LABELS: Final = {"stock": "httpx.AsyncClient()", "pool": "RecyclingTransport(pool)"}
-#: Targets: pool/stock requests/s, per (upstream mode, tasks).
-TARGETS: Final = {("close", 1): 1.3, ("close", 16): 1.15, ("keep-alive", 1): 0.95, ("keep-alive", 16): 0.95}
-TCP_TIME_WAIT: Final = 6
 
 
 @attrs.frozen
@@ -84,7 +73,6 @@ class Settings:
     size: int
     upstream: str
     round_trips: int
-    out: Path
 
 
 @attrs.frozen
@@ -116,105 +104,35 @@ class Cell:
 
     @property
     def rate(self) -> float:
-        return statistics.median(s.rate for s in self.slices)
+        return runs.median(s.rate for s in self.slices)
 
-
-@attrs.define
-class SocketCounter:
-    """Counts ``socket.socket()`` constructions through the ``socket.__new__`` audit event."""
-
-    count: int = 0
-
-    def hook(self, event: str, args: tuple[object, ...]) -> None:
-        if event == "socket.__new__":
-            self.count += 1
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Cell:
+        fields = {f.name for f in attrs.fields(cls)}
+        kept = {k: v for k, v in data.items() if k in fields and k != "slices"}
+        return cls(**kept, slices=[Slice(**s) for s in data["slices"]])
 
 
 # ----------------------------------------------------------------------
 # Upstreams, each in its own process
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-NGINX_CONF: Final = """
-worker_processes 1;
-daemon off;
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {root}/body;
-    proxy_temp_path {root}/proxy;
-    fastcgi_temp_path {root}/fastcgi;
-    uwsgi_temp_path {root}/uwsgi;
-    scgi_temp_path {root}/scgi;
-    keepalive_timeout {keepalive};
-    keepalive_requests 10000000;
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{ return 200 "{body}"; }}
-    }}
-}}
-"""
-
-
 @contextlib.contextmanager
 def upstream(kind: str, mode: str, size: int) -> Iterator[int]:
-    """Start an upstream in its own process; yield its port."""
-    with tempfile.TemporaryDirectory(prefix="bench-httpx-") as root:
-        if kind == "nginx":
-            port = free_port()
-            conf = Path(root, "nginx.conf")
-            # keepalive_timeout 0: nginx answers with Connection: close and closes.
-            keepalive = "0" if mode == "close" else "300s"
-            conf.write_text(NGINX_CONF.format(root=root, port=port, keepalive=keepalive, body="x" * size))
-            argv = ["nginx", "-e", f"{root}/error.log", "-p", root, "-c", str(conf)]
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-            deadline = time.monotonic() + 10
-            while not _listening(port):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"nginx did not start: {Path(root, 'error.log').read_text()}")
-                time.sleep(0.01)
-        else:
-            argv = [sys.executable, str(HERE / "http_upstream.py"), "--mode", mode, "--size", str(size)]
-            process = subprocess.Popen(argv, stdout=subprocess.PIPE)
-            assert process.stdout is not None
-            ready, _, _ = select.select([process.stdout], [], [], 10)
-            line = process.stdout.readline().decode() if ready else ""
-            if not line.startswith("listening on "):
-                raise RuntimeError(f"http_upstream.py did not start: {line!r}")
-            port = int(line.rsplit(":", 1)[1])
-        try:
-            yield port
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
-            if process.stdout is not None:
-                process.stdout.close()
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def time_wait_count(port: int) -> int:
-    """TIME_WAIT entries whose local port is ``port`` (the upstream's side)."""
-    count = 0
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError), open(path) as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if int(fields[3], 16) == TCP_TIME_WAIT and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    count += 1
-    return count
+    """Start an upstream (nginx, or http_upstream.py) in its own process; yield its port."""
+    if kind == "nginx":
+        # keepalive_timeout 0: nginx answers with Connection: close and closes.
+        argv = servers.nginx_server(
+            "--fixed-body",
+            f"--size={size}",
+            f"--keepalive-timeout={0 if mode == 'close' else 300}",
+            "--keepalive-requests=10000000",
+            "--worker-connections=8192",
+        )
+    else:
+        argv = servers.python_server(HERE / "http_upstream.py", "--mode", mode, "--size", str(size))
+    with servers.child_server(argv) as server:
+        yield server.port
 
 
 # ----------------------------------------------------------------------
@@ -270,10 +188,9 @@ class Client:
     socket_calls: int = 0
 
 
-async def run_pair(
-    settings: Settings, counter: SocketCounter, ports: dict[str, int], mode: str, tasks: int
-) -> list[Cell]:
+async def run_pair(settings: Settings, ports: dict[str, int], mode: str, tasks: int) -> list[Cell]:
     """Both variants side by side: alternating slices of ``settings.slice`` seconds each."""
+    counter = counters.socket_counter()
     capacity = 2 * tasks
     async with contextlib.AsyncExitStack() as stack:
         clients = []
@@ -305,7 +222,7 @@ async def run_pair(
         for c in clients:
             await run_slice(c, settings.warmup, record=False)
         for index in range(settings.slices):
-            for c in clients if index % 2 == 0 else clients[::-1]:
+            for c in runs.rotated(clients, index):
                 await run_slice(c, settings.slice, record=True)
         for c in clients:
             await c.client.aclose()
@@ -319,7 +236,7 @@ async def run_pair(
             c.slices,
             c.failed,
             c.socket_calls,
-            time_wait_count(c.port),
+            counters.time_wait_count(c.port),
             c.capacity,
             repr(c.pool.statistics()) if c.pool is not None else "",
         )
@@ -356,7 +273,7 @@ async def stream_costs(port: int, size: int, round_trips: int, repeats: int) -> 
     async with trio_recycle.open_socket_pool(capacity=2) as pool:
         backends = {"stock": TrioBackend(), "pool": RecyclingBackend(pool)}
         for index in range(repeats):
-            for name in VARIANTS if index % 2 == 0 else VARIANTS[::-1]:
+            for name in runs.rotated(VARIANTS, index):
                 stream = await backends[name].connect_tcp("127.0.0.1", port, timeout=10)
                 start = time.process_time()
                 for _ in range(round_trips):
@@ -374,8 +291,8 @@ async def stream_costs(port: int, size: int, round_trips: int, repeats: int) -> 
     return [
         StreamCost(
             name,
-            statistics.median(r for r, _ in samples[name]) * 1e6,
-            statistics.median(i for _, i in samples[name]) * 1e6,
+            runs.median(r for r, _ in samples[name]) * 1e6,
+            runs.median(i for _, i in samples[name]) * 1e6,
         )
         for name in VARIANTS
     ]
@@ -418,103 +335,85 @@ def cpu_per_request(cell: Cell) -> float:
     return sum(s.cpu_seconds for s in cell.slices) / max(1, sum(s.requests for s in cell.slices))
 
 
-def check_targets(cells: list[Cell]) -> list[str]:
-    lines = []
-    for (mode, tasks), (ratio, cpu, rounds) in ratios(cells).items():
-        target = TARGETS[mode, tasks]
-        paired = statistics.median(rounds) if rounds else 0.0
-        mark = "ok" if ratio >= target and paired >= target else "MISS"
-        lines.append(
-            f"[{mark}] {mode} upstream, {tasks} task(s): {ratio:.2f}x stock requests/s (paired {paired:.2f}x;"
-            f" target >= {target}x); CPU per request {1 / cpu:.2f}x stock's"
-        )
-    for cell in cells:
-        if cell.variant != "pool":
-            continue
-        if cell.mode == "close":
-            mark = "ok" if cell.time_wait == 0 else "MISS"
-            lines.append(
-                f"[{mark}] {cell.tasks} task(s): {cell.time_wait} TIME_WAIT on the closing upstream (target 0)"
-            )
-        mark = "ok" if cell.socket_calls <= cell.capacity else "MISS"
-        lines.append(
-            f"[{mark}] {cell.mode} upstream, {cell.tasks} task(s): {cell.socket_calls} socket() calls,"
-            f" capacity {cell.capacity}"
-        )
-    failed = sum(cell.failed for cell in cells)
-    lines.append(f"[{'ok' if failed == 0 else 'MISS'}] {failed} failed requests")
-    return lines
-
-
-def table(cells: list[Cell]) -> str:
+def render(doc: report.Document) -> report.Report:
+    cells = [Cell.from_dict(c) for c in doc["cells"]]
+    costs = [StreamCost(**c) for c in doc["streams"]]
+    s = doc["settings"]
+    out = report.Report("httpx: stock httpx.AsyncClient vs RecyclingTransport(pool)")
+    out.add(
+        f"Upstream: {s['upstream']}; {s['slices']} rounds of {s['slice']} s per variant, alternating; response body"
+        f" {s['size']} bytes. Ratios pool/stock: of the median rates, and in brackets paired within rounds;"
+        " the spread is the per-round ratios' min-max."
+    )
     ratio = ratios(cells)
-    out = [
-        "| upstream | tasks | client | requests/s (min-max) | CPU us/request | socket() calls | TIME_WAIT on upstream |"
-        " pool/stock: requests/s (paired) | pool/stock: CPU |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for cell in cells:
-        rates = [s.rate for s in cell.slices]
-        shown = ["", ""]
+        rates = [x.rate for x in cell.slices]
+        shown = ["", "", ""]
         if cell.variant == "pool" and (cell.mode, cell.tasks) in ratio:
             overall, cpu, rounds = ratio[cell.mode, cell.tasks]
-            shown = [f"**{overall:.2f}x** ({statistics.median(rounds):.2f}x)", f"{1 / cpu:.2f}x"]
-        out.append(
-            f"| {cell.mode} | {cell.tasks} | {LABELS[cell.variant]} | {cell.rate:,.0f} ({min(rates):,.0f}-"
-            f"{max(rates):,.0f}) | {cpu_per_request(cell) * 1e6:,.0f} | {cell.socket_calls:,} |"
-            f" {cell.time_wait:,} | {shown[0]} | {shown[1]} |"
+            shown = [
+                f"**{overall:.2f}x** ({runs.median(rounds):.2f}x)",
+                f"{min(rounds):.2f}-{max(rounds):.2f}x",
+                f"{1 / cpu:.2f}x",
+            ]
+        rows.append(
+            [
+                cell.mode,
+                str(cell.tasks),
+                LABELS[cell.variant],
+                f"{cell.rate:,.0f} ({min(rates):,.0f}-{max(rates):,.0f})",
+                f"{cpu_per_request(cell) * 1e6:,.0f}",
+                f"{cell.socket_calls:,}",
+                f"{cell.time_wait:,}",
+                *shown,
+            ]
         )
-    return "\n".join(out)
+    headers = ["upstream", "tasks", "client", "requests/s (min-max)", "CPU us/request", "socket() calls"]
+    headers += ["TIME_WAIT on upstream", "pool/stock requests/s (paired)", "spread of rounds", "pool/stock CPU"]
+    out.table(headers, rows)
+    stock, pool = costs
+    out.table(
+        ["network stream", "CPU us per round trip", "CPU us per is_readable"],
+        [
+            ["httpcore TrioBackend (stock)", f"{stock.round_trip_us:.1f}", f"{stock.is_readable_us:.2f}"],
+            [
+                "RecyclingBackend",
+                f"{pool.round_trip_us:.1f} ({pool.round_trip_us / stock.round_trip_us:.2f}x)",
+                f"{pool.is_readable_us:.2f} ({pool.is_readable_us / stock.is_readable_us:.2f}x)",
+            ],
+        ],
+        "The network streams alone, on one kept-alive connection:",
+    )
+    for (mode, tasks), (overall, _, rounds) in ratio.items():
+        paired = runs.median(rounds)
+        out.verdicts.append(judge(target("httpx", f"{mode}@{tasks}"), overall, paired))
+    for cell in cells:
+        if cell.variant == "pool" and cell.mode == "close":
+            measured = f"{cell.time_wait} ({cell.tasks} tasks)"
+            out.verdicts.append(judge(target("httpx", "time_wait"), cell.time_wait, measured=measured))
+        if cell.variant == "pool" and cell.socket_calls > cell.capacity:
+            out.warnings.append(
+                f"{cell.mode}, {cell.tasks} tasks: {cell.socket_calls} socket() calls, capacity {cell.capacity}"
+            )
+    failed = sum(cell.failed for cell in cells)
+    out.verdicts.append(judge(target("httpx", "failed"), failed, measured=str(failed)))
+    return out
 
 
-def machine(upstream_kind: str) -> dict[str, object]:
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "trio": trio.__version__,
-        "httpx": httpx.__version__,
-        "httpcore": __import__("httpcore").__version__,
-        "trio_recycle": trio_recycle.__version__,
-        "can_recycle": trio_recycle.can_recycle(),
-        "upstream": upstream_kind,
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-def parse_args(argv: list[str] | None = None) -> Settings:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--slice", type=float, default=1.0, help="seconds per variant and round")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds: each variant runs one slice per round")
-    parser.add_argument("--size", type=int, default=1024, help="response body bytes")
-    parser.add_argument("--upstream", choices=("auto", "nginx", "python"), default="auto")
-    parser.add_argument("--round-trips", type=int, default=3000, help="per sample of the network streams alone")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds of 0.2 s")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for httpx.md and httpx.json")
-    args = parser.parse_args(argv)
-    kind = args.upstream
-    if kind == "auto":
-        kind = "nginx" if shutil.which("nginx") else "python"
-    if args.quick:
-        return Settings(0.2, 2, 0.1, args.size, kind, 200, args.out)
-    return Settings(args.slice, args.rounds, 0.5, args.size, kind, args.round_trips, args.out)
-
-
-def main(settings: Settings) -> None:
-    counter = SocketCounter()
-    sys.addaudithook(counter.hook)
-    info = machine(settings.upstream)
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def measure(settings: Settings) -> report.Document:
+    counters.socket_counter()
+    info = machine(httpx=httpx.__version__, httpcore=__import__("httpcore").__version__, upstream=settings.upstream)
+    started, start = report.now(), time.perf_counter()
     cells: list[Cell] = []
     for mode in MODES:
         for tasks in TASKS:
-            # A fresh upstream per variant: the TIME_WAIT entries on its
-            # port are that variant's own.
+            # A fresh upstream per variant: the TIME_WAIT entries on its port are that variant's own.
             with (
                 upstream(settings.upstream, mode, settings.size) as stock_port,
                 upstream(settings.upstream, mode, settings.size) as pool_port,
             ):
-                pair = trio.run(run_pair, settings, counter, {"stock": stock_port, "pool": pool_port}, mode, tasks)
+                pair = trio.run(run_pair, settings, {"stock": stock_port, "pool": pool_port}, mode, tasks)
             cells += pair
             for cell in pair:
                 print(
@@ -523,51 +422,41 @@ def main(settings: Settings) -> None:
                     f" {cell.time_wait} TIME_WAIT {cell.pool_stats}",
                     flush=True,
                 )
-    # The response body counts: the round trip reads the head too, so wait
-    # for at least the body's bytes (the head is shorter than the margin).
     with upstream(settings.upstream, "keep-alive", settings.size) as port:
         costs = trio.run(stream_costs, port, settings.size, settings.round_trips, 5 if settings.slices > 2 else 1)
-    info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    checks = check_targets(cells)
-    command = " ".join(["python", "benchmarks/bench_httpx.py", *sys.argv[1:]])
-    text = table(cells) + "\n\nThe network streams alone, on one kept-alive connection:\n\n" + stream_table(costs)
-    print()
-    print(text)
-    print()
-    print("\n".join(checks))
-    settings.out.mkdir(parents=True, exist_ok=True)
-    report = [
-        f"# httpx: stock vs RecyclingTransport ({started})",
-        "",
-        f"Command: `{command}`; upstream: {settings.upstream}; {settings.slices} rounds of {settings.slice} s"
-        f" per variant, alternating; response body {settings.size} bytes.",
-        "",
-        text,
-        "",
-        *(f"- {line}" for line in checks),
-        "",
-        f"Machine: {json.dumps(info)}",
-        "",
-    ]
-    (settings.out / "httpx.md").write_text("\n".join(report))
-    document = {
-        "command": command,
-        "started": started,
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in attrs.asdict(settings).items()},
-        "machine": info,
-        "cells": [
-            {**attrs.asdict(cell), "rate": cell.rate, "cpu_us_per_request": cpu_per_request(cell) * 1e6}
-            for cell in cells
-        ],
-        "streams": [attrs.asdict(cost) for cost in costs],
-        "ratios": {f"{m}/{t}": {"requests": r, "cpu": c, "paired": rs} for (m, t), (r, c, rs) in ratios(cells).items()},
-        "checks": checks,
-    }
-    (settings.out / "httpx.json").write_text(json.dumps(document, indent=2) + "\n")
-    print(f"\nwrote {settings.out / 'httpx.md'} and {settings.out / 'httpx.json'}")
-    if any(cell.failed for cell in cells):
-        sys.exit(1)
+    info["loadavg_end"] = load_average()
+    # The rate and CPU per request beside each cell's slices, for readers of the JSON (rebuilt from the slices).
+    shown = [{**attrs.asdict(c), "rate": c.rate, "cpu_us_per_request": cpu_per_request(c) * 1e6} for c in cells]
+    return report.document("httpx", settings, info, started, time.perf_counter() - start, cells=shown, streams=costs)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    parser = cli.parser(
+        __doc__, quick="2 rounds of 0.2 s", repeats="rounds, each variant one slice per round; default 10"
+    )
+    parser.add_argument("--slice", type=float, default=1.0, help="seconds per variant and round")
+    parser.add_argument("--size", type=int, default=1024, help="response body bytes")
+    parser.add_argument("--upstream", choices=("auto", "nginx", "python"), default="auto")
+    parser.add_argument("--round-trips", type=int, default=3000, help="per sample of the network streams alone")
+    args = parser.parse_args(argv)
+    kind = args.upstream
+    if kind == "auto":
+        kind = "nginx" if servers.find_nginx() else "python"
+    rounds = cli.repeats(args, 10, quick=2)
+    if args.quick:
+        return args, Settings(0.2, rounds, 0.1, args.size, kind, 200)
+    return args, Settings(args.slice, rounds, 0.5, args.size, kind, args.round_trips)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    arguments, settings = parse_args()
+    sys.exit(
+        cli.main(
+            "httpx",
+            arguments,
+            settings,
+            measure,
+            render,
+            fail_on=lambda r: any(v.key == "failed" and v.result != "met" for v in r.verdicts),
+        )
+    )

@@ -38,20 +38,21 @@ is 1 if ``pool + retry`` lost a request.
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import importlib
-import json
 import random
 import re
-import subprocess
+import signal
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
+from harness import cli, report, runs, servers
+from harness.machine import load_average, machine
+from harness.targets import judge, target
 
 import trio_recycle
 
@@ -61,9 +62,9 @@ sys.path.insert(0, str(EXAMPLES))
 import keepalive_client  # noqa: E402
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Awaitable, Callable
 
-DEFAULT_OUT: Final = HERE / "results"
 #: Seconds one request may take before it counts as failed.
 REQUEST_TIMEOUT: Final = 10.0
 CLIENTS: Final = ("httpx", "pool, no retry", "pool + retry")
@@ -76,7 +77,6 @@ class Settings:
     gap: float
     jitter: float
     repeats: int
-    out: Path
 
 
 @attrs.define
@@ -126,28 +126,16 @@ async def load(result: Result, settings: Settings, fetch: Callable[[str], Awaita
 
 async def run_one(name: str, settings: Settings, httpx: Any) -> Result:
     """One client against a fresh upstream whose idle timeout is the gap."""
-    argv = [
-        sys.executable,
-        str(EXAMPLES / "upstream_server.py"),
-        "--listen",
-        "127.0.0.1:0",
-        "--keepalive-requests",
-        "1000000",
-        "--keepalive-timeout",
-        str(settings.gap),
-    ]
+    argv = servers.python_server(
+        EXAMPLES / "upstream_server.py",
+        "--listen=127.0.0.1:0",
+        "--keepalive-requests=1000000",
+        f"--keepalive-timeout={settings.gap}",
+    )
     result = Result(name)
-    process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE)
-    assert process.stdout is not None
-    try:
-        output = bytearray()
-        with trio.fail_after(10):
-            while (match := re.search(rb"listening on (\S+):(\d+)\n", output)) is None:
-                data = await process.stdout.receive_some()
-                if not data:
-                    raise RuntimeError(f"the upstream exited: {output.decode(errors='replace')}")
-                output += data
-        host, port = match[1].decode(), int(match[2])
+    host = "127.0.0.1"
+    with servers.child_server(argv, stop_signal=signal.SIGINT) as server:
+        port = server.port
         if name == "httpx":
             async with httpx.AsyncClient() as client:
 
@@ -162,7 +150,8 @@ async def run_one(name: str, settings: Settings, httpx: Any) -> Result:
                 if name == "pool + retry":
 
                     async def fetch(path: str) -> bytes:
-                        return (await keepalive_client.fetch(pool, host, port, path)).body
+                        response: keepalive_client.Response = await keepalive_client.fetch(pool, host, port, path)
+                        return response.body
 
                 else:
 
@@ -170,22 +159,13 @@ async def run_one(name: str, settings: Settings, httpx: Any) -> Result:
                         return await fetch_without_retry(pool, host, port, path)
 
                 await load(result, settings, fetch)
-        process.send_signal(2)
-        with trio.fail_after(10):
-            async for data in process.stdout:
-                output += data
-            await process.wait()
-        closed = re.search(rb"closed (\d+) idle connections", output)
-        result.idle_closed = int(closed[1]) if closed else 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
+        output = server.stop(signal.SIGINT)
+    closed = re.search(rb"closed (\d+) idle connections", output)
+    result.idle_closed = int(closed[1]) if closed else 0
     return result
 
 
-async def main(settings: Settings) -> int:
+async def run_all(settings: Settings) -> dict[str, list[Result]]:
     try:
         httpx = importlib.import_module("httpx")
     except ImportError:
@@ -200,7 +180,7 @@ async def main(settings: Settings) -> int:
     )
     results: dict[str, list[Result]] = {name: [] for name in names}
     for repeat in range(settings.repeats):
-        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+        for name in runs.rotated(names, repeat):
             result = await run_one(name, settings, httpx)
             results[name].append(result)
             print(
@@ -208,57 +188,48 @@ async def main(settings: Settings) -> int:
                 f" upstream closed {result.idle_closed} idle connections",
                 flush=True,
             )
-    lines = [
-        "| client | requests | failed | failed per 1000 | idle closes by the upstream |",
-        "|---|---|---|---|---|",
-    ]
-    for name, runs in results.items():
-        requests = sum(r.requests for r in runs)
-        failed = sum(sum(r.failures.values()) for r in runs)
-        closes = sum(r.idle_closed for r in runs)
-        lines.append(f"| {name} | {requests:,} | {failed:,} | {1000 * failed / requests:.1f} | {closes:,} |")
+    return results
+
+
+def measure(settings: Settings) -> report.Document:
+    info = machine()
+    started, start = report.now(), time.perf_counter()
+    results = trio.run(run_all, settings)
+    info["loadavg_end"] = load_average()
+    return report.document("stale", settings, info, started, time.perf_counter() - start, runs=results)
+
+
+def render(doc: report.Document) -> report.Report:
+    s = doc["settings"]
+    results = {
+        name: [Result(**{**r, "failures": Counter(r["failures"])}) for r in runs] for name, runs in doc["runs"].items()
+    }
+    out = report.Report("The stale-connection race: failed requests")
+    out.add(
+        f"An upstream (`examples/upstream_server.py`, its own process) that closes a connection idle for"
+        f" {s['gap']:g} s, and {s['clients']} clients that pause {s['gap']:g} s (+-{100 * s['jitter']:g} %) after"
+        f" every answer; {s['requests']} requests per run, {s['repeats']} run(s) per client, the order rotating."
+    )
+    cells = []
     reasons = []
-    for name, runs in results.items():
+    for name, client_runs in results.items():
+        requests = sum(r.requests for r in client_runs)
+        failed = sum(sum(r.failures.values()) for r in client_runs)
+        closes = sum(r.idle_closed for r in client_runs)
+        cells.append([name, f"{requests:,}", f"{failed:,}", f"{1000 * failed / max(requests, 1):.1f}", f"{closes:,}"])
         total: Counter[str] = Counter()
-        for run in runs:
+        for run in client_runs:
             total.update(run.failures)
         reasons += [f"- {name}: {count} x {reason}" for reason, count in total.most_common(3)]
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = "\n".join(
-        [
-            "# The stale-connection race: failed requests",
-            "",
-            f"Measured {when} with `python benchmarks/bench_stale.py --gap {settings.gap:g}"
-            f" --jitter {settings.jitter:g}"
-            f" --requests {settings.requests} --clients {settings.clients} --repeats {settings.repeats}`:"
-            f" an upstream (`examples/upstream_server.py`, its own process) that closes a connection idle for"
-            f" {settings.gap:g} s, and clients that pause {settings.gap:g} s (+-{100 * settings.jitter:g} %)"
-            " after every answer.",
-            "",
-            *lines,
-            "",
-            "Most frequent failures:" if reasons else "No failures.",
-            "",
-            *reasons,
-            "",
-        ]
-    )
-    print()
-    print(text)
-    settings.out.mkdir(parents=True, exist_ok=True)
-    (settings.out / "stale.md").write_text(text)
-    document = {
-        "settings": {**attrs.asdict(settings), "out": str(settings.out)},
-        "when": when,
-        "runs": {name: [attrs.asdict(r) for r in runs] for name, runs in results.items()},
-    }
-    (settings.out / "stale.json").write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {settings.out / 'stale.md'} and {settings.out / 'stale.json'}")
-    return 1 if any(sum(r.failures.values()) for r in results["pool + retry"]) else 0
+    out.table(["client", "requests", "failed", "failed per 1000", "idle closes by the upstream"], cells)
+    out.add("Most frequent failures:\n\n" + "\n".join(reasons) if reasons else "No failures.")
+    lost = sum(sum(r.failures.values()) for r in results.get("pool + retry", []))
+    out.verdicts.append(judge(target("stale", "lost"), lost, measured=str(lost)))
+    return out
 
 
-def parse_args(argv: list[str] | None = None) -> Settings:
-    parser = argparse.ArgumentParser(description="The stale-connection race: httpx's default client and the pool.")
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    parser = cli.parser(__doc__, quick="200 requests, 1 run per client", repeats="runs per client; default 3")
     parser.add_argument("--requests", type=int, help="requests per run (default 1000; --quick: 200)")
     parser.add_argument("--clients", type=int, default=10, help="client tasks (default 10)")
     parser.add_argument(
@@ -267,16 +238,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument(
         "--jitter", type=float, default=0.1, help="each pause is gap x (1 +- jitter), uniform (default 0.1)"
     )
-    parser.add_argument("--repeats", type=int, help="runs per client (default 3; --quick: 1)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     requests = args.requests if args.requests is not None else 200 if args.quick else 1000
-    repeats = args.repeats if args.repeats is not None else 1 if args.quick else 3
-    if requests < args.clients or args.clients < 1 or not args.gap > 0 or repeats < 1 or not 0 <= args.jitter < 1:
-        parser.error("--requests must be >= --clients >= 1, --gap > 0, --jitter in [0, 1), --repeats >= 1")
-    return Settings(requests, args.clients, args.gap, args.jitter, repeats, args.out)
+    if requests < args.clients or args.clients < 1 or not args.gap > 0 or not 0 <= args.jitter < 1:
+        parser.error("--requests must be >= --clients >= 1, --gap > 0, --jitter in [0, 1)")
+    return args, Settings(requests, args.clients, args.gap, args.jitter, cli.repeats(args, 3))
 
 
 if __name__ == "__main__":
-    sys.exit(trio.run(main, parse_args()))
+    arguments, settings = parse_args()
+    # The exit status is 1 if ``pool + retry`` lost a request.
+    sys.exit(cli.main("stale", arguments, settings, measure, render, fail_on=lambda r: bool(r.missed)))

@@ -45,7 +45,7 @@ worker_processes 1;
 {user}
 pid {root}/nginx.pid;
 error_log {root}/error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections {worker_connections}; }}
 http {{
     access_log off;
     client_body_temp_path {root}/body;
@@ -59,7 +59,7 @@ http {{
         listen 127.0.0.1:{port} backlog=4096;
         default_type text/plain;
         location / {{
-            return 200 "$request_method $request_uri\\n{padding}";
+            return 200 "{body}";
         }}
     }}
 }}
@@ -95,8 +95,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT; port 0 picks a free one")
     parser.add_argument("--size", type=int, default=1024, help="pad each response body to this many bytes")
+    parser.add_argument(
+        "--fixed-body", action="store_true", help="answer exactly --size bytes of x (bench_httpx), not the request"
+    )
     parser.add_argument("--keepalive-timeout", type=float, default=75.0, help="nginx keepalive_timeout, seconds")
     parser.add_argument("--keepalive-requests", type=int, default=1000, help="nginx keepalive_requests")
+    parser.add_argument("--worker-connections", type=int, default=4096, help="nginx worker_connections")
     args = parser.parse_args()
     host, _, port_text = args.listen.rpartition(":")
     if host != "127.0.0.1":
@@ -106,6 +110,7 @@ def main() -> int:
         print("nginx is not installed (Debian/Ubuntu: apt-get install nginx)", file=sys.stderr)
         return 2
     port = int(port_text) or free_port(host)
+    padding = "." * max(0, args.size - 32)
     with tempfile.TemporaryDirectory(prefix="trio-recycle-nginx-") as root:
         config = Path(root, "nginx.conf")
         config.write_text(
@@ -117,7 +122,8 @@ def main() -> int:
                 port=port,
                 keepalive_timeout=f"{args.keepalive_timeout:g}s",
                 keepalive_requests=args.keepalive_requests,
-                padding="." * max(0, args.size - 32),
+                worker_connections=args.worker_connections,
+                body="x" * args.size if args.fixed_body else "$request_method $request_uri\\n" + padding,
             )
         )
         process = subprocess.Popen(

@@ -57,6 +57,9 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
+# The examples' one TIME_WAIT counter (the benchmarks and tests use benchmarks/harness/counters.py).
+from fetcher import count_time_wait
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
@@ -231,22 +234,6 @@ def upstream_command(args: Args) -> tuple[list[str], list[str]]:
         "--keepalive-timeout",
         str(args.keepalive_timeout),
     ]
-
-
-def count_time_wait(port: int) -> int:
-    """TIME_WAIT entries (state 06) whose local port is ``port``, IPv4 and IPv6."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as lines:
-                next(lines, None)
-                for line in lines:
-                    fields = line.split(maxsplit=4)
-                    if fields[3] == "06" and int(fields[1].rpartition(":")[2], 16) == port:
-                        count += 1
-        except OSError:
-            pass
-    return count
 
 
 def cpu_seconds(pid: int) -> float:
