@@ -2,9 +2,9 @@
 
 from ._disconnect import can_recycle as can_recycle
 from ._disconnect import disconnect as disconnect
+from ._open_pool import open_socket_pool as open_socket_pool
 from ._pool import PoolStatistics as PoolStatistics
 from ._pool import SocketPool as SocketPool
-from ._pool import open_socket_pool as open_socket_pool
 from ._stream import RecyclingStream as RecyclingStream
 from ._udp import RecyclingUDPSocket as RecyclingUDPSocket
 
