@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 import sys
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 import attrs
 import pytest
 import trio
+import trio.testing
 
 import trio_recycle
 
@@ -97,6 +99,24 @@ async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> Non
             return
         await trio.sleep(0.01)
     raise AssertionError(f"still false after {seconds} s")
+
+
+def _connected_to(port: int) -> int:
+    """Sockets on this machine connected (ESTABLISHED or CLOSE_WAIT) to local port ``port`` as their remote port."""
+    count = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and int(fields[3], 16) in (1, 8):
+                    count += 1
+    return count
+
+
+async def wait_until_disconnected_from(port: int, seconds: float = 5.0) -> None:
+    """Poll (bounded) until no socket is connected to ``port``: the kernel gives no event for another process."""
+    await eventually(lambda: _connected_to(port) == 0, seconds)
 
 
 async def settled(pool: trio_recycle.SocketPool) -> trio_recycle.PoolStatistics:
@@ -246,7 +266,10 @@ async def test_command_line_proxy_prints_pool_statistics_on_sigint(nursery: trio
         async with run_all.serve(argv, run_all.LISTENING) as proxy:
             responses = await run_all.exchange(proxy.address, get("/cli"), get("/cli"))
             assert [r.status for r in responses] == [200, 200]
-            await trio.sleep(0.1)  # the last FIN reaches the proxy, which recycles
+            # The last FIN reaches the proxy (another process), which
+            # recycles: until none of its upstream connections is left
+            # connected (a kernel state, polled with a bound).
+            await wait_until_disconnected_from(port)
             report = await proxy.stop()
     assert "proxy: 2 requests, responses 200=2, 0 aborted" in report
     assert "in_use=0" in report
@@ -369,6 +392,9 @@ async def test_bytes_past_the_end_of_a_response_never_reach_the_next_client(
     catches it, the next request gets its own answer.
     """
 
+    # One message per poison sent: the test waits for it instead of a fixed sleep.
+    poison_sent, poison_seen = trio.open_memory_channel[None](math.inf)
+
     async def poisoner(stream: trio.SocketStream) -> None:
         async with stream:
             buffer = bytearray()
@@ -384,10 +410,12 @@ async def test_bytes_past_the_end_of_a_response_never_reach_the_next_client(
                 answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
                 if gap is None:
                     await stream.send_all(answer + POISON)
+                    poison_sent.send_nowait(None)
                     continue
                 await stream.send_all(answer)
                 await trio.sleep(gap)
                 await stream.send_all(POISON)
+                poison_sent.send_nowait(None)
 
     port = await start_raw_upstream(nursery, poisoner)
     with trio.fail_after(TEST_TIMEOUT):
@@ -395,7 +423,10 @@ async def test_bytes_past_the_end_of_a_response_never_reach_the_next_client(
             for number in range(4):
                 (response,) = await run_all.exchange(proxy.address, get(f"/{number}"))
                 assert (response.status, response.body) == (200, f"/{number}".encode())
-                await trio.sleep(0.1)  # the poison is on its way or there
+                # The poison is sent, and the proxy's pool has acted on it
+                # (its watch, or release()) before the next request.
+                await poison_seen.receive()
+                await trio.testing.wait_all_tasks_blocked()
             stats = await settled(proxy.pool)
     assert stats.kept_alive == 0
     assert stats.discarded + stats.parked + stats.idle <= stats.created
