@@ -6,6 +6,8 @@ import math
 import re
 import socket
 import sys
+import time
+from collections import Counter
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,8 +24,10 @@ pytest.importorskip("h11", reason="the examples need the `examples` extra")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # The examples are scripts, not a package: import them from their folder.
 sys.path.insert(0, str(EXAMPLES))
+import fetcher  # noqa: E402
 import reverse_proxy  # noqa: E402
 import run_all  # noqa: E402
+import udp_query  # noqa: E402
 import upstream_server  # noqa: E402
 
 if TYPE_CHECKING:
@@ -293,7 +297,11 @@ async def test_fetcher_and_demo_run_clean(nursery: trio.Nursery) -> None:
             inner.start_soon(run, "demo", demo)
     fetched, demoed = results["fetcher"], results["demo"]
     assert fetched.returncode == 0, fetched.stdout.decode()
-    assert b"TIME_WAIT left on server" in fetched.stdout
+    # Only its own connections' entries: never negative, never more than its requests.
+    time_wait = re.search(rb"TIME_WAIT left on server +(-?\d+) +(-?\d+)", fetched.stdout)
+    assert time_wait is not None, fetched.stdout.decode()
+    assert int(time_wait[1]) == 0
+    assert 0 <= int(time_wait[2]) <= 100
     assert demoed.returncode == 0, demoed.stdout.decode()
     assert b"[ok] no TIME_WAIT on the upstream with recycling only" in demoed.stdout
     assert b"[ok] no TIME_WAIT on the upstream with keep-alive + recycling" in demoed.stdout
@@ -584,3 +592,39 @@ def test_run_all_checks_every_example() -> None:
     covered = {script for _, scripts in run_all.CHECKS for script in scripts}
     scripts = {path.name for path in EXAMPLES.glob("*.py") if not path.name.startswith("_")}
     assert scripts - run_all.NOT_EXAMPLES <= covered
+
+
+async def test_udp_query_skips_an_answer_to_another_query(nursery: trio.Nursery) -> None:
+    """A datagram with another query's id (a late answer to an earlier port owner) is skipped and counted."""
+    server = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    async def answer_late_first() -> None:
+        with server:
+            data, address = await server.recvfrom(2048)
+            await server.sendto(b"answer query 999", address)
+            await server.sendto(b"answer " + data, address)
+
+    nursery.start_soon(answer_late_first)
+    skipped: Counter[str] = Counter()
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        with trio.fail_after(TEST_TIMEOUT):
+            assert await udp_query.query(pool, "127.0.0.1", port, 7, skipped) == b"answer query 7"
+    assert skipped == Counter({"answers to other queries": 1})
+
+
+def test_fetcher_counts_time_wait_of_its_own_connections_only() -> None:
+    """A TIME_WAIT entry on the server's port from a client port the run never used does not count."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client_port = client.getsockname()[1]
+            conn, _ = listener.accept()
+            conn.close()  # the server closes first: its side goes to TIME_WAIT after our FIN
+        for _ in range(500):
+            if fetcher.count_time_wait(port, {client_port}) == 1:
+                break
+            time.sleep(0.01)
+        assert fetcher.count_time_wait(port, {client_port}) == 1
+        assert fetcher.count_time_wait(port, {client_port + 1 if client_port < 65535 else 1}) == 0
