@@ -98,7 +98,7 @@ async def test_forgetting_async_with_says_to_use_it() -> None:
     """A pool method on open_socket_pool()'s result, without async with: AttributeError that says how to write it."""
     opener = trio_recycle.open_socket_pool()
     with pytest.raises(AttributeError, match=r"async with trio_recycle\.open_socket_pool\(\.\.\.\) as pool"):
-        opener.open_tcp_stream  # noqa: B018
+        opener.open_tcp_stream  # type: ignore[attr-defined]  # noqa: B018
     assert "async with" in repr(opener)
     async with opener as pool:
         assert isinstance(pool, trio_recycle.SocketPool)

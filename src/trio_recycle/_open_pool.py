@@ -74,7 +74,7 @@ def open_socket_pool(
     socket_options: Iterable[tuple[int, int, int | bytes]] = (),
     keepalive_expiry: float = DEFAULT_KEEPALIVE_EXPIRY,
     capacity_per_peer: int | None = None,
-) -> PoolOpener:
+) -> AbstractAsyncContextManager[SocketPool]:
     """Open a `SocketPool` for the duration of an ``async with`` block.
 
     ::
@@ -120,8 +120,8 @@ def open_socket_pool(
           Options the kernel resets on disconnect (``TCP_MAXSEG``,
           ``TCP_WINDOW_CLAMP``) are set again after every recycle. They are
           tried once when the pool opens, on a throwaway TCP socket per
-          address family they apply to (not one of the pool's: `created`
-          does not count it), so that a triple the kernel refuses fails
+          address family they apply to (not one of the pool's:
+          `PoolStatistics.created` does not count it), so that a triple the kernel refuses fails
           there, named, rather than every open later.
       keepalive_expiry: Seconds a live connection given back with
           `RecyclingStream.release` stays parked at most; then the pool
@@ -147,9 +147,9 @@ def open_socket_pool(
           without holding up opens to other peers.
 
     Returns:
-      PoolOpener: an async context manager; ``async with`` gives the open
-      `SocketPool`. Any other use of it (a forgotten ``async with``) raises
-      `AttributeError` saying so.
+      An async context manager; ``async with`` gives the open `SocketPool`.
+      Any attribute of it (``open_tcp_stream``, after a forgotten ``async
+      with``) raises `AttributeError` saying to use ``async with``.
 
     Raises:
       TypeError: an argument has the wrong type (the message names it).
