@@ -1,4 +1,4 @@
-"""Sessions: tests, coverage, lint, typecheck, docs, examples, build, bench, demo (``nox -l`` lists them)."""
+"""Sessions: tests, tests_min, coverage, lint, typecheck, docs, examples, build, bench, demo (``nox -l`` lists them)."""
 
 from __future__ import annotations
 
