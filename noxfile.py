@@ -1,4 +1,4 @@
-"""Sessions: tests, coverage, lint, typecheck, docs, examples, build, bench, demo (``nox -l`` lists them)."""
+"""Sessions: tests, tests_min, coverage, lint, typecheck, docs, examples, build, bench, demo (``nox -l`` lists them)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,23 @@ def tests(session: nox.Session) -> None:
     session.run("coverage", "combine", "--quiet", env=env)
     if not session.posargs:
         session.run("coverage", "report", env=env)
+
+
+#: The lowest versions pyproject.toml declares, pinned (see the file).
+MIN_CONSTRAINTS = ".ci/constraints-min.txt"
+
+
+@nox.session(python=PYTHONS[0])
+def tests_min(session: nox.Session) -> None:
+    """Run the test suite once with the lowest declared versions (trio, attrs, outcome, httpx, httpcore, h11).
+
+    On the oldest supported Python, with every dependency pyproject.toml
+    declares pinned to its floor by .ci/constraints-min.txt; the test tools
+    themselves are not pinned. Arguments go to pytest, as for ``tests``.
+    """
+    session.install("-c", MIN_CONSTRAINTS, ".[tests,examples,httpx]")
+    session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
+    session.run("python", "-m", "pytest", *session.posargs)
 
 
 @nox.session

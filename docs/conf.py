@@ -161,7 +161,7 @@ def _drop_acm_return_annotation(
     signature: str | None,
     return_annotation: str | None,
 ) -> tuple[str | None, str | None] | None:
-    """Hide ``-> AsyncIterator[X]`` on an @asynccontextmanager function.
+    """Hide ``-> AsyncIterator[X]`` on an @asynccontextmanager function, and ``-> AbstractAsyncContextManager[X]``.
 
     sphinxcontrib-trio already renders it as ``async with f(...)``; the
     annotation describes the generator inside, not what ``as`` binds, and
@@ -169,6 +169,10 @@ def _drop_acm_return_annotation(
     """
     wrapped = getattr(obj, "__wrapped__", None)
     if what == "function" and wrapped is not None and inspect.isasyncgenfunction(wrapped):
+        return signature, None
+    # The same for a plain function that returns an async context manager
+    # (open_socket_pool): its ``as`` target is what the docstring documents.
+    if what == "function" and return_annotation is not None and "AsyncContextManager" in return_annotation:
         return signature, None
     return None
 

@@ -87,9 +87,9 @@ class CountingSocketFactory(trio.abc.SocketFactory):
         return trio.socket.from_stdlib_socket(socket.socket(family, type, proto))
 
 
-def count_time_wait(port: int) -> int:
-    """TIME_WAIT entries (state 06) whose local port is ``port``, IPv4 and IPv6."""
-    count = 0
+def time_wait_ports(port: int) -> set[int]:
+    """The remote ports of the TIME_WAIT entries whose local port is ``port`` (state 06), IPv4 and IPv6."""
+    found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as lines:
@@ -97,16 +97,45 @@ def count_time_wait(port: int) -> int:
                 for line in lines:
                     fields = line.split(maxsplit=4)
                     if fields[3] == "06" and int(fields[1].rpartition(":")[2], 16) == port:
-                        count += 1
+                        found.add(int(fields[2].rpartition(":")[2], 16))
         except OSError:
             pass
-    return count
+    return found
 
 
-async def fetch(open_stream: Callable[[str, int], Awaitable[trio.abc.HalfCloseableStream]], args: Args) -> bytes:
-    """One request on its own connection; return the status line."""
+def count_time_wait(port: int, client_ports: set[int] | None = None, before: set[int] | None = None) -> int:
+    """The server's TIME_WAIT entries for our own connections: never negative, never more than we made.
+
+    Only ours: each of our connections is known by its local port, which
+    is the entry's remote port, and entries already there ``before`` the
+    run (an earlier client's, on a port the kernel handed us again) are
+    not counted. None counts every entry on ``port`` (a server of the
+    caller's own, on a port nobody else used).
+    """
+    found = time_wait_ports(port) - (before or set())
+    return len(found if client_ports is None else found & client_ports)
+
+
+def local_port(stream: trio.abc.HalfCloseableStream) -> int | None:
+    """The local port of a pool's stream or of a `trio.SocketStream`."""
+    if isinstance(stream, trio_recycle.RecyclingStream):
+        name = stream.getsockname()
+    elif isinstance(stream, trio.SocketStream):
+        name = stream.socket.getsockname()
+    else:
+        return None
+    return int(name[1])
+
+
+async def fetch(
+    open_stream: Callable[[str, int], Awaitable[trio.abc.HalfCloseableStream]], args: Args, ports: set[int]
+) -> bytes:
+    """One request on its own connection; return the status line. Adds the connection's local port to ``ports``."""
     request = f"GET {args.path} HTTP/1.0\r\nHost: {args.host}:{args.port}\r\n\r\n".encode()
     async with await open_stream(args.host, args.port) as stream:
+        port = local_port(stream)
+        if port is not None:
+            ports.add(port)
         await stream.send_all(request)
         response = bytearray()
         # Read to the server's FIN: the pool recycles a socket at once when
@@ -125,12 +154,14 @@ async def run(
 ) -> Result:
     result = Result(name)
     todo = iter(range(args.requests))
+    ports: set[int] = set()
+    before = time_wait_ports(args.port)
 
     async def worker() -> None:
         for _ in todo:
             try:
                 with trio.fail_after(REQUEST_TIMEOUT):
-                    status = await fetch(open_stream, args)
+                    status = await fetch(open_stream, args, ports)
             except (OSError, trio.BrokenResourceError, trio.TooSlowError, ValueError) as exc:
                 result.failures[type(exc).__name__] += 1
                 continue
@@ -139,7 +170,6 @@ async def run(
             else:
                 result.failures[status.decode(errors="replace") or "no status line"] += 1
 
-    time_wait = count_time_wait(args.port)
     start = trio.current_time()
     async with trio.open_nursery() as nursery:
         for _ in range(args.concurrency):
@@ -147,7 +177,7 @@ async def run(
     result.seconds = trio.current_time() - start
     # Give the last FINs a moment to cross loopback before counting.
     await trio.sleep(0.1)
-    result.time_wait = count_time_wait(args.port) - time_wait
+    result.time_wait = count_time_wait(args.port, ports, before)
     return result
 
 

@@ -5,9 +5,13 @@ one connected UDP socket per query: ``open_udp_socket``, ``send`` the
 query, ``receive`` the answer (retrying on a timeout), close. The pool
 hands out disconnected sockets from earlier queries instead of calling
 ``socket()`` each time, and drains every datagram still queued on a socket
-before it is reused, so a late answer to an earlier query can never be read
-as the answer to a later one. Every query carries a unique id that the
-answer must echo: a mix-up would show as a failure.
+before it is reused: nothing that arrived before a socket was given back
+reaches its next owner. What the pool cannot prevent is what no client
+can: an answer that arrives *later* for an earlier query whose socket had
+the same local port (the kernel hands out ephemeral ports again: measured
+at 1 to 2 in 24,000 queries, with the pool or without). So, as a real
+resolver does, every query carries an id that its answer must echo, and a
+datagram with another id is skipped and counted, not taken for the answer.
 
 Run it against its own built-in echo server::
 
@@ -45,8 +49,8 @@ class Args:
     serve: bool
 
 
-async def query(pool: trio_recycle.SocketPool, host: str, port: int, query_id: int) -> bytes:
-    """Send one query on a pooled UDP socket and return the matching answer."""
+async def query(pool: trio_recycle.SocketPool, host: str, port: int, query_id: int, skipped: Counter[str]) -> bytes:
+    """Send one query on a pooled UDP socket and return the answer with its id; count others in ``skipped``."""
     payload = b"query %d" % query_id
     async with await pool.open_udp_socket(host, port) as sock:
         for _ in range(ATTEMPTS):
@@ -56,15 +60,16 @@ async def query(pool: trio_recycle.SocketPool, host: str, port: int, query_id: i
                     answer = await sock.receive()
                     if answer == b"answer " + payload:
                         return answer
-                    # Anything else is not ours; with the pool's drain this
-                    # never happens, and we would count it below if it did.
-                    raise ValueError(f"foreign datagram {answer!r} for query {query_id}")
+                    # Another query's late answer, sent to a local port that
+                    # this socket now has: match ids, as any UDP protocol must.
+                    skipped["answers to other queries"] += 1
     raise TimeoutError(f"no answer to query {query_id}")
 
 
 async def run_queries(args: Args) -> int:
     """Run the queries; return how many failed."""
     failures: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
     answered = 0
     ids = iter(range(args.queries))
     async with trio_recycle.open_socket_pool(capacity=args.capacity) as pool:
@@ -73,8 +78,8 @@ async def run_queries(args: Args) -> int:
             nonlocal answered
             for query_id in ids:
                 try:
-                    await query(pool, args.host, args.port, query_id)
-                except (OSError, ValueError) as exc:
+                    await query(pool, args.host, args.port, query_id, skipped)
+                except OSError as exc:
                     failures[type(exc).__name__] += 1
                 else:
                     answered += 1
@@ -88,6 +93,8 @@ async def run_queries(args: Args) -> int:
     print(f"{answered} of {args.queries} queries answered in {elapsed:.2f} s ({answered / elapsed:,.0f}/s)")
     print(f"socket() calls: {stats.created}, reused: {stats.reused}, recycled: {stats.recycled}")
     print(f"pool: {stats}")
+    for reason, count in skipped.items():
+        print(f"skipped: {count} x {reason}")
     for reason, count in failures.items():
         print(f"failed: {count} x {reason}")
     return sum(failures.values())

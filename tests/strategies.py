@@ -203,7 +203,15 @@ def configs() -> st.SearchStrategy[Config]:
         eof_timeout=st.sampled_from([5.0, 0.5, 30.0]),
         keepalive_expiry=st.sampled_from([5.0, 0.5, 60.0]),
         capacity_per_peer=st.sampled_from([None, None, 1, 2]),
-    )
+    ).map(_per_peer_within_capacity)
+
+
+def _per_peer_within_capacity(config: Config) -> Config:
+    # open_socket_pool refuses capacity_per_peer > capacity; at capacity it means no per-peer limit.
+    per_peer = config.capacity_per_peer
+    if per_peer is not None and per_peer > config.capacity:
+        return attrs.evolve(config, capacity_per_peer=config.capacity)
+    return config
 
 
 def programs(max_tasks: int = 4, max_steps: int = 8) -> st.SearchStrategy[Program]:

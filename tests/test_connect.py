@@ -162,14 +162,3 @@ async def test_udp_connect_failing_differently_per_address_has_no_single_errno(r
         assert info.value.errno is None
         stats = pool.statistics()
         assert (stats.created, stats.discarded, stats.in_use) == (2, 2, 0)
-
-
-def test_local_address_cache_stays_bounded() -> None:
-    """Validated local addresses are remembered, but never more than the cache's size."""
-    _connect._local_addresses.clear()
-    for n in range(_connect._LOCAL_CACHE_SIZE + 10):
-        _connect.validate_local_address(f"127.0.{n // 256}.{n % 256}")
-        assert len(_connect._local_addresses) <= _connect._LOCAL_CACHE_SIZE
-    assert "127.0.2.9" in _connect._local_addresses
-    with pytest.raises(ValueError, match="local_address"):
-        _connect.validate_local_address("not-an-address")

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 import trio_recycle
-from trio_recycle._errors import closed_stream_error, translate_oserror
+from trio_recycle._errors import closed_stream_error, translate_oserror, wrong_run_error
 
 from .conftest import StartServer, UDPPeer, answer_then_close, never_close
 
@@ -82,3 +82,12 @@ async def test_task_blocked_at_the_pool_exit_is_told_why(start_server: StartServ
     assert len(errors) == 2
     for error in errors:
         assert "block has exited" in str(error)
+
+
+def test_wrong_run_message_says_what_was_opened_where() -> None:
+    """The pool 'was opened in another trio.run'; a stream or UDP socket 'belongs to a pool opened' there."""
+    pool_message = str(wrong_run_error("SocketPool"))
+    assert pool_message.startswith("this trio_recycle.SocketPool was opened in another trio.run: ")
+    assert "SocketPool of" not in pool_message
+    stream_message = str(wrong_run_error("RecyclingStream"))
+    assert stream_message.startswith("this trio_recycle.RecyclingStream belongs to a pool opened in another trio.run")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 import sys
+import time
+from collections import Counter
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +15,7 @@ from typing import TYPE_CHECKING
 import attrs
 import pytest
 import trio
+import trio.testing
 
 import trio_recycle
 
@@ -20,8 +24,10 @@ pytest.importorskip("h11", reason="the examples need the `examples` extra")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # The examples are scripts, not a package: import them from their folder.
 sys.path.insert(0, str(EXAMPLES))
+import fetcher  # noqa: E402
 import reverse_proxy  # noqa: E402
 import run_all  # noqa: E402
+import udp_query  # noqa: E402
 import upstream_server  # noqa: E402
 
 if TYPE_CHECKING:
@@ -97,6 +103,24 @@ async def eventually(predicate: Callable[[], bool], seconds: float = 5.0) -> Non
             return
         await trio.sleep(0.01)
     raise AssertionError(f"still false after {seconds} s")
+
+
+def _connected_to(port: int) -> int:
+    """Sockets on this machine connected (ESTABLISHED or CLOSE_WAIT) to local port ``port`` as their remote port."""
+    count = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and int(fields[3], 16) in (1, 8):
+                    count += 1
+    return count
+
+
+async def wait_until_disconnected_from(port: int, seconds: float = 5.0) -> None:
+    """Poll (bounded) until no socket is connected to ``port``: the kernel gives no event for another process."""
+    await eventually(lambda: _connected_to(port) == 0, seconds)
 
 
 async def settled(pool: trio_recycle.SocketPool) -> trio_recycle.PoolStatistics:
@@ -246,7 +270,10 @@ async def test_command_line_proxy_prints_pool_statistics_on_sigint(nursery: trio
         async with run_all.serve(argv, run_all.LISTENING) as proxy:
             responses = await run_all.exchange(proxy.address, get("/cli"), get("/cli"))
             assert [r.status for r in responses] == [200, 200]
-            await trio.sleep(0.1)  # the last FIN reaches the proxy, which recycles
+            # The last FIN reaches the proxy (another process), which
+            # recycles: until none of its upstream connections is left
+            # connected (a kernel state, polled with a bound).
+            await wait_until_disconnected_from(port)
             report = await proxy.stop()
     assert "proxy: 2 requests, responses 200=2, 0 aborted" in report
     assert "in_use=0" in report
@@ -270,7 +297,11 @@ async def test_fetcher_and_demo_run_clean(nursery: trio.Nursery) -> None:
             inner.start_soon(run, "demo", demo)
     fetched, demoed = results["fetcher"], results["demo"]
     assert fetched.returncode == 0, fetched.stdout.decode()
-    assert b"TIME_WAIT left on server" in fetched.stdout
+    # Only its own connections' entries: never negative, never more than its requests.
+    time_wait = re.search(rb"TIME_WAIT left on server +(-?\d+) +(-?\d+)", fetched.stdout)
+    assert time_wait is not None, fetched.stdout.decode()
+    assert int(time_wait[1]) == 0
+    assert 0 <= int(time_wait[2]) <= 100
     assert demoed.returncode == 0, demoed.stdout.decode()
     assert b"[ok] no TIME_WAIT on the upstream with recycling only" in demoed.stdout
     assert b"[ok] no TIME_WAIT on the upstream with keep-alive + recycling" in demoed.stdout
@@ -386,6 +417,9 @@ async def test_bytes_past_the_end_of_a_response_never_reach_the_next_client(
     catches it, the next request gets its own answer.
     """
 
+    # One message per poison sent: the test waits for it instead of a fixed sleep.
+    poison_sent, poison_seen = trio.open_memory_channel[None](math.inf)
+
     async def poisoner(stream: trio.SocketStream) -> None:
         async with stream:
             buffer = bytearray()
@@ -401,10 +435,12 @@ async def test_bytes_past_the_end_of_a_response_never_reach_the_next_client(
                 answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
                 if gap is None:
                     await stream.send_all(answer + POISON)
+                    poison_sent.send_nowait(None)
                     continue
                 await stream.send_all(answer)
                 await trio.sleep(gap)
                 await stream.send_all(POISON)
+                poison_sent.send_nowait(None)
 
     port = await start_raw_upstream(nursery, poisoner)
     with trio.fail_after(TEST_TIMEOUT):
@@ -412,7 +448,10 @@ async def test_bytes_past_the_end_of_a_response_never_reach_the_next_client(
             for number in range(4):
                 (response,) = await run_all.exchange(proxy.address, get(f"/{number}"))
                 assert (response.status, response.body) == (200, f"/{number}".encode())
-                await trio.sleep(0.1)  # the poison is on its way or there
+                # The poison is sent, and the proxy's pool has acted on it
+                # (its watch, or release()) before the next request.
+                await poison_seen.receive()
+                await trio.testing.wait_all_tasks_blocked()
             stats = await settled(proxy.pool)
     assert stats.kept_alive == 0
     assert stats.discarded + stats.parked + stats.idle <= stats.created
@@ -570,3 +609,39 @@ def test_run_all_checks_every_example() -> None:
     covered = {script for _, scripts in run_all.CHECKS for script in scripts}
     scripts = {path.name for path in EXAMPLES.glob("*.py") if not path.name.startswith("_")}
     assert scripts - run_all.NOT_EXAMPLES <= covered
+
+
+async def test_udp_query_skips_an_answer_to_another_query(nursery: trio.Nursery) -> None:
+    """A datagram with another query's id (a late answer to an earlier port owner) is skipped and counted."""
+    server = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    async def answer_late_first() -> None:
+        with server:
+            data, address = await server.recvfrom(2048)
+            await server.sendto(b"answer query 999", address)
+            await server.sendto(b"answer " + data, address)
+
+    nursery.start_soon(answer_late_first)
+    skipped: Counter[str] = Counter()
+    async with trio_recycle.open_socket_pool(capacity=1) as pool:
+        with trio.fail_after(TEST_TIMEOUT):
+            assert await udp_query.query(pool, "127.0.0.1", port, 7, skipped) == b"answer query 7"
+    assert skipped == Counter({"answers to other queries": 1})
+
+
+def test_fetcher_counts_time_wait_of_its_own_connections_only() -> None:
+    """A TIME_WAIT entry on the server's port from a client port the run never used does not count."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client_port = client.getsockname()[1]
+            conn, _ = listener.accept()
+            conn.close()  # the server closes first: its side goes to TIME_WAIT after our FIN
+        for _ in range(500):
+            if fetcher.count_time_wait(port, {client_port}) == 1:
+                break
+            time.sleep(0.01)
+        assert fetcher.count_time_wait(port, {client_port}) == 1
+        assert fetcher.count_time_wait(port, {client_port + 1 if client_port < 65535 else 1}) == 0

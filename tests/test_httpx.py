@@ -540,13 +540,18 @@ async def test_aclose_of_tls_stream_does_not_wait_for_close_notify(
 
 
 async def test_start_tls_that_cannot_make_its_ssl_stream_gives_the_socket_back() -> None:
-    """A server_hostname the ssl module refuses: the ValueError, and the connection closed, not left to the GC."""
+    """A server_hostname the ssl module refuses: the ValueError, and the connection closed, not left to the GC.
+
+    The message is the ssl module's and differs between versions (Python
+    3.10 with trio 0.25 says "encoding with 'idna' codec failed", later
+    ones name server_hostname): only the type is ours to check.
+    """
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             stream = await RecyclingBackend(pool).connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=5)
-            with pytest.raises(ValueError, match="server_hostname") as info:
+            with pytest.raises(ValueError) as info:
                 await stream.start_tls(ssl.create_default_context(), server_hostname=".leading.dot", timeout=5)
             assert info.value is not None  # the traceback, alive, holds no open stream
             assert pool.statistics().in_use == 0

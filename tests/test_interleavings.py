@@ -799,7 +799,9 @@ async def _run_in_pool(world: World, config: Config) -> None:
                 async with trio.open_nursery() as nursery:
                     for number, steps in enumerate(world.program.tasks):
                         nursery.start_soon(run_task, world, number, steps)
-                await trio.sleep(0.01)  # let the servers see what the last steps did
+                # Let the servers and the pool's tasks act on what the last
+                # steps did: until every task waits, not a fixed time.
+                await trio.testing.wait_all_tasks_blocked()
                 world.log.append("all tasks done")
                 check(world)
         finally:

@@ -552,8 +552,15 @@ def _peek(sock: socket.socket) -> bytes | None:
 # The watch
 
 
-async def test_peer_close_while_parked_is_idle_within_50_ms(start_server: StartServer, loopback: str) -> None:
-    """The server's idle timeout: the parked connection is disconnected at once; no TIME_WAIT anywhere."""
+async def test_peer_close_while_parked_is_idle_within_50_ms(
+    start_server: StartServer, loopback: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The server's idle timeout: the parked connection is disconnected at once; no TIME_WAIT anywhere.
+
+    "At once" without a stopwatch: on the mock clock, the watch has acted
+    as soon as every task waits, with no time passing (no timer of its own
+    is involved, so a busy machine cannot make it late).
+    """
     server = await start_server(keep_alive(KeepAlive(idle=0.05)), loopback)
     async with trio_recycle.open_socket_pool(capacity=1) as pool:
         stream = await pool.open_tcp_stream(loopback, server.port)
@@ -561,8 +568,10 @@ async def test_peer_close_while_parked_is_idle_within_50_ms(start_server: StartS
         await stream.release()
         finished = server.finished
         await until(lambda: server.finished > finished)
-        took = await until(lambda: pool.statistics().idle == 1)
-        assert took < 0.05
+        closed_at = trio.current_time()
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.statistics().idle == 1
+        assert trio.current_time() == closed_at
         stats = pool.statistics()
         assert (stats.parked, stats.recycled, stats.discarded) == (0, 1, 0)
         check(pool)
@@ -573,8 +582,13 @@ async def test_peer_close_while_parked_is_idle_within_50_ms(start_server: StartS
         await stream.aclose()
 
 
-async def test_watch_closes_a_connection_that_gets_unsolicited_bytes(start_server: StartServer) -> None:
-    """Response-queue poisoning while parked: the watch closes the connection; nobody reads the bytes."""
+async def test_watch_closes_a_connection_that_gets_unsolicited_bytes(
+    start_server: StartServer, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Response-queue poisoning while parked: the watch closes the connection; nobody reads the bytes.
+
+    On the mock clock: the watch has closed it once every task waits, with no time passing.
+    """
     late = trio.Event()
     server = await start_server(keep_alive(KeepAlive(late=(late, POISON))))
     async with trio_recycle.open_socket_pool(capacity=1) as pool:
@@ -582,8 +596,10 @@ async def test_watch_closes_a_connection_that_gets_unsolicited_bytes(start_serve
         await exchange(stream, b"one")
         await stream.release()
         late.set()
-        took = await until(lambda: pool.statistics().parked == 0)
-        assert took < 0.05
+        sent_at = trio.current_time()
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.statistics().parked == 0
+        assert trio.current_time() == sent_at
         stream = await pool.open_tcp_stream(server.host, server.port)
         assert not stream.kept_alive
         assert await exchange(stream, b"two") == (2, 1, b"two")
@@ -741,7 +757,11 @@ async def test_capacity_per_peer_holds_when_an_attempt_takes_over_a_hanging_sibl
                     opened.append(await pool.open_tcp_stream("slow.test", server.port, happy_eyeballs_delay=0.5))
 
                 nursery.start_soon(open_slow)
-                await trio.sleep(1)  # the second attempt, toward the held peer, is past its delay
+                # The second attempt, toward the held peer, is past its delay
+                # and waits (a pool state, polled: bounded, not a fixed sleep).
+                with trio.fail_after(5):
+                    while pool.statistics().tasks_waiting < 1:  # noqa: ASYNC110 - the waiter is inside the pool
+                        await trio.sleep(0.01)
                 assert checks.peer_count(pool, peer) == 1
                 assert not opened
                 assert pool.statistics().tasks_waiting == 1
@@ -837,9 +857,16 @@ async def test_exit_closes_parked_connections_and_the_watch(start_server: StartS
 
 @pytest.mark.parametrize("config", [KeepAlive(requests=3), KeepAlive(idle=0.02)], ids=["K=3", "idle=20ms"])
 async def test_servers_that_close_cost_no_failed_exchange_when_idle(
-    start_server: StartServer, config: KeepAlive
+    start_server: StartServer, config: KeepAlive, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Closes seen while parked are absorbed by the watch; a close after the K-th answer costs one retry at most."""
+    """Closes seen while parked are absorbed by the watch; a close after the K-th answer costs one retry at most.
+
+    On the mock clock, so that the server's idle timer fires only while
+    everything waits (in the sleeps below), never in the middle of an
+    exchange because the machine is busy; and the parked connections are
+    checked only once the server and the watch have run (a FIN that has
+    just arrived is the watch's to handle, within its 50 ms).
+    """
     server = await start_server(keep_alive(config))
     failures = 0
     async with trio_recycle.open_socket_pool(capacity=2) as pool:
@@ -856,11 +883,15 @@ async def test_servers_that_close_cost_no_failed_exchange_when_idle(
             await stream.release()
             if n % 5 == 4:
                 await trio.sleep(0.03)
+            await trio.testing.wait_all_tasks_blocked()
             check(pool)
         stats = pool.statistics()
     assert stats.created <= 2
     assert stats.recycled > 0
     assert failures <= 40 // 3 + 1
+    if config.idle is not None:
+        # Idle closes happen only while the connection is parked: the watch absorbs every one.
+        assert failures == 0
 
 
 async def test_server_closing_at_random(start_server: StartServer) -> None:

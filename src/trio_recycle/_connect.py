@@ -40,6 +40,11 @@ import trio
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
 
+# The argument checks live in _arguments; imported here under their old
+# names, which the tests use.
+from ._arguments import validate_delay as validate_delay
+from ._arguments import validate_endpoint as validate_endpoint
+from ._arguments import validate_local_address as validate_local_address
 from ._close import drain_datagrams
 from ._lifecycle import State
 
@@ -82,70 +87,6 @@ class SocketSource(Protocol):
 
     @property
     def closed(self) -> bool: ...
-
-
-def validate_endpoint(host: object, port: object) -> None:
-    """Check ``host``/``port`` like trio.open_tcp_stream, naming the argument.
-
-    Raises:
-      TypeError: host is not str or bytes, or port is not an int.
-      ValueError: port is outside 1-65535.
-    """
-    if not isinstance(host, (str, bytes)):
-        raise TypeError(f"host must be str or bytes, not {host!r}")
-    if not isinstance(port, int) or isinstance(port, bool):
-        raise TypeError(f"port must be int, not {port!r}")
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port must be in range 1-65535, not {port!r}")
-
-
-_LOCAL_CACHE_SIZE = 512
-_local_addresses: set[str] = set()
-
-
-def validate_local_address(local_address: object) -> None:
-    """Check ``local_address``: None, or an IPv4 or IPv6 literal (a scope ID allowed).
-
-    A host name is refused rather than resolved: ``bind()`` would resolve
-    it with a blocking lookup inside the event loop. NUL bytes are refused
-    because the C library would silently cut the string there.
-
-    Raises:
-      TypeError: not a str.
-      ValueError: not an IP literal; the message names ``local_address``.
-    """
-    if local_address is None:
-        return
-    # Before the cache lookup: an unhashable value would fail there with a
-    # message that does not name the argument.
-    if not isinstance(local_address, str):
-        raise TypeError(f"local_address must be str or None, not {local_address!r}")
-    if local_address in _local_addresses:
-        return
-    if "\x00" not in local_address:
-        try:
-            socket.getaddrinfo(local_address, 0, flags=socket.AI_NUMERICHOST)
-        except (socket.gaierror, UnicodeError):
-            pass
-        else:
-            if len(_local_addresses) >= _LOCAL_CACHE_SIZE:
-                _local_addresses.clear()
-            _local_addresses.add(local_address)
-            return
-    raise ValueError(
-        f"local_address must be an IPv4 or IPv6 address literal such as '127.0.0.1' or '::1', "
-        f"not {local_address!r} (a host name is not resolved: bind() would block the event loop)"
-    )
-
-
-def validate_delay(happy_eyeballs_delay: object) -> None:
-    """Check ``happy_eyeballs_delay``: None, or a number >= 0 that is not NaN."""
-    if happy_eyeballs_delay is None:
-        return
-    if not isinstance(happy_eyeballs_delay, (int, float)) or isinstance(happy_eyeballs_delay, bool):
-        raise TypeError(f"happy_eyeballs_delay must be a number or None, not {happy_eyeballs_delay!r}")
-    if math.isnan(happy_eyeballs_delay) or happy_eyeballs_delay < 0:
-        raise ValueError(f"happy_eyeballs_delay must be >= 0, not {happy_eyeballs_delay!r}")
 
 
 def _format_host_port(host: str | bytes, port: int) -> str:

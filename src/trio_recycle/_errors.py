@@ -37,9 +37,10 @@ def pool_closed_error() -> trio.ClosedResourceError:
 
 def wrong_run_error(what: str) -> RuntimeError:
     """The error for a call from a trio.run other than the pool's."""
+    whose = "was opened in another trio.run" if what == "SocketPool" else "belongs to a pool opened in another trio.run"
     return RuntimeError(
-        f"this {what} belongs to a trio_recycle.SocketPool of another trio.run: a pool, its streams and "
-        "its UDP sockets may only be used from the run (the thread) that opened the pool"
+        f"this trio_recycle.{what} {whose}: a pool, its streams and its UDP sockets may only be used "
+        "from the run (the thread) that opened the pool"
     )
 
 

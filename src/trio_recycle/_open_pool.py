@@ -1,23 +1,29 @@
-"""open_socket_pool: the async context manager that checks a pool's options and binds it to a nursery."""
+"""open_socket_pool: check the arguments, open the nursery, yield the pool, close everything."""
+
+# What open_socket_pool returns is an async context manager and nothing
+# else; a program that forgets the `async with` and calls a pool method on
+# it gets an AttributeError that says how to write it, where a bare
+# contextlib.asynccontextmanager object would only say that it has no
+# attribute 'open_tcp_stream'.
 
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal, NoReturn, final
 
 import trio
 
+from ._arguments import check_bool, check_capacity, check_number, check_socket_options, probe_socket_options
 from ._disconnect import can_recycle
 from ._isn import peer_affinity_for
 from ._pool import SocketPool
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
+    from contextlib import AbstractAsyncContextManager
+    from types import TracebackType
 
-    from ._pooled_socket import SocketOption
-
-__all__ = ["open_socket_pool"]
+__all__ = ["PoolOpener", "open_socket_pool"]
 
 #: Default for ``open_socket_pool(capacity=...)``.
 DEFAULT_CAPACITY: Final = 64
@@ -28,46 +34,41 @@ DEFAULT_DRAIN_LIMIT: Final = 65536
 #: Default for ``open_socket_pool(keepalive_expiry=...)``, in seconds.
 DEFAULT_KEEPALIVE_EXPIRY: Final = 5.0
 
-
-_C_INT_MIN: Final = -(2**31)
-_C_INT_MAX: Final = 2**31 - 1
+_USE_ASYNC_WITH = "use `async with trio_recycle.open_socket_pool(...) as pool:` and call the pool's methods on `pool`"
 
 
-def _check_options(socket_options: Iterable[SocketOption]) -> tuple[SocketOption, ...]:
-    try:
-        options = tuple(socket_options)
-    except TypeError:
-        raise TypeError(
-            f"socket_options must be an iterable of (level, option, value) triples, not {socket_options!r}"
-        ) from None
-    for item in options:
-        if (
-            not isinstance(item, tuple)
-            or len(item) != 3
-            or not all(isinstance(part, int) for part in item[:2])
-            or not isinstance(item[2], (int, bytes))
-        ):
-            raise TypeError(
-                f"socket_options entries must be (level: int, option: int, value: int | bytes), not {item!r}"
-            )
-        # setsockopt() takes C ints; a larger int fails only at socket
-        # creation, and a value with a misleading "bytes-like object" error.
-        if not all(_C_INT_MIN <= part <= _C_INT_MAX for part in item if isinstance(part, int)):
-            raise ValueError(f"socket_options entries must hold C int values (32-bit signed), not {item!r}")
-    return options
+@final
+class PoolOpener:
+    """What `open_socket_pool` returns: use it with ``async with``, which gives the `SocketPool`."""
+
+    __slots__ = ("_manager",)
+
+    def __init__(self, manager: AbstractAsyncContextManager[SocketPool]) -> None:
+        self._manager = manager
+
+    async def __aenter__(self) -> SocketPool:
+        return await self._manager.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        return await self._manager.__aexit__(exc_type, exc_value, traceback)
+
+    def __getattr__(self, name: str) -> NoReturn:
+        # Only for names the class lacks: open_tcp_stream, statistics, ...
+        raise AttributeError(
+            f"open_socket_pool() returns an async context manager, not a SocketPool, so it has no "
+            f"attribute {name!r}: {_USE_ASYNC_WITH}"
+        )
+
+    def __repr__(self) -> str:
+        return "<trio_recycle.open_socket_pool() context manager: use it with async with>"
 
 
-def _check_number(name: str, value: object, *, integer: bool) -> None:
-    kinds: tuple[type, ...] = (int,) if integer else (int, float)
-    if not isinstance(value, kinds) or isinstance(value, bool):
-        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, not {value!r}")
-    assert isinstance(value, (int, float))
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be >= 0, not {value!r}")
-
-
-@contextlib.asynccontextmanager
-async def open_socket_pool(
+def open_socket_pool(
     *,
     capacity: int = DEFAULT_CAPACITY,
     eof_timeout: float = DEFAULT_EOF_TIMEOUT,
@@ -77,7 +78,7 @@ async def open_socket_pool(
     socket_options: Iterable[tuple[int, int, int | bytes]] = (),
     keepalive_expiry: float = DEFAULT_KEEPALIVE_EXPIRY,
     capacity_per_peer: int | None = None,
-) -> AsyncIterator[SocketPool]:
+) -> AbstractAsyncContextManager[SocketPool]:
     """Open a `SocketPool` for the duration of an ``async with`` block.
 
     ::
@@ -92,13 +93,15 @@ async def open_socket_pool(
     for it, and every socket it creates. When the block exits, every socket
     is closed, every stream still open is closed with it, every background
     task is cancelled, and tasks waiting for capacity get
-    `trio.ClosedResourceError`.
+    `trio.ClosedResourceError`. The arguments are checked, and the
+    ``socket_options`` tried on a throwaway socket, when the block is
+    entered.
 
     Args:
-      capacity: The most sockets the pool owns at once, idle, in use and
-          draining together. Opens beyond it wait, first come first served.
-          64 by default: enough concurrency for a busy upstream, far below
-          the usual 1024-descriptor limit.
+      capacity: The most sockets the pool owns at once: idle, in use,
+          draining and parked together. Opens beyond it wait, first come
+          first served. 64 by default: enough concurrency for a busy
+          upstream, far below the usual 1024-descriptor limit.
       eof_timeout: Seconds a closed stream's socket waits for the peer's FIN
           before it is closed instead of recycled. 5 by default: a peer that
           closes after answering does so within milliseconds, and a socket
@@ -123,7 +126,11 @@ async def open_socket_pool(
           the pool creates, after the defaults (``TCP_NODELAY`` on and
           ``TCP_NOTSENT_LOWAT`` 16 KiB for TCP, as in `trio.SocketStream`).
           Options the kernel resets on disconnect (``TCP_MAXSEG``,
-          ``TCP_WINDOW_CLAMP``) are set again after every recycle.
+          ``TCP_WINDOW_CLAMP``) are set again after every recycle. They are
+          tried once when the pool opens, on a throwaway TCP socket per
+          address family they apply to (not one of the pool's:
+          `PoolStatistics.created` does not count it), so that a triple the kernel refuses fails
+          there, named, rather than every open later.
       keepalive_expiry: Seconds a live connection given back with
           `RecyclingStream.release` stays parked at most; then the pool
           closes it politely (our FIN, then the usual drain). 5 by default,
@@ -135,38 +142,68 @@ async def open_socket_pool(
           `RecyclingStream.kept_alive` lets a protocol retry a request that
           meets the close in flight.
           ``math.inf`` keeps connections parked until the peer closes them.
+          0 is refused: it would close every released connection at once,
+          with our FIN first (a TIME_WAIT on our side), which is what
+          ``aclose()`` does already; a program that wants no keep-alive
+          calls ``aclose()`` instead of ``release()``.
       capacity_per_peer: The most sockets in use, draining or parked
           toward one peer address at once (idle sockets are disconnected
           and count for nobody); None (the default) sets no limit below
-          ``capacity``. What aiohttp calls ``limit_per_host`` and nginx
-          ``max_conns``: one slow upstream cannot take the whole pool.
-          Opens beyond it wait without holding up opens to other peers.
+          ``capacity``, and a value above ``capacity`` is refused. What
+          aiohttp calls ``limit_per_host`` and nginx ``max_conns``: one
+          slow upstream cannot take the whole pool. Opens beyond it wait
+          without holding up opens to other peers.
 
-    Yields:
-      SocketPool: the open pool.
+    Returns:
+      An async context manager; ``async with`` gives the open `SocketPool`.
+      Any attribute of it (``open_tcp_stream``, after a forgotten ``async
+      with``) raises `AttributeError` saying to use ``async with``.
 
     Raises:
       TypeError: an argument has the wrong type (the message names it).
-      ValueError: ``capacity`` or ``capacity_per_peer`` < 1, a negative or
-          NaN ``eof_timeout``, ``drain_limit`` or ``keepalive_expiry``, or a
-          ``socket_options`` int that does not fit a C int.
+      ValueError: ``capacity`` or ``capacity_per_peer`` < 1,
+          ``capacity_per_peer`` > ``capacity``; a negative or NaN
+          ``eof_timeout``, ``drain_limit`` or ``keepalive_expiry``, one too
+          large for a float, or ``keepalive_expiry`` 0; a ``socket_options``
+          int that does not fit a C int, or a triple the kernel does not
+          know (the message names it).
+      OSError: the kernel refused a ``socket_options`` triple for another
+          reason, such as `PermissionError` for a privileged option.
     """
-    if not isinstance(capacity, int) or isinstance(capacity, bool):
-        raise TypeError(f"capacity must be an int, not {capacity!r}")
-    if capacity < 1:
-        raise ValueError(f"capacity must be >= 1, not {capacity!r}")
-    _check_number("eof_timeout", eof_timeout, integer=False)
-    _check_number("drain_limit", drain_limit, integer=True)
+    return PoolOpener(
+        _open_socket_pool(
+            capacity=capacity,
+            eof_timeout=eof_timeout,
+            drain_limit=drain_limit,
+            peer_affinity=peer_affinity,
+            recycle=recycle,
+            socket_options=socket_options,
+            keepalive_expiry=keepalive_expiry,
+            capacity_per_peer=capacity_per_peer,
+        )
+    )
+
+
+@contextlib.asynccontextmanager
+async def _open_socket_pool(
+    *,
+    capacity: int,
+    eof_timeout: float,
+    drain_limit: int,
+    peer_affinity: bool | Literal["auto"],
+    recycle: bool,
+    socket_options: Iterable[tuple[int, int, int | bytes]],
+    keepalive_expiry: float,
+    capacity_per_peer: int | None,
+) -> AsyncIterator[SocketPool]:
+    check_capacity(capacity, capacity_per_peer)
+    check_number("eof_timeout", eof_timeout, integer=False)
+    check_number("drain_limit", drain_limit, integer=True)
     affinity = peer_affinity_for(peer_affinity)
-    if not isinstance(recycle, bool):
-        raise TypeError(f"recycle must be a bool, not {recycle!r}")
-    options = _check_options(socket_options)
-    _check_number("keepalive_expiry", keepalive_expiry, integer=False)
-    if capacity_per_peer is not None:
-        if not isinstance(capacity_per_peer, int) or isinstance(capacity_per_peer, bool):
-            raise TypeError(f"capacity_per_peer must be an int or None, not {capacity_per_peer!r}")
-        if capacity_per_peer < 1:
-            raise ValueError(f"capacity_per_peer must be >= 1 or None, not {capacity_per_peer!r}")
+    check_bool("recycle", recycle)
+    options = check_socket_options(socket_options)
+    check_number("keepalive_expiry", keepalive_expiry, integer=False, positive=True)
+    probe_socket_options(options)
     body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         pool = SocketPool._open(

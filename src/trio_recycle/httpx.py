@@ -20,7 +20,7 @@ under it, for programs that use httpcore directly.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final, Union, final
+from typing import TYPE_CHECKING, Final, final
 
 try:
     import httpcore
@@ -33,6 +33,7 @@ except ImportError as _exc:  # pragma: no cover - the tests run with the extra
 import attrs
 import trio
 
+from ._arguments import HttpcoreSocketOption, check_httpcore_socket_options
 from ._httpcore_stream import NetworkStream, deadline, give_back_if_cancelled
 
 if TYPE_CHECKING:
@@ -49,16 +50,7 @@ __all__ = ["RecyclingBackend", "RecyclingTransport"]
 #: httpcore's socket options: ``(level, option, int)``, ``(level, option,
 #: bytes)`` and ``(level, option, None, optlen)``, as for
 #: :meth:`socket.socket.setsockopt`.
-SocketOption = Union[  # noqa: UP007 - a runtime alias, as in httpcore
-    tuple[int, int, int],
-    tuple[int, int, Union[bytes, bytearray]],  # noqa: UP007
-    tuple[int, int, None, int],
-]
-
-#: setsockopt() takes C ints: Python raises TypeError or OverflowError for
-#: anything wider, and only once a socket has been taken from the pool.
-_C_INT_MIN: Final = -(2**31)
-_C_INT_MAX: Final = 2**31 - 1
+SocketOption = HttpcoreSocketOption
 
 #: Most idle keep-alive connections httpx keeps by default.
 _HTTPX_KEEPALIVE_CONNECTIONS: Final = 20
@@ -67,29 +59,10 @@ _HTTPX_KEEPALIVE_EXPIRY: Final = 5.0
 
 
 def _check_socket_options(socket_options: Iterable[SocketOption] | None) -> tuple[SocketOption, ...]:
+    # The pool's own validator, with httpcore's shapes: one set of C-int bounds.
     if socket_options is None:
         return ()
-    try:
-        options = tuple(socket_options)
-    except TypeError:
-        raise TypeError(f"socket_options must be an iterable of tuples, not {socket_options!r}") from None
-    for option in options:
-        valid = isinstance(option, tuple) and all(isinstance(part, int) for part in option[:2])
-        if valid and len(option) == 3:
-            valid = isinstance(option[2], (int, bytes, bytearray))
-        elif valid and len(option) == 4:
-            valid = option[2] is None and isinstance(option[3], int)
-        else:
-            valid = False
-        if not valid:
-            raise TypeError(
-                "socket_options entries must be (level, option, int), (level, option, bytes)"
-                f" or (level, option, None, optlen), not {option!r}"
-            )
-        ints = [part for part in option if isinstance(part, int)]
-        if not all(_C_INT_MIN <= part <= _C_INT_MAX for part in ints) or (len(option) == 4 and ints[-1] < 0):
-            raise ValueError(f"socket_options entries must hold C int values (32-bit signed), not {option!r}")
-    return options
+    return check_httpcore_socket_options(socket_options)
 
 
 @final
