@@ -1,0 +1,104 @@
+"""TCP states toward one server port, read from /proc/net/tcp and /proc/net/tcp6.
+
+On loopback both ends of a connection are listed: the server's entry has
+the server's port as its local port, the client's as its remote port. The
+kernel lists TIME_WAIT entries there too (state 06), which is how we tell
+which side kept one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from typing import Final
+
+import attrs
+import trio
+
+#: /proc/net/tcp's state numbers (include/net/tcp_states.h).
+STATES: Final = {
+    "01": "ESTABLISHED",
+    "02": "SYN_SENT",
+    "03": "SYN_RECV",
+    "04": "FIN_WAIT1",
+    "05": "FIN_WAIT2",
+    "06": "TIME_WAIT",
+    "07": "CLOSE",
+    "08": "CLOSE_WAIT",
+    "09": "LAST_ACK",
+    "0A": "LISTEN",
+    "0B": "CLOSING",
+}
+
+
+@attrs.frozen
+class Entry:
+    local: str
+    remote: str
+    local_port: int
+    remote_port: int
+    state: str
+
+
+def entries(port: int) -> list[Entry]:
+    """Every TCP entry with ``port`` at either end."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                local, remote, state = fields[1], fields[2], fields[3]
+                local_port = int(local.rsplit(":", 1)[1], 16)
+                remote_port = int(remote.rsplit(":", 1)[1], 16)
+                if port in (local_port, remote_port):
+                    found.append(Entry(local, remote, local_port, remote_port, STATES.get(state, state)))
+    return found
+
+
+@attrs.frozen
+class Snapshot:
+    """The TIME_WAIT entries toward a port at one moment, by side."""
+
+    server: frozenset[tuple[str, str]]
+    client: frozenset[tuple[str, str]]
+
+
+def snapshot(port: int) -> Snapshot:
+    server, client = set(), set()
+    for entry in entries(port):
+        if entry.state == "TIME_WAIT":
+            (server if entry.local_port == port else client).add((entry.local, entry.remote))
+    return Snapshot(frozenset(server), frozenset(client))
+
+
+@attrs.frozen
+class Left:
+    """What a run left toward a server: new TIME_WAIT entries by side, and sockets still closing."""
+
+    server_time_wait: int
+    client_time_wait: int
+    #: Entries neither TIME_WAIT nor LISTEN after the wait, by side and state.
+    lingering: dict[str, int]
+
+
+async def settle(port: int, before: Snapshot, *, timeout: float = 3.0) -> Left:
+    """Wait (at most ``timeout``) until nothing toward ``port`` is still closing, then count what was left.
+
+    A socket closes in steps the kernel takes after the last system call
+    (FIN_WAIT2 to TIME_WAIT when the peer's FIN comes); what is counted is
+    the state once they are done, or whatever is still on the way.
+    """
+    lingering: Counter[str] = Counter()
+    with trio.move_on_after(timeout):
+        while True:
+            lingering = Counter(
+                f"{'server' if e.local_port == port else 'client'} {e.state}"
+                for e in entries(port)
+                if e.state not in ("TIME_WAIT", "LISTEN")
+            )
+            if not lingering:
+                break
+            await trio.sleep(0.02)
+    after = snapshot(port)
+    return Left(len(after.server - before.server), len(after.client - before.client), dict(lingering))
