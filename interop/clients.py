@@ -117,9 +117,16 @@ async def _get(client: httpx.AsyncClient, port: int, path: str, outcome: Outcome
 
 
 async def _drive(
-    client: httpx.AsyncClient, port: int, outcome: Outcome, *, tasks: int, size: int, requests: int, pauses: Sequence[float]
+    client: httpx.AsyncClient,
+    port: int,
+    outcome: Outcome,
+    *,
+    tasks: int,
+    size: int,
+    requests: int,
+    pauses: Sequence[float],
 ) -> None:
-    """``requests`` GETs from ``tasks`` tasks; or, with ``pauses``, bursts of one GET per task with those pauses between."""
+    """``requests`` GETs from ``tasks`` tasks; or, with ``pauses``, bursts of one GET per task, paused between."""
     if pauses:
         number = 0
         for pause in (None, *pauses):
@@ -165,7 +172,8 @@ async def run_httpx(
                     # Streams httpcore closed before the server's FIN wait
                     # for it in the pool's drain: count them once done.
                     with trio.move_on_after(pool_eof_wait()):
-                        while pool.statistics().draining:
+                        # The pool has no event for an empty drain: look again.
+                        while pool.statistics().draining:  # noqa: ASYNC110
                             await trio.sleep(0.01)
                     outcome.stats = stats_dict(pool.statistics())
             else:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 #: Distinct paths per body size: enough that a misrouted answer is seen.
 PATHS: Final = 32

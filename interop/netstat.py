@@ -65,7 +65,8 @@ class Snapshot:
 
 
 def snapshot(port: int) -> Snapshot:
-    server, client = set(), set()
+    server: set[tuple[str, str]] = set()
+    client: set[tuple[str, str]] = set()
     for entry in entries(port):
         if entry.state == "TIME_WAIT":
             (server if entry.local_port == port else client).add((entry.local, entry.remote))
@@ -82,15 +83,16 @@ class Left:
     lingering: dict[str, int]
 
 
-async def settle(port: int, before: Snapshot, *, timeout: float = 3.0) -> Left:
-    """Wait (at most ``timeout``) until nothing toward ``port`` is still closing, then count what was left.
+async def settle(port: int, before: Snapshot, *, within: float = 3.0) -> Left:
+    """Wait (at most ``within`` seconds) until nothing toward ``port`` is still closing, then count what was left.
 
     A socket closes in steps the kernel takes after the last system call
     (FIN_WAIT2 to TIME_WAIT when the peer's FIN comes); what is counted is
     the state once they are done, or whatever is still on the way.
     """
     lingering: Counter[str] = Counter()
-    with trio.move_on_after(timeout):
+    # The kernel tells no one when a socket changes state: look again.
+    with trio.move_on_after(within):
         while True:
             lingering = Counter(
                 f"{'server' if e.local_port == port else 'client'} {e.state}"

@@ -114,29 +114,31 @@ async def _max_requests(port: int, limit: int) -> int | None:
 
 async def measure(port: int, *, limit: float, request_limit: int) -> Defaults:
     """The three figures, measured at the same time on three connections."""
-    results: dict[str, object] = {}
+    idle: list[tuple[h11.Response, float | None]] = []
+    fin: list[tuple[h11.Response, float | None]] = []
+    most: list[int | None] = []
 
-    async def run(name: str, job: object) -> None:
-        results[name] = await job  # type: ignore[misc]
+    async def timed(into: list[tuple[h11.Response, float | None]], our_fin: bool) -> None:
+        into.append(await _timed_close(port, our_fin=our_fin, limit=limit))
+
+    async def count() -> None:
+        most.append(await _max_requests(port, request_limit))
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run, "idle", _timed_close(port, our_fin=False, limit=limit))
-        nursery.start_soon(run, "fin", _timed_close(port, our_fin=True, limit=limit))
-        nursery.start_soon(run, "max", _max_requests(port, request_limit))
-    response, idle = results["idle"]  # type: ignore[misc]
-    _, fin = results["fin"]  # type: ignore[misc]
+        nursery.start_soon(timed, idle, False)
+        nursery.start_soon(timed, fin, True)
+        nursery.start_soon(count)
+    response, idle_timeout = idle[0]
     connection = _header(response, b"connection")
     keep_alive = _header(response, b"keep-alive")
-    advertised = ", ".join(
-        part for part in (connection and f"Connection: {connection}", keep_alive and f"Keep-Alive: {keep_alive}") if part
-    )
-    closes = (connection or "").lower() == "close"
+    advertised = [f"Connection: {connection}"] if connection else []
+    advertised += [f"Keep-Alive: {keep_alive}"] if keep_alive else []
     return Defaults(
-        advertised or "-",
-        closes,
-        idle,
-        results["max"],  # type: ignore[arg-type]
-        fin,
+        ", ".join(advertised) or "-",
+        (connection or "").lower() == "close",
+        idle_timeout,
+        most[0],
+        fin[0][1],
         limit,
         request_limit,
     )
