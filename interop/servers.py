@@ -5,7 +5,9 @@ written here, that says where to listen, where its files and logs go, and
 nothing about keep-alive: what is measured is the server's default. Where
 we are root, the server's workers run as ``www-data`` (the Debian
 packages' user), so nothing runs as root but the masters that drop to it.
-No system service is started and nothing outside the directory is touched.
+node, which does not drop root by itself, is started as ``www-data``; the
+Python servers run as we do. No system service is started and nothing
+outside the directory is touched.
 Each server runs in a session of its own and its whole process group is
 stopped at the end (SIGTERM, SIGKILL after `STOP_TIMEOUT`), also on
 failure or cancellation.
@@ -60,6 +62,10 @@ class ServerKind:
     #: The idle timeout the bursts straddle, in seconds; None for a server
     #: that closes after every response. Checked against the measured one.
     nominal_idle: float | None
+    #: False for a server that does not drop root by itself: it is started as
+    #: `USER`. The Python servers run as we do: their interpreter (a venv's,
+    #: often over a pyenv under root's home) need not be readable by `USER`.
+    drops_root: bool = True
 
     def missing(self) -> str | None:
         """Why the server cannot run here, or None."""
@@ -77,7 +83,14 @@ def find_binary(name: str) -> str | None:
 
 
 def _privileged_user() -> str | None:
+    """`USER` where we are root and it exists, else None (the server runs as we do)."""
     if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
         return None
     return USER
 
@@ -211,7 +224,7 @@ def _gunicorn(root: Path, docroot: Path, port: int) -> list[str]:
     return [
         sys.executable,
         *("-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--worker-class", "sync"),
-        *("--worker-tmp-dir", str(root), "interop.apps:wsgi"),
+        *("--worker-tmp-dir", str(_run_dir(root)), "interop.apps:wsgi"),
     ]
 
 
@@ -229,7 +242,7 @@ SERVERS: Final = (
     ServerKind("apache", "Apache 2.4 mpm_event", "apache2", "apt", _apache, "apache2", 5.0),
     ServerKind("lighttpd", "lighttpd", "lighttpd", "apt", _lighttpd, "lighttpd", 6.0),
     ServerKind("h2o", "h2o", "h2o", "apt", _h2o, "h2o", 10.0),
-    ServerKind("node", "node http module", "nodejs", "apt", _node, "node", 6.0),
+    ServerKind("node", "node http module", "nodejs", "apt", _node, "node", 6.0, drops_root=False),
     ServerKind("uvicorn", "uvicorn (h11)", "uvicorn", "pip", _uvicorn, "uvicorn", 5.0),
     ServerKind("hypercorn", "hypercorn", "hypercorn", "pip", _hypercorn, "hypercorn", 5.0),
     ServerKind("gunicorn", "gunicorn sync worker", "gunicorn", "pip", _gunicorn, "gunicorn", None),
@@ -294,6 +307,7 @@ async def run_server(kind: ServerKind) -> AsyncIterator[int]:
         docroot = write_docroot(root)
         port = free_port()
         log = root / "server.log"
+        user = None if kind.drops_root else _privileged_user()
         with log.open("wb") as out:
             process = await trio.lowlevel.open_process(
                 kind.command(root, docroot, port),
@@ -302,6 +316,9 @@ async def run_server(kind: ServerKind) -> AsyncIterator[int]:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                user=user,
+                group=user,
+                extra_groups=[] if user else None,
             )
         try:
             await _wait_accepting(port, process, log)
