@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 #: The pool's capacity: as many sockets as the most tasks, so ``created``
-#: above it means sockets were thrown away and made again.
+#: above it means sockets were thrown away and made again (or, in a larger
+#: pool, made while others it held sat unused).
 CAPACITY: Final = 16
 #: Seconds one run may take before it counts as hung.
 RUN_LIMIT: Final = 180.0
@@ -158,15 +159,19 @@ async def run_httpx(
     requests: int = 0,
     pauses: Sequence[float] = (),
     case: str,
+    capacity: int = CAPACITY,
 ) -> Outcome:
-    """One run of httpx, through the pool (``pooled``) or stock, and what it left."""
-    outcome = Outcome(server, "httpx+pool" if pooled else "httpx stock", case)
+    """One run of httpx, through a pool of ``capacity`` (``pooled``) or stock, and what it left."""
+    actor = "httpx stock"
+    if pooled:
+        actor = "httpx+pool" if capacity == CAPACITY else f"httpx+pool({capacity})"
+    outcome = Outcome(server, actor, case)
     before = netstat.snapshot(port)
     sockets = count_sockets()
     try:
         with trio.fail_after(RUN_LIMIT):
             if pooled:
-                async with trio_recycle.open_socket_pool(capacity=CAPACITY) as pool:
+                async with trio_recycle.open_socket_pool(capacity=capacity) as pool:
                     async with httpx.AsyncClient(transport=RecyclingTransport(pool)) as client:
                         await _drive(client, port, outcome, tasks=tasks, size=size, requests=requests, pauses=pauses)
                     # Streams httpcore closed before the server's FIN wait
