@@ -9,6 +9,8 @@ which side kept one.
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from collections import Counter
 from typing import Final
 
@@ -31,6 +33,10 @@ STATES: Final = {
 }
 
 
+#: /proc/net/tcp's timer field counts clock ticks.
+_TICK: Final = 1 / os.sysconf("SC_CLK_TCK")
+
+
 @attrs.frozen
 class Entry:
     local: str
@@ -38,11 +44,14 @@ class Entry:
     local_port: int
     remote_port: int
     state: str
+    #: For a TIME_WAIT entry: when it ends, on `time.monotonic`'s clock.
+    ends: float
 
 
 def entries(port: int) -> list[Entry]:
     """Every TCP entry with ``port`` at either end."""
     found = []
+    now = time.monotonic()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(FileNotFoundError), open(table) as lines:
             next(lines)
@@ -52,25 +61,39 @@ def entries(port: int) -> list[Entry]:
                 local_port = int(local.rsplit(":", 1)[1], 16)
                 remote_port = int(remote.rsplit(":", 1)[1], 16)
                 if port in (local_port, remote_port):
-                    found.append(Entry(local, remote, local_port, remote_port, STATES.get(state, state)))
+                    ends = now + int(fields[5].split(":")[1], 16) * _TICK
+                    found.append(Entry(local, remote, local_port, remote_port, STATES.get(state, state), ends))
     return found
 
 
 @attrs.frozen
 class Snapshot:
-    """The TIME_WAIT entries toward a port at one moment, by side."""
+    """The TIME_WAIT entries toward a port at one moment, by side: 4-tuple -> when it ends."""
 
-    server: frozenset[tuple[str, str]]
-    client: frozenset[tuple[str, str]]
+    server: dict[tuple[str, str], float]
+    client: dict[tuple[str, str], float]
+
+    def new_since(self, before: Snapshot) -> tuple[int, int]:
+        """Entries made since ``before``: new 4-tuples, and old ones whose timer started again.
+
+        A 4-tuple can come back within a run (the kernel lets a new
+        connection reuse one in TIME_WAIT), so a set difference alone would
+        miss the entry it leaves.
+        """
+        return _new(self.server, before.server), _new(self.client, before.client)
+
+
+def _new(now: dict[tuple[str, str], float], then: dict[tuple[str, str], float]) -> int:
+    return sum(1 for key, ends in now.items() if key not in then or ends > then[key] + 1.0)
 
 
 def snapshot(port: int) -> Snapshot:
-    server: set[tuple[str, str]] = set()
-    client: set[tuple[str, str]] = set()
+    server: dict[tuple[str, str], float] = {}
+    client: dict[tuple[str, str], float] = {}
     for entry in entries(port):
         if entry.state == "TIME_WAIT":
-            (server if entry.local_port == port else client).add((entry.local, entry.remote))
-    return Snapshot(frozenset(server), frozenset(client))
+            (server if entry.local_port == port else client)[(entry.local, entry.remote)] = entry.ends
+    return Snapshot(server, client)
 
 
 @attrs.frozen
@@ -102,5 +125,5 @@ async def settle(port: int, before: Snapshot, *, within: float = 3.0) -> Left:
             if not lingering:
                 break
             await trio.sleep(0.02)
-    after = snapshot(port)
-    return Left(len(after.server - before.server), len(after.client - before.client), dict(lingering))
+    server, client = snapshot(port).new_since(before)
+    return Left(server, client, dict(lingering))
