@@ -32,7 +32,7 @@ is set (``.ci/run``).
 Run it::
 
     nox -s interop                       # the CI profile, about 3 minutes
-    nox -s interop -- --full             # 2,000 requests per case, finer pauses, nginx's 75 s too
+    nox -s interop -- --full             # 2,000 requests per case, 9 pauses, nginx's 75 s: about 20 minutes
     python -m interop --servers apache,node --json results.json
 
 It needs the ``examples`` and ``httpx`` extras, uvicorn, hypercorn and

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 #: above it means sockets were thrown away and made again (or, in a larger
 #: pool, made while others it held sat unused).
 CAPACITY: Final = 16
-#: Seconds one run may take before it counts as hung.
+#: Seconds one run may take, beyond its pauses, before it counts as hung.
 RUN_LIMIT: Final = 180.0
 
 _sockets: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("interop_sockets", default=None)
@@ -169,7 +169,7 @@ async def run_httpx(
     before = netstat.snapshot(port)
     sockets = count_sockets()
     try:
-        with trio.fail_after(RUN_LIMIT):
+        with trio.fail_after(RUN_LIMIT + sum(pauses)):
             if pooled:
                 async with trio_recycle.open_socket_pool(capacity=capacity) as pool:
                     async with httpx.AsyncClient(transport=RecyclingTransport(pool)) as client:
@@ -185,7 +185,7 @@ async def run_httpx(
                 async with httpx.AsyncClient() as client:
                     await _drive(client, port, outcome, tasks=tasks, size=size, requests=requests, pauses=pauses)
     except trio.TooSlowError:
-        outcome.fail("hang", f"run not done within {RUN_LIMIT} s")
+        outcome.fail("hang", f"run not done within {RUN_LIMIT + sum(pauses):g} s")
     outcome.sockets = sockets[0]
     if outcome.stats is not None:
         outcome.accounting = accounting_problems(outcome.stats, outcome.sockets)

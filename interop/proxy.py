@@ -127,7 +127,7 @@ async def run_proxy(
     output = bytearray()
     clients: list[_Client] = []
     try:
-        with trio.fail_after(RUN_LIMIT):
+        with trio.fail_after(RUN_LIMIT + sum(pauses)):
             while b"listening on " not in output or not output.endswith(b"\n"):
                 chunk = await process.stdout.receive_some(RECEIVE)
                 if not chunk:
@@ -137,7 +137,7 @@ async def run_proxy(
             clients = [_Client(proxy_port, outcome) for _ in range(CONNECTIONS)]
             await _load(clients, requests, pauses)
     except trio.TooSlowError:
-        outcome.fail("hang", f"run not done within {RUN_LIMIT} s")
+        outcome.fail("hang", f"run not done within {RUN_LIMIT + sum(pauses):g} s")
     except _ClientError as exc:
         outcome.fail("proxy start", str(exc))
     finally:
