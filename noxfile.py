@@ -1,4 +1,4 @@
-"""Sessions: tests, tests_min, coverage, lint, typecheck, docs, examples, build, bench, demo (``nox -l`` lists them)."""
+"""Sessions: tests, tests_min, coverage, lint, typecheck, docs, examples, build, bench, demo, interop (``nox -l``)."""
 
 from __future__ import annotations
 
@@ -209,6 +209,22 @@ def examples(session: nox.Session) -> None:
     """Run every example script end to end against local servers."""
     session.install(".[examples,httpx]")
     session.run("python", "examples/run_all.py", *session.posargs)
+
+
+#: The app servers ``nox -s interop`` runs (pip); the others come from apt (.ci/run).
+INTEROP_SERVERS = ["uvicorn", "hypercorn", "gunicorn"]
+
+
+@nox.session
+def interop(session: nox.Session) -> None:
+    """trio-recycle against real servers (nginx, Apache, lighttpd, h2o, node, uvicorn, hypercorn, gunicorn).
+
+    ``nox -s interop -- --full`` for the long profile, ``-- --help`` for the
+    rest. A server that is not installed is skipped locally and fails the
+    session in CI (the CI environment variable).
+    """
+    session.install(".[examples,httpx]", *INTEROP_SERVERS)
+    session.run("python", "-m", "interop", *session.posargs)
 
 
 @nox.session
