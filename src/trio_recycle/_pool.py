@@ -49,6 +49,7 @@ import attrs
 import outcome
 import trio
 
+from . import _pressure
 from ._connect import (
     all_failed,
     connect_pooled,
@@ -549,6 +550,11 @@ class SocketPool:
                     psock = self._create(_Request(family, type, proto, local_address, key, peer, origin))
                     self._give(psock, peer)
                     return psock
+        # A layer closed an idle connection of its own (_pressure.py): its socket is back, try again.
+        if _pressure.relieve(self):
+            return await self.acquire_socket(
+                family, type, proto, local_address, peer, replacing=replacing, origin=origin
+            )
         request = _Request(family, type, proto, local_address, key, peer, origin)
         task = trio.lowlevel.current_task()
         self._waiters[task] = request
@@ -559,7 +565,8 @@ class SocketPool:
             self._waiters.pop(task, None)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        psock = await trio.lowlevel.wait_task_rescheduled(abort)
+        with _pressure.waiting(self):
+            psock = await trio.lowlevel.wait_task_rescheduled(abort)
         assert isinstance(psock, PooledSocket)
         # Granted, then the pool closed before this task ran: the socket
         # is gone with the pool.
