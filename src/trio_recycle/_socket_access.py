@@ -35,7 +35,9 @@ def format_address(address: object) -> str:
 class Home(Protocol):
     """What a stream or UDP socket needs from its pool (the pool implements it)."""
 
-    def return_socket(self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool) -> None: ...
+    def return_socket(
+        self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool, idle: bool = False
+    ) -> None: ...
 
     def release_socket(
         self, psock: PooledSocket, *, eof_seen: bool, eof_sent: bool, healthy: bool, parkable: bool
