@@ -309,6 +309,16 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         """
         if _current_trio_token() is not self._token:
             raise wrong_run_error("RecyclingStream")
+        self._end_now()
+        await trio.lowlevel.checkpoint()
+
+    def _end_now(self, *, idle: bool = False) -> None:
+        """`aclose` without its checkpoint: the stream is closed and its socket handed back on return.
+
+        For a protocol layer that must end an idle connection from
+        synchronous code (trio_recycle.httpx). ``idle``: the layer vouches
+        that no answer is owed either way (`SocketPool.return_socket`).
+        """
         if not self._closed:
             self._closed = True
             # notify_closing() wakes tasks blocked on the socket and drops it
@@ -323,8 +333,8 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
                 eof_seen=self._eof_seen,
                 eof_sent=self._eof_sent,
                 healthy=self._healthy,
+                idle=idle and not (self._send_cut or self._receive_cut or self._sending or self._waiting),
             )
-        await trio.lowlevel.checkpoint()
 
     async def release(self) -> None:
         """End the stream and give its live connection back for another exchange.
