@@ -181,7 +181,7 @@ class NetworkStream(httpcore.AsyncNetworkStream):
         await self._stream.aclose()
 
     def end_idle(self) -> None:
-        """Close an idle connection now, without awaiting; its socket is back in the pool on return.
+        """Close a connection httpcore holds idle now, without awaiting; its socket is back in the pool on return.
 
         For `trio_recycle.httpx`'s reclaimer: httpcore still holds the
         connection, sees it readable, hence expired, and drops it at its next
@@ -191,7 +191,9 @@ class NetworkStream(httpcore.AsyncNetworkStream):
         self._reclaimed = True
         transport = self._transport
         if isinstance(transport, RecyclingStream):
-            transport._end_now(idle=self._answered)
+            # Idle as httpcore sees it: no request in progress, every answer
+            # read (HTTP/1.1: h11 back to IDLE; HTTP/2: no open stream).
+            transport._end_now(idle=True)
 
     @property
     def reclaimable(self) -> bool:
