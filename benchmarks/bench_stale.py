@@ -9,6 +9,8 @@ closed connection, and the client gets "Server disconnected without
 sending a response" or a reset. Three clients make the same requests:
 
 * ``httpx``          -- ``httpx.AsyncClient()`` with its defaults (keep-alive, no retry);
+* ``RecyclingTransport`` -- ``httpx.AsyncClient(transport=RecyclingTransport(pool))``,
+  which resends an idempotent request that failed that way;
 * ``pool, no retry`` -- ``pool.open_tcp_stream`` and ``stream.release()``, failing as httpx does;
 * ``pool + retry``   -- the same, and a request that failed before any byte
   of the answer on a connection that ``stream.kept_alive`` says was
@@ -66,7 +68,7 @@ if TYPE_CHECKING:
 DEFAULT_OUT: Final = HERE / "results"
 #: Seconds one request may take before it counts as failed.
 REQUEST_TIMEOUT: Final = 10.0
-CLIENTS: Final = ("httpx", "pool, no retry", "pool + retry")
+CLIENTS: Final = ("httpx", "RecyclingTransport", "pool, no retry", "pool + retry")
 
 
 @attrs.frozen
@@ -157,6 +159,20 @@ async def run_one(name: str, settings: Settings, httpx: Any) -> Result:
                     return body
 
                 await load(result, settings, fetch)
+        elif name == "RecyclingTransport":
+            from trio_recycle.httpx import RecyclingTransport
+
+            async with (
+                trio_recycle.open_socket_pool(capacity=settings.clients) as pool,
+                httpx.AsyncClient(transport=RecyclingTransport(pool)) as client,
+            ):
+
+                async def fetch(path: str) -> bytes:
+                    response = await client.get(f"http://{host}:{port}{path}")
+                    body: bytes = response.content
+                    return body
+
+                await load(result, settings, fetch)
         else:
             async with trio_recycle.open_socket_pool(capacity=settings.clients) as pool:
                 if name == "pool + retry":
@@ -191,7 +207,7 @@ async def main(settings: Settings) -> int:
     except ImportError:
         httpx = None
         print("httpx is not installed: its client is skipped (pip install httpx; nox -s bench installs it)")
-    names = [name for name in CLIENTS if name != "httpx" or httpx is not None]
+    names = [name for name in CLIENTS if not name.endswith(("httpx", "Transport")) or httpx is not None]
     print(
         f"the stale-connection race: upstream idle timeout = client pause = {settings.gap:g} s"
         f" (+-{100 * settings.jitter:g} %);"
