@@ -8,7 +8,7 @@ control), against servers in this process (tests/conftest.py's
 from __future__ import annotations
 
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
@@ -24,6 +24,7 @@ pytest.importorskip("httpcore", reason="needs the httpx extra: pip install 'trio
 import httpcore
 import httpx
 
+from trio_recycle._httpcore_stream import NetworkStream
 from trio_recycle.httpx import RecyclingBackend, RecyclingTransport
 
 #: Makes the transport of a client: ours over ``pool``, or stock httpx's (the control).
@@ -296,9 +297,30 @@ async def test_stale_connection_race_is_retried_for_idempotent_requests(
             # Not idempotent: never sent twice.
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.post(url, content=b"x")
+            assert (await client.get(url)).status_code == 200
+            # Idempotent, but its body was streamed and is gone: not sent twice either.
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.put(url, content=body())
         else:
             with pytest.raises(httpx.RemoteProtocolError):
                 await client.get(url)
+
+
+async def body() -> AsyncIterator[bytes]:
+    yield b"streamed"
+
+
+async def test_a_connection_reclaimed_under_a_request_sends_it_elsewhere(start_server: StartServer) -> None:
+    """Reclaimed after httpcore gave it to a request: its write raises ConnectionNotAvailable ("try another")."""
+    server = await start_server(keep_alive_server([]))
+    async with trio_recycle.open_socket_pool(capacity=2) as pool:
+        stream = await RecyclingBackend(pool).connect_tcp("127.0.0.1", server.port)
+        assert isinstance(stream, NetworkStream)
+        stream.end_idle()
+        assert pool.statistics().in_use == 0
+        with pytest.raises(httpcore.ConnectionNotAvailable):
+            await stream.write(b"GET / HTTP/1.1\r\n\r\n")
+        await stream.aclose()
 
 
 # ----------------------------------------------------------------------
@@ -354,7 +376,6 @@ async def test_idle_connections_closed_by_httpx_leave_no_time_wait(
 
 async def test_reclaim_reaches_httpcore_where_we_expect(start_server: StartServer) -> None:
     """Fails loudly if a new httpcore moves the network stream the reclaimer ends (_connection._network_stream)."""
-    from trio_recycle._httpcore_stream import NetworkStream
     from trio_recycle.httpx import _network_stream
 
     server = await start_server(keep_alive_server([]))
