@@ -35,7 +35,7 @@ Run it with::
 It needs httpx (``nox -s bench`` installs it; the httpx client is skipped
 with a message without it). Results: a table on stdout, and ``stale.md``
 and ``stale.json`` in ``benchmarks/results`` (``--out``). The exit status
-is 1 if ``pool + retry`` lost a request.
+is 1 if ``pool + retry`` or ``RecyclingTransport`` lost a request.
 """
 
 from __future__ import annotations
@@ -270,7 +270,8 @@ async def main(settings: Settings) -> int:
     }
     (settings.out / "stale.json").write_text(json.dumps(document, indent=2) + "\n")
     print(f"wrote {settings.out / 'stale.md'} and {settings.out / 'stale.json'}")
-    return 1 if any(sum(r.failures.values()) for r in results["pool + retry"]) else 0
+    retrying = [name for name in ("pool + retry", "RecyclingTransport") if name in results]
+    return 1 if any(sum(r.failures.values()) for name in retrying for r in results[name]) else 0
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
