@@ -9,6 +9,8 @@ closed connection, and the client gets "Server disconnected without
 sending a response" or a reset. Three clients make the same requests:
 
 * ``httpx``          -- ``httpx.AsyncClient()`` with its defaults (keep-alive, no retry);
+* ``RecyclingTransport`` -- ``httpx.AsyncClient(transport=RecyclingTransport(pool))``,
+  which resends an idempotent request that failed that way;
 * ``pool, no retry`` -- ``pool.open_tcp_stream`` and ``stream.release()``, failing as httpx does;
 * ``pool + retry``   -- the same, and a request that failed before any byte
   of the answer on a connection that ``stream.kept_alive`` says was
@@ -33,7 +35,7 @@ Run it with::
 It needs httpx (``nox -s bench`` installs it; the httpx client is skipped
 with a message without it). Results: a table on stdout, and ``stale.md``
 and ``stale.json`` in ``benchmarks/results`` (``--out``). The exit status
-is 1 if ``pool + retry`` lost a request.
+is 1 if ``pool + retry`` or ``RecyclingTransport`` lost a request.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ if TYPE_CHECKING:
 
 #: Seconds one request may take before it counts as failed.
 REQUEST_TIMEOUT: Final = 10.0
-CLIENTS: Final = ("httpx", "pool, no retry", "pool + retry")
+CLIENTS: Final = ("httpx", "RecyclingTransport", "pool, no retry", "pool + retry")
 
 
 @attrs.frozen
@@ -145,6 +147,20 @@ async def run_one(name: str, settings: Settings, httpx: Any) -> Result:
                     return body
 
                 await load(result, settings, fetch)
+        elif name == "RecyclingTransport":
+            from trio_recycle.httpx import RecyclingTransport
+
+            async with (
+                trio_recycle.open_socket_pool(capacity=settings.clients) as pool,
+                httpx.AsyncClient(transport=RecyclingTransport(pool)) as client,
+            ):
+
+                async def fetch(path: str) -> bytes:
+                    response = await client.get(f"http://{host}:{port}{path}")
+                    body: bytes = response.content
+                    return body
+
+                await load(result, settings, fetch)
         else:
             async with trio_recycle.open_socket_pool(capacity=settings.clients) as pool:
                 if name == "pool + retry":
@@ -171,7 +187,7 @@ async def run_all(settings: Settings) -> dict[str, list[Result]]:
     except ImportError:
         httpx = None
         print("httpx is not installed: its client is skipped (pip install httpx; nox -s bench installs it)")
-    names = [name for name in CLIENTS if name != "httpx" or httpx is not None]
+    names = [name for name in CLIENTS if not name.endswith(("httpx", "Transport")) or httpx is not None]
     print(
         f"the stale-connection race: upstream idle timeout = client pause = {settings.gap:g} s"
         f" (+-{100 * settings.jitter:g} %);"
@@ -223,7 +239,10 @@ def render(doc: report.Document) -> report.Report:
         reasons += [f"- {name}: {count} x {reason}" for reason, count in total.most_common(3)]
     out.table(["client", "requests", "failed", "failed per 1000", "idle closes by the upstream"], cells)
     out.add("Most frequent failures:\n\n" + "\n".join(reasons) if reasons else "No failures.")
-    lost = sum(sum(r.failures.values()) for r in results.get("pool + retry", []))
+    # The two clients that retry the race: neither may lose a request.
+    lost = sum(
+        sum(r.failures.values()) for name in ("pool + retry", "RecyclingTransport") for r in results.get(name, [])
+    )
     out.verdicts.append(judge(target("stale", "lost"), lost, measured=str(lost)))
     return out
 

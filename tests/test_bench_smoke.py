@@ -83,6 +83,8 @@ def test_bench_stale_quick_run_loses_no_request_with_the_retry(tmp_path: Path) -
     assert [sum(run["failures"].values()) for run in retried] == [0]
     assert retried[0]["requests"] == 200
     assert "| pool + retry | 200 | 0 |" in (tmp_path / "stale.md").read_text()
+    transport = document["runs"]["RecyclingTransport"]
+    assert [sum(run["failures"].values()) for run in transport] == [0]
 
 
 def _strace_works() -> bool:

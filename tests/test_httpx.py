@@ -310,8 +310,8 @@ async def test_read_timeout_then_next_request_works(start_http_server: StartServ
     assert stats.in_use == 0
 
 
-async def test_connect_timeout_while_the_pool_is_full() -> None:
-    """Waiting for a pool socket counts as connecting: httpx.ConnectTimeout, and nobody is left waiting."""
+async def test_pool_timeout_while_the_pool_is_full() -> None:
+    """A wait for a pool socket that times out is httpx.PoolTimeout naming the capacity; nobody is left waiting."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(8)
@@ -319,7 +319,7 @@ async def test_connect_timeout_while_the_pool_is_full() -> None:
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             holder = await pool.open_tcp_stream("127.0.0.1", port)
             async with httpx.AsyncClient(transport=RecyclingTransport(pool)) as client:
-                with pytest.raises(httpx.ConnectTimeout):
+                with pytest.raises(httpx.PoolTimeout, match=r"full.*capacity 1"):
                     await client.get(f"http://127.0.0.1:{port}/", timeout=httpx.Timeout(5.0, connect=0.1))
             assert pool.statistics().tasks_waiting == 0
             await holder.aclose()
@@ -713,7 +713,7 @@ async def test_connect_unix_socket_without_the_pool(tmp_path: Path) -> None:
             response = await client.get("http://unix/")
             assert response.content == b"uds"
             assert pool.statistics().created == 0
-        backend = RecyclingBackend(pool)
+            backend = RecyclingBackend(pool)
         stream = await backend.connect_unix_socket(path, timeout=5)
         assert stream.get_extra_info("socket").family == socket.AF_UNIX
         assert stream.get_extra_info("is_readable") is False
@@ -741,7 +741,7 @@ async def test_connect_unix_socket_option_refused_closes_it(tmp_path: Path) -> N
 
 
 async def test_pool_closed_under_the_client(start_http_server: StartServer) -> None:
-    """A response being read when the pool's block exits: httpx.ReadError; a request after it: ClosedResourceError."""
+    """A response being read when the pool's block exits: httpx.ReadError; then ConnectError saying so."""
     server = start_http_server("close")
     async with trio.open_nursery() as nursery:
         async with trio_recycle.open_socket_pool(capacity=2) as pool:
@@ -760,7 +760,7 @@ async def test_pool_closed_under_the_client(start_http_server: StartServer) -> N
             assert pool.statistics().in_use == 1
         with trio.fail_after(5):
             await failed.wait()
-    with pytest.raises(trio.ClosedResourceError, match="SocketPool is closed"):
+    with pytest.raises(httpx.ConnectError, match="SocketPool is closed"):
         await client.get(server.url("/"))
     await client.aclose()
 
@@ -789,13 +789,13 @@ async def test_httpx_private_attributes_are_where_we_expect() -> None:
                 connection = inner.create_connection(httpcore.URL("http://example.invalid/").origin)
                 assert connection._network_backend is transport._backend  # type: ignore[attr-defined]
             await transport.aclose()
-    from trio_recycle.httpx import _use_backend
+        from trio_recycle.httpx import _use_backend
 
-    class Moved:
-        pass
+        class Moved:
+            pass
 
-    with pytest.raises(RuntimeError, match=r"AsyncHTTPTransport\._pool\._network_backend"):
-        _use_backend(Moved(), RecyclingBackend(pool))  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match=r"AsyncHTTPTransport\._pool\._network_backend"):
+            _use_backend(Moved(), RecyclingBackend(pool))  # type: ignore[arg-type]
 
 
 async def test_default_limits_follow_the_pool_capacity() -> None:

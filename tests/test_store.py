@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 import trio
 import trio.testing
 
+from trio_recycle._in_flight import quiet
 from trio_recycle._pooled_socket import PooledSocket
 from trio_recycle._store import SocketStore
-from trio_recycle._watch import URGENT, quiet
+from trio_recycle._watch import URGENT
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Final, final
 import attrs
 import trio
 
+from . import _pressure
 from ._close import StreamEnd, Verdict, decide, discard_queued, wait_for_fin
 from ._errors import pool_closed_error
 from ._lifecycle import Ledger, State
@@ -93,6 +94,9 @@ class Capacity:
     _socket_options: tuple[SocketOption, ...]
     #: Where drains run: the pool's.
     _nursery: trio.Nursery
+    #: The SocketPool, by which protocol layers register their idle
+    #: connections (_pressure.py).
+    _pool: object
     ledger: Ledger[PooledSocket]
     store: SocketStore
     room: WaitingRoom[PooledSocket] = attrs.field(factory=WaitingRoom)
@@ -148,7 +152,12 @@ class Capacity:
             psock = self._take_now(request)
             if psock is not None:
                 return psock
-        granted = await self.room.wait(request)
+        # A layer closed an idle connection of its own (_pressure.py): its
+        # socket is back, try again (bounded: each call closes one).
+        if _pressure.relieve(self._pool):
+            return await self.acquire(family, type, proto, local_address, peer, replacing=replacing, origin=origin)
+        with _pressure.waiting(self._pool):
+            granted = await self.room.wait(request)
         if self.closed:
             # Granted, then the pool closed before this task ran: the
             # socket is gone with the pool.

@@ -23,6 +23,7 @@ from typing import Final, final
 import attrs
 import trio
 
+from ._in_flight import nothing_in_flight
 from ._tcp_state import FIN_RECEIVED, tcp_state
 
 __all__ = [
@@ -73,6 +74,10 @@ class StreamEnd:
     #: Nothing the stream saw forbids another exchange (no cut send or
     #: receive, no other task inside): only `release` asks.
     parkable: bool = False
+    #: The protocol layer vouches that no answer is owed either way (an
+    #: idle keep-alive connection httpx closes): with nothing in flight in
+    #: the kernel either, the disconnect itself ends the connection.
+    idle: bool = False
 
     @property
     def may_park(self) -> bool:
@@ -99,9 +104,14 @@ def decide(end: StreamEnd, sock: socket.socket, *, recycle: bool, drain_limit: i
     may be there, unread: sending ours first would move a peer that has
     closed from FIN_WAIT2 to TIME_WAIT), and sends our FIN before a drain
     unless `send_eof` did. ``recycle`` False (or an unhealthy end): CLOSE.
+    An ``idle`` end with nothing in flight is recycled at once.
     """
     if not (recycle and end.healthy):
         return CLOSE_NOW
+    if end.idle and not (end.eof_seen or end.eof_sent) and nothing_in_flight(sock):
+        # Its RST loses nothing and leaves no TIME_WAIT on either side,
+        # where our FIN would leave one here (I7 as of 0.3).
+        return (Verdict.RECYCLE, 0)
     eof, received = end.eof_seen, 0
     if not eof:
         try:

@@ -21,6 +21,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import select
 from typing import TYPE_CHECKING, final
@@ -33,12 +35,43 @@ from ._stream import RecyclingStream
 
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import Iterator
 
-__all__ = ["NetworkStream", "deadline", "give_back_if_cancelled"]
+__all__ = ["Exchange", "NetworkStream", "deadline", "exchange", "give_back_if_cancelled"]
 
 #: One of the two streams a NetworkStream can sit on: a pooled connection,
 #: or (``connect_unix_socket``) a plain trio socket stream.
 Transport = RecyclingStream | trio.SocketStream
+
+
+@final
+@attrs.define(eq=False)
+class Exchange:
+    """One request through `trio_recycle.httpx`, as its connection saw it (for the stale-connection retry).
+
+    Set in a context variable around the request; the first write names
+    the connection, and whether it had served a request before; a read
+    that returns data marks that the answer has begun.
+    """
+
+    stream: NetworkStream | None = None
+    reused: bool = False
+    received: bool = False
+
+
+#: The `Exchange` of the request being sent in this context, if any.
+_exchange: contextvars.ContextVar[Exchange | None] = contextvars.ContextVar("trio_recycle_exchange", default=None)
+
+
+@contextlib.contextmanager
+def exchange() -> Iterator[Exchange]:
+    """A fresh `Exchange` for the request sent inside the block."""
+    cell = Exchange()
+    token = _exchange.set(cell)
+    try:
+        yield cell
+    finally:
+        _exchange.reset(token)
 
 
 def deadline(timeout: float | None) -> float:
@@ -59,6 +92,18 @@ class NetworkStream(httpcore.AsyncNetworkStream):
     _stream: trio.abc.Stream
     _transport: Transport
     _poll: select.poll | None = None
+    #: `trio.current_time` of the last read or write: which idle connection
+    #: gives its socket back first (_pressure.py).
+    last_used: float = attrs.field(factory=trio.current_time)
+    #: Ended by `end_idle`, behind httpcore's back: the next request on it
+    #: must go to another connection.
+    _reclaimed: bool = False
+    #: The last read returned data and nothing since was written, cut short
+    #: or failed: for HTTP/1.1, an answer was read to its end, so a close
+    #: now owes the server nothing (the pool still checks the kernel's queues).
+    _answered: bool = False
+    #: Some read on this connection returned data (it has served a request).
+    served: bool = False
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         """Receive up to ``max_bytes``; ``b""`` at the server's EOF.
@@ -67,15 +112,25 @@ class NetworkStream(httpcore.AsyncNetworkStream):
           httpcore.ReadTimeout: nothing arrived within ``timeout`` seconds.
           httpcore.ReadError: the connection broke or was closed.
         """
+        self._answered = False
+        data = None
         try:
             if timeout is None:
-                return _as_bytes(await self._stream.receive_some(max_bytes))
-            with trio.CancelScope(deadline=deadline(timeout)):
-                return _as_bytes(await self._stream.receive_some(max_bytes))
+                data = _as_bytes(await self._stream.receive_some(max_bytes))
+            else:
+                with trio.CancelScope(deadline=deadline(timeout)):
+                    data = _as_bytes(await self._stream.receive_some(max_bytes))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise httpcore.ReadError(_describe(exc)) from exc
-        # Reached only when the deadline cancelled the receive.
-        raise httpcore.ReadTimeout(f"no data within {timeout} seconds")
+        if data is None:  # the deadline cancelled the receive
+            raise httpcore.ReadTimeout(f"no data within {timeout} seconds")
+        self.last_used = trio.current_time()
+        if data:
+            self._answered = self.served = True
+            exchange = _exchange.get()
+            if exchange is not None:
+                exchange.received = True
+        return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         """Send all of ``buffer``.
@@ -85,6 +140,18 @@ class NetworkStream(httpcore.AsyncNetworkStream):
               ``timeout`` seconds.
           httpcore.WriteError: the connection broke or was closed.
         """
+        if self._reclaimed:
+            # Closed by end_idle while httpcore still counted it idle (a
+            # request may have been given it just before): httpcore's pool
+            # takes this error to mean "try another connection".
+            await trio.lowlevel.checkpoint()
+            raise httpcore.ConnectionNotAvailable()
+        self._answered = False
+        exchange = _exchange.get()
+        if exchange is not None and exchange.stream is None:
+            exchange.stream = self
+            exchange.reused = self.served
+        self.last_used = trio.current_time()
         if not buffer:
             await trio.lowlevel.checkpoint()
             return
@@ -106,7 +173,33 @@ class NetworkStream(httpcore.AsyncNetworkStream):
         close_notify, and the pool looks for the server's FIN (or drains for
         it in the background) as for any `~trio_recycle.RecyclingStream`.
         """
+        transport = self._transport
+        if self._answered and isinstance(transport, RecyclingStream):
+            # Idle by the last exchange: the pool may end it with the
+            # disconnect itself, which leaves no TIME_WAIT (_in_flight.py).
+            transport._end_now(idle=True)
         await self._stream.aclose()
+
+    def end_idle(self) -> None:
+        """Close a connection httpcore holds idle now, without awaiting; its socket is back in the pool on return.
+
+        For `trio_recycle.httpx`'s reclaimer: httpcore still holds the
+        connection, sees it readable, hence expired, and drops it at its next
+        look; a request already given it gets `httpcore.ConnectionNotAvailable`
+        and goes to another connection.
+        """
+        self._reclaimed = True
+        transport = self._transport
+        if isinstance(transport, RecyclingStream):
+            # Idle as httpcore sees it: no request in progress, every answer
+            # read (HTTP/1.1: h11 back to IDLE; HTTP/2: no open stream).
+            transport._end_now(idle=True)
+
+    @property
+    def reclaimable(self) -> bool:
+        """Whether `end_idle` can end this connection (pooled, not yet closed)."""
+        transport = self._transport
+        return isinstance(transport, RecyclingStream) and not transport._closed
 
     async def start_tls(
         self,

@@ -27,8 +27,9 @@ import trio
 
 from ._close import StreamEnd
 from ._connect import all_failed, connect_socket
+from ._in_flight import quiet
 from ._lifecycle import State
-from ._watch import URGENT, quiet
+from ._watch import URGENT
 
 if TYPE_CHECKING:
     from ._capacity import Capacity

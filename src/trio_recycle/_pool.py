@@ -126,6 +126,7 @@ class SocketPool:
             eof_timeout,
             socket_options,
             nursery,
+            self,
             self._ledger,
             self._store,
         )

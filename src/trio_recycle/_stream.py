@@ -310,6 +310,16 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         """
         if _current_trio_token() is not self._token:
             raise wrong_run_error("RecyclingStream")
+        self._end_now()
+        await trio.lowlevel.checkpoint()
+
+    def _end_now(self, *, idle: bool = False) -> None:
+        """`aclose` without its checkpoint: the stream is closed and its socket handed back on return.
+
+        For a protocol layer that must end an idle connection from
+        synchronous code (trio_recycle.httpx). ``idle``: the layer vouches
+        that no answer is owed either way (`SocketPool.return_socket`).
+        """
         if not self._closed:
             self._closed = True
             # notify_closing() wakes tasks blocked on the socket and drops it
@@ -319,8 +329,8 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
             # same open file, so its registration stays valid.
             if self._waiting:
                 trio.lowlevel.notify_closing(self._sock)
-            self._home.return_socket(self._psock, StreamEnd(self._eof_seen, self._eof_sent, self._healthy))
-        await trio.lowlevel.checkpoint()
+            idle = idle and not (self._send_cut or self._receive_cut or self._sending or self._waiting)
+            self._home.return_socket(self._psock, StreamEnd(self._eof_seen, self._eof_sent, self._healthy, idle=idle))
 
     async def release(self) -> bool:
         """End the stream and give its live connection back for another exchange.

@@ -43,10 +43,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import select
-import socket
 from typing import TYPE_CHECKING, Final, final
 
 import attrs
@@ -57,29 +55,13 @@ if TYPE_CHECKING:
 
     from ._pooled_socket import PooledSocket
 
-__all__ = ["URGENT", "Watch", "quiet"]
+__all__ = ["URGENT", "Watch"]
 
 _EVENTS: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLPRI
 #: Events that mean bytes the peer sent unasked, however the peek reads.
 URGENT: Final = select.EPOLLPRI
 #: The most events one epoll.poll() returns when maxevents is not given.
 _MAX_EVENTS: Final = 1023
-_POLL_EVENTS: Final = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0)
-
-
-def quiet(sock: socket.socket) -> bool:
-    """Whether a connected socket has nothing to read: no bytes, no urgent byte, no FIN, no error (one poll(0)).
-
-    When something is there, a peek reads a pending error (as SO_ERROR
-    would), so that the close protocol that follows sees the state it left.
-    """
-    poller = select.poll()
-    poller.register(sock, _POLL_EVENTS)
-    if not poller.poll(0):
-        return True
-    with contextlib.suppress(OSError):
-        sock.recv(1, socket.MSG_PEEK)
-    return False
 
 
 @final

@@ -33,17 +33,17 @@ except ImportError as _exc:  # pragma: no cover - the tests run with the extra
 import attrs
 import trio
 
+from . import _pressure
 from ._arguments import HttpcoreSocketOption, check_httpcore_socket_options
-from ._httpcore_stream import NetworkStream, deadline, give_back_if_cancelled
+from ._httpcore_stream import NetworkStream, deadline, exchange, give_back_if_cancelled
+from ._pool import SocketPool
 
 if TYPE_CHECKING:
     import ssl
-    from collections.abc import Iterable
+    from collections.abc import AsyncIterator, Iterable, Iterator
     from types import TracebackType
 
     from typing_extensions import Self
-
-    from ._pool import SocketPool
 
 __all__ = ["RecyclingBackend", "RecyclingTransport"]
 
@@ -52,10 +52,35 @@ __all__ = ["RecyclingBackend", "RecyclingTransport"]
 #: :meth:`socket.socket.setsockopt`.
 SocketOption = HttpcoreSocketOption
 
-#: Most idle keep-alive connections httpx keeps by default.
-_HTTPX_KEEPALIVE_CONNECTIONS: Final = 20
 #: Seconds httpx keeps an idle keep-alive connection by default.
 _HTTPX_KEEPALIVE_EXPIRY: Final = 5.0
+
+#: Methods whose request may be sent twice with the effect of once (RFC 9110
+#: section 9.2.2): the ones the stale-connection retry resends. TRACE too.
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
+def _check_pool(pool: object, who: str) -> SocketPool:
+    """``pool``, if it is an open `SocketPool`; else the TypeError that says what it is instead."""
+    if not isinstance(pool, SocketPool):
+        hint = ""
+        if hasattr(pool, "__aenter__"):
+            hint = (
+                ": open_socket_pool() returns an async context manager;"
+                " use `async with trio_recycle.open_socket_pool(...) as pool:` and pass that pool"
+            )
+        raise TypeError(f"{who} takes an open trio_recycle.SocketPool, not {pool!r}{hint}")
+    try:
+        closed = pool.closed
+    except RuntimeError:  # another trio.run, or none: the first request says so
+        closed = False
+    if closed:
+        raise TypeError(f"{who} takes an open trio_recycle.SocketPool; {pool!r} has exited its `async with` block")
+    return pool
+
+
+def _backend_pool(pool: object) -> SocketPool:
+    return _check_pool(pool, "RecyclingBackend")
 
 
 def _check_socket_options(socket_options: Iterable[SocketOption] | None) -> tuple[SocketOption, ...]:
@@ -83,9 +108,14 @@ class RecyclingBackend(httpcore.AsyncNetworkBackend):
       pool: The `~trio_recycle.SocketPool` to take sockets from. It must
           outlive every connection made through this backend: when its
           ``async with`` block exits, connections still open are closed.
+
+    Raises:
+      TypeError: ``pool`` is not an open `~trio_recycle.SocketPool` (the
+          object ``open_socket_pool()`` returns is the context manager, not
+          the pool).
     """
 
-    _pool: SocketPool
+    _pool: SocketPool = attrs.field(converter=_backend_pool)
 
     async def connect_tcp(
         self,
@@ -98,7 +128,8 @@ class RecyclingBackend(httpcore.AsyncNetworkBackend):
         """Open a TCP connection to ``host:port`` with a socket from the pool.
 
         Waiting for a free socket when the pool is at capacity counts
-        against ``timeout``, like the connect itself.
+        against ``timeout``, like the connect itself; a timeout that finds
+        the open still waiting is `httpcore.PoolTimeout`.
 
         Args:
           host: The host name or address literal.
@@ -118,21 +149,34 @@ class RecyclingBackend(httpcore.AsyncNetworkBackend):
           httpcore.AsyncNetworkStream: the connection.
 
         Raises:
-          httpcore.ConnectTimeout: not connected within ``timeout``.
+          httpcore.PoolTimeout: no socket from the pool within
+              ``timeout``: it was full all along.
+          httpcore.ConnectTimeout: a socket, but not connected within
+              ``timeout``.
           httpcore.ConnectError: the name did not resolve, every address
-              refused or failed, or a socket option was refused.
+              refused or failed, a socket option was refused, or the
+              pool's block has exited.
           TypeError: ``socket_options`` has an entry of none of the three
               shapes.
           ValueError: a ``socket_options`` int does not fit a C int.
-          trio.ClosedResourceError: the pool's block has exited.
         """
         options = _check_socket_options(socket_options)
         try:
-            with trio.CancelScope(deadline=deadline(timeout)) as scope:
+            with _pressure.wait_cell() as cell, trio.CancelScope(deadline=deadline(timeout)) as scope:
                 stream = await self._pool.open_tcp_stream(host, port, local_address=local_address)
+        except trio.ClosedResourceError as exc:
+            raise httpcore.ConnectError(
+                f"cannot connect to {host}:{port}: the trio_recycle.SocketPool is closed"
+                " (its `async with open_socket_pool()` block has exited)"
+            ) from exc
         except OSError as exc:
             raise httpcore.ConnectError(str(exc) or repr(exc)) from exc
         if scope.cancelled_caught:
+            if cell.waiting:
+                raise httpcore.PoolTimeout(
+                    f"no socket for {host}:{port} within {timeout} seconds: the trio_recycle.SocketPool was full"
+                    f" (capacity {self._pool.statistics().capacity}, every socket in use, draining or parked)"
+                )
             raise httpcore.ConnectTimeout(f"not connected to {host}:{port} within {timeout} seconds")
         try:
             for option in options:
@@ -203,6 +247,19 @@ class RecyclingTransport(httpx.AsyncBaseTransport):
     `RecyclingBackend`. Close the transport (the client does, on exit)
     before the pool's block exits, so that every socket goes back.
 
+    Several transports (clients) may share one pool. A connection that
+    httpcore keeps idle holds its socket; when a task of any client must
+    wait for a socket, the pool first takes one back from an idle
+    connection (expired ones first, then the least recently used), so an
+    idle client never starves a busy one. A connection closed while idle
+    is ended by the disconnect itself when nothing is in flight: no
+    TIME_WAIT on either side.
+
+    An idempotent request (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) that
+    fails on a reused connection before any byte of its answer arrived
+    (the server closed the idle connection just as the request went out)
+    is sent once more, on a fresh connection.
+
     Args:
       pool: The `~trio_recycle.SocketPool` to take sockets from.
       verify: As for httpx: True, a CA bundle path, an `ssl.SSLContext`, or
@@ -212,18 +269,24 @@ class RecyclingTransport(httpx.AsyncBaseTransport):
       trust_env: As for httpx: read ``SSL_CERT_FILE`` and friends.
       http1: As for httpx.
       http2: As for httpx (needs the ``h2`` package).
-      limits: As for httpx. None (the default) means httpx's own defaults
-          (20 keep-alive connections for 5 seconds) with ``max_connections``
-          set to the pool's capacity instead of 100: httpcore's keep-alive
-          connections hold pool sockets, and a connection beyond the
-          pool's capacity would only wait in the pool, against its connect
-          timeout, while httpcore kept an idle one it could have closed.
+      limits: As for httpx. None (the default) means ``max_connections``
+          and ``max_keepalive_connections`` both at the pool's capacity,
+          with httpx's keep-alive expiry of 5 seconds. Not httpx's 100 and
+          20: a connection beyond the pool's capacity would only wait in
+          the pool, against its connect timeout; and with fewer keep-alive
+          connections than sockets, httpcore closes an idle connection
+          whenever it holds more than that many, so over many hosts most
+          requests would open a new connection (and leave a TIME_WAIT)
+          although the pool had room to keep it.
       proxy: As for httpx: the connections to the proxy come from the pool.
       uds: As for httpx; Unix sockets do not use the pool.
       local_address: As for httpx.
       retries: As for httpx: connect retries.
       socket_options: As for httpx; see `RecyclingBackend.connect_tcp` for
           how the pool treats them.
+
+    Raises:
+      TypeError: ``pool`` is not an open `~trio_recycle.SocketPool`.
     """
 
     def __init__(
@@ -244,15 +307,17 @@ class RecyclingTransport(httpx.AsyncBaseTransport):
     ) -> None:
         # Checked here too, so that a bad entry fails now, not at the first
         # request; and taken as a tuple, in case it is an iterator.
+        self._backend: Final = RecyclingBackend(pool)
+        pool = self._backend._pool
         options = None if socket_options is None else _check_socket_options(socket_options)
         if limits is None:
             capacity = pool.statistics().capacity
             limits = httpx.Limits(
                 max_connections=capacity,
-                max_keepalive_connections=min(_HTTPX_KEEPALIVE_CONNECTIONS, capacity),
+                max_keepalive_connections=capacity,
                 keepalive_expiry=_HTTPX_KEEPALIVE_EXPIRY,
             )
-        self._backend: Final = RecyclingBackend(pool)
+        self._socket_pool: Final = pool
         self._transport: Final = httpx.AsyncHTTPTransport(
             verify=verify,
             cert=cert,
@@ -266,14 +331,61 @@ class RecyclingTransport(httpx.AsyncBaseTransport):
             retries=retries,
             socket_options=options,
         )
-        _use_backend(self._transport, self._backend)
+        self._connections: Final = _use_backend(self._transport, self._backend)
+        _pressure.register(pool, self)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request``; see `httpx.AsyncBaseTransport.handle_async_request`."""
-        return await self._transport.handle_async_request(request)
+        with exchange() as sent:
+            try:
+                response = await self._transport.handle_async_request(request)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                if not (sent.reused and not sent.received and _replayable(request)):
+                    raise
+                # The stale-connection race: the server closed the idle
+                # connection as the request went out. Once more, on a
+                # fresh connection: every idle one to this origin may be as
+                # stale, so they go first.
+                self._end_idle(request)
+                response = await self._transport.handle_async_request(request)
+        return httpx.Response(
+            status_code=response.status_code,
+            headers=response.headers,
+            stream=_Relieving(response.stream, self._socket_pool),
+            extensions=response.extensions,
+        )
+
+    def idle_connections(self) -> Iterator[_pressure.Candidate]:
+        """The connections httpcore holds idle, for the pool to take back when a task must wait."""
+        for connection in self._connections.connections:
+            stream = _network_stream(connection)
+            if stream is not None and stream.reclaimable and connection.is_idle():
+                yield _pressure.Candidate(connection.has_expired(), stream.last_used, stream.end_idle)
+
+    def _end_idle(self, request: httpx.Request | None) -> None:
+        """End the idle connections to ``request``'s origin (None: every one) by the disconnect, when they can be.
+
+        Before the transport closes, so that an idle HTTP/2 connection, whose
+        close httpcore does not tell apart from one cut mid-stream, ends as
+        an idle HTTP/1.1 one does: no FIN, no drain, no TIME_WAIT.
+        """
+        origin = None
+        if request is not None:
+            url = request.url
+            origin = httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=b"/").origin
+        for connection in self._connections.connections:
+            stream = _network_stream(connection)
+            if (
+                stream is not None
+                and stream.reclaimable
+                and connection.is_idle()
+                and (origin is None or connection.can_handle_request(origin))
+            ):
+                stream.end_idle()
 
     async def aclose(self) -> None:
         """Close every connection; their sockets go back to the pool."""
+        self._end_idle(None)
         await self._transport.aclose()
 
     async def __aenter__(self) -> Self:
@@ -286,10 +398,64 @@ class RecyclingTransport(httpx.AsyncBaseTransport):
         exc_value: BaseException | None = None,
         traceback: TracebackType | None = None,
     ) -> None:
+        self._end_idle(None)
         await self._transport.__aexit__(exc_type, exc_value, traceback)
 
 
-def _use_backend(transport: httpx.AsyncHTTPTransport, backend: httpcore.AsyncNetworkBackend) -> None:
+def _replayable(request: httpx.Request) -> bool:
+    """Idempotent, and its body (if any) is in memory, so it can be sent again."""
+    if request.method.encode() not in _IDEMPOTENT:
+        return False
+    try:
+        request.content  # noqa: B018 - raises for a streaming body not read
+    except httpx.RequestNotRead:
+        return False
+    return True
+
+
+@final
+class _Relieving(httpx.AsyncByteStream):
+    """A response body that, once closed, lets tasks waiting in the pool take back the connection it left idle."""
+
+    def __init__(self, stream: httpx.AsyncByteStream | httpx.SyncByteStream, pool: SocketPool) -> None:
+        assert isinstance(stream, httpx.AsyncByteStream)
+        self._stream: Final = stream
+        self._pool: Final = pool
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for part in self._stream:
+            yield part
+
+    async def aclose(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            # Its connection is idle now, unless httpcore gave it to a
+            # request of this client: a task that waited for a socket
+            # meanwhile found nothing to take back when it began to wait.
+            for _ in range(_pressure.tasks_waiting(self._pool)):
+                if not _pressure.relieve(self._pool):
+                    break
+
+
+def _network_stream(connection: httpcore.AsyncConnectionInterface) -> NetworkStream | None:
+    """The stream under an httpcore connection from httpcore's public ``connections`` list, if it is ours.
+
+    The one read of a private attribute besides `_use_backend`'s:
+    `httpcore.AsyncHTTPConnection` keeps its HTTP/1.1 or HTTP/2 connection
+    in ``_connection``, which keeps its network stream in
+    ``_network_stream``. Anything else (a proxy's connection, a connection
+    still connecting, another httpcore) gives None, and is not reclaimed;
+    tests/test_httpx.py checks that the installed httpcore keeps them there.
+    """
+    inner = getattr(connection, "_connection", None)
+    stream = getattr(inner, "_network_stream", None)
+    return stream if isinstance(stream, NetworkStream) else None
+
+
+def _use_backend(
+    transport: httpx.AsyncHTTPTransport, backend: httpcore.AsyncNetworkBackend
+) -> httpcore.AsyncConnectionPool:
     """Make ``transport``'s httpcore pool open its connections through ``backend``.
 
     The one place that touches private attributes: httpx keeps its httpcore
@@ -299,6 +465,10 @@ def _use_backend(transport: httpx.AsyncHTTPTransport, backend: httpcore.AsyncNet
     connection it creates. If a new release moves either, fail here, when
     the transport is made, instead of quietly opening sockets outside the
     pool.
+
+    Returns:
+      httpcore.AsyncConnectionPool: the transport's httpcore pool, whose
+      public ``connections`` the reclaimer reads.
 
     Raises:
       RuntimeError: the installed httpx or httpcore keeps these elsewhere.
@@ -313,3 +483,4 @@ def _use_backend(transport: httpx.AsyncHTTPTransport, backend: httpcore.AsyncNet
             " RecyclingTransport cannot use this version: please report it"
         )
     pool._network_backend = backend
+    return pool
