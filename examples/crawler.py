@@ -90,7 +90,12 @@ async def answer(keepalive: bool, stream: trio.SocketStream) -> None:
         while True:
             with trio.move_on_after(SERVER_IDLE_TIMEOUT):
                 while (end := buffer.find(b"\r\n\r\n")) < 0 and len(buffer) < MAX_HEAD:
-                    data = await stream.receive_some()
+                    try:
+                        data = await stream.receive_some()
+                    except trio.BrokenResourceError:
+                        # A reset: the pool ended an idle keep-alive
+                        # connection it had to evict by the disconnect.
+                        return
                     if not data:
                         return
                     buffer += data

@@ -46,6 +46,7 @@ __all__ = [
     "assert_parked_clean",
     "bytes_queued",
     "check_pool",
+    "drains_cut",
     "counts_add_up",
     "fd_inodes",
     "idle_sockets",
@@ -128,6 +129,11 @@ def watch_epoll(pool: SocketPool) -> select.epoll | None:
 def watch_closed(pool: SocketPool) -> bool:
     """Whether the keep-alive watch was closed (the pool's exit)."""
     return pool._store._watch.closed
+
+
+def drains_cut(pool: SocketPool) -> int:
+    """Drains that gave way to a waiting task (their sockets closed before the peer's FIN)."""
+    return pool._ledger.drains_cut
 
 
 def peer_count(pool: SocketPool, peer: object) -> int:

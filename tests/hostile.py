@@ -215,8 +215,20 @@ async def start_hostile_server(
     listener = trio.SocketListener(sock)
 
     async def run_one(stream: trio.SocketStream) -> None:
-        conn = Conn(b"<%d>" % next(_tags), stream.socket.getpeername())
+        try:
+            peer: object = stream.socket.getpeername()
+        except OSError:
+            # Reset before this task ran: an idle keep-alive connection the
+            # pool ended by the disconnect (I7 as of 0.3) can be one.
+            peer = None
+        conn = Conn(b"<%d>" % next(_tags), peer)
         server.conns.append(conn)
+        if peer is None:
+            conn.reset = True
+            conn.done = True
+            await trio.aclose_forcefully(stream)
+            server.open_conns -= 1
+            return
         try:
             await handler(stream, conn, server)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

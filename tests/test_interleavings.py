@@ -42,6 +42,7 @@ import trio.testing
 from hypothesis import event, given, settings
 
 import trio_recycle
+from trio_recycle._in_flight import nothing_in_flight
 from trio_recycle._pooled_socket import PooledSocket
 
 from . import checks
@@ -308,24 +309,36 @@ def _check_server(world: World, server: HostileServer) -> None:
             # resets, by the kernel's rule. With recycling on, every close
             # before EOF drains first, so a reset is the pool's doing.
             m = next((m for m in world.streams.values() if world.conn_of.get(m.number) is conn), None)
-            if m is None:
+            cut = world.pool is not None and checks.drains_cut(world.pool) > 0
+            if m is not None:
+                candidates = [m]
+            else:
                 # Bytes too short to name their stream ("c") never map the
                 # connection: any broken stream of this server that could
-                # have sent them is the one (a dropped stream, say).
+                # have sent them may be the one (a dropped stream, say), or a
+                # released one (I7 as of 0.3, below).
                 data = bytes(conn.received)
-                m = next(
-                    (
-                        m
-                        for m in world.streams.values()
-                        if m.server is server and m.broken and data == pattern(m.number, 0, len(data))
-                    ),
-                    None,
-                )
+                # A drain that gave way to a waiting task closed its socket as
+                # trio.SocketStream would, and a late byte of the peer's then
+                # draws the kernel's reset: a stream closed before its EOF is
+                # a candidate once the pool has cut a drain.
+                candidates = [
+                    m
+                    for m in world.streams.values()
+                    if m.server is server
+                    and (m.broken or m.released or (cut and m.closed))
+                    and data == pattern(m.number, 0, len(data))
+                ]
             # A connection kept alive across streams is mapped to its
             # chain's first stream: the stream that broke it is any of them
-            # (the last, when it was dropped without aclose).
-            chain = world.chains.get(m.number, [m]) if m is not None else []
-            if not any(s.broken for s in chain):
+            # (the last, when it was dropped without aclose). I7 as of 0.3:
+            # an idle parked connection that must go (evicted, expired, the
+            # pool's exit) is ended by the disconnect, whose RST loses
+            # nothing: the chain's last stream was released.
+            chains = [world.chains.get(m.number, [m]) for m in candidates]
+            if not any(
+                any(s.broken for s in chain) or chain[-1].released or (cut and chain[-1].closed) for chain in chains
+            ):
                 world.violate(f"I7: {server} connection {conn.tag!r} got a reset before it had sent its FIN")
         if conn.errors:
             world.violate(f"{server} connection {conn.tag!r} failed: {conn.errors!r}")
@@ -423,7 +436,9 @@ def watching_pools(
     def spy_reset(self: PooledSocket) -> bool:
         if not self.tainted and self.sock.type == socket.SOCK_STREAM:
             state = tcp_state(self.sock)
-            if state in NO_FIN_STATES:
+            # I7 as of 0.3: with nothing in flight either way (an idle
+            # keep-alive connection), the RST loses nothing.
+            if state in NO_FIN_STATES and not nothing_in_flight(self.sock):
                 violate(f"I7: the pool disconnected a socket in {NO_FIN_STATES[state]}: the peer sent no FIN")
         return reset_for_reuse(self)
 

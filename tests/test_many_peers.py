@@ -113,11 +113,6 @@ async def test_fifty_peers_servers_that_close(start_server: StartServer) -> None
 
 
 @needs_root
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 item 2 (the lead's part): an evicted parked connection is still closed with our FIN,"
-    " so each eviction costs a socket() call and a client TIME_WAIT entry",
-)
 async def test_fifty_peers_servers_that_keep_alive(start_server: StartServer) -> None:
     """Servers that keep alive, the client releasing every connection: the trial's bounds hold."""
     await trial(start_server, keep_alive(KeepAlive()), keep=True)

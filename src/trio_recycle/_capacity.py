@@ -50,6 +50,7 @@ import trio
 from . import _pressure
 from ._close import StreamEnd, Verdict, decide, discard_queued, wait_for_fin
 from ._errors import pool_closed_error
+from ._in_flight import nothing_in_flight
 from ._lifecycle import Ledger, State
 from ._pooled_socket import PooledSocket
 from ._tcp_state import TcpState, tcp_state
@@ -88,6 +89,9 @@ class Capacity:
     per_peer: int | None
     _peer_affinity: bool
     recycling: bool
+    #: End an idle parked connection that must go with the disconnect
+    #: itself, not our FIN (open_socket_pool's reset_idle).
+    reset_idle: bool
     _drain_limit: int
     _eof_timeout: float
     #: Options for every socket made, and for TCP ones (trio's defaults first).
@@ -170,23 +174,24 @@ class Capacity:
         if self.per_peer is not None and self.peer_full(peer):
             victim = self.store.oldest_parked_for(peer)
             if victim is not None:
-                self.evict(victim)
+                self.evict(victim, for_key=request.key)
                 self.serve_waiters()
-            if self.peer_full(peer):
+            if self.peer_full(peer) or self._someone_servable():
                 return None
-        psock = self.store.take_idle(request.key)
-        if psock is not None:
-            self.ledger.move(psock, CONNECTING, peer)
-            return psock
-        if len(self.ledger) >= self.capacity:
-            victim = self.store.oldest()
-            if victim is None:
+        while True:
+            psock = self.store.take_idle(request.key)
+            if psock is not None:
+                self.ledger.move(psock, CONNECTING, peer)
+                return psock
+            if len(self.ledger) < self.capacity:
+                return self.create(request)
+            if not self.make_room(request.key):
                 return None
-            self.evict(victim)
+            # The room made may serve an earlier waiter first (its peer
+            # was at its limit): then this task queues behind it.
             self.serve_waiters()
-            if len(self.ledger) >= self.capacity:
+            if self._someone_servable():
                 return None
-        return self.create(request)
 
     def _may_take_over(self, replacing: PooledSocket, peer: object) -> bool:
         return (
@@ -258,15 +263,16 @@ class Capacity:
         try:
             with trio.move_on_after(self._eof_timeout):
                 fin = await wait_for_fin(psock.sock, received, self._drain_limit)
-        except OSError:
-            pass
+        except (OSError, trio.ClosedResourceError):
+            pass  # a reset; or the drain gave way to a waiting task (make_room)
         finally:
             # Also on Cancelled (the pool's exit): then fin is False.
-            if fin:
-                self.put_back(psock)
-            else:
-                self.discard(psock)
-            self.serve_waiters()
+            if psock.state is DRAINING:
+                if fin:
+                    self.put_back(psock)
+                else:
+                    self.discard(psock)
+                self.serve_waiters()
 
     def put_back(self, psock: PooledSocket) -> None:
         """Disconnect a socket whose peer has sent its FIN and store it idle; close it when it cannot be."""
@@ -299,16 +305,58 @@ class Capacity:
         psock.close()
         self.ledger.move(psock, CLOSED)
 
-    def evict(self, psock: PooledSocket) -> None:
-        """Close an idle socket or a parked connection to make room for an open."""
+    def make_room(self, key: object = None) -> bool:
+        """At capacity: end the least recently used idle or parked socket, else the oldest drain.
+
+        ``key``: the PoolKey of the open the room is for, which an evicted
+        parked connection may serve once disconnected. Returns False when
+        there is nothing to end: every socket is in use or connecting.
+        """
+        victim = self.store.oldest()
+        if victim is not None:
+            self.evict(victim, for_key=key)
+            return True
+        draining = self.ledger.oldest(DRAINING)
+        if draining is None:
+            return False
+        # A drain gives way to a task that needs its place: our FIN is
+        # out, so the kernel finishes the close as it would for any socket
+        # closed first (trio.SocketStream's), and what arrived meanwhile is
+        # read first, so that the close sends no RST (I7).
+        trio.lowlevel.notify_closing(draining.sock)
+        discard_queued(draining.sock, self._drain_limit)
+        self.ledger.note_evicted()
+        self.ledger.drains_cut += 1
+        self.discard(draining)
+        return True
+
+    def evict(self, psock: PooledSocket, for_key: object = None) -> None:
+        """End an idle socket or a parked connection to make room for an open (of ``for_key``, if known)."""
+        self.ledger.note_evicted()
         if self.store.remove(psock):
-            # A parked connection is closed at once, not drained: the room
-            # is needed now. What arrived since the watch last looked is
-            # read and discarded first: close() with unread bytes would
-            # reset the peer (I7); with none it sends our FIN and the kernel
-            # finishes the connection. TIME_WAIT stays with us, as after
-            # any close we start.
-            discard_queued(psock.sock, self._drain_limit)
+            if (
+                self.reset_idle
+                and self.recycling
+                and not self.closed
+                and nothing_in_flight(psock.sock)
+                and psock.reset_for_reuse()
+            ):
+                # Idle and clean (nothing unread, nothing unacknowledged
+                # either way): the disconnect itself ends it. Its RST loses
+                # nothing and leaves no TIME_WAIT on either side, where our
+                # FIN would leave one here; and the socket may serve the
+                # open that needs the room.
+                if psock.key == for_key:
+                    psock.open_key = None
+                    self.ledger.move(psock, IDLE)
+                    self.store.put_idle(psock)
+                    return
+            else:
+                # Closed at once, not drained: the room is needed now. What
+                # arrived since the watch last looked is read first: close()
+                # with unread bytes would reset the peer (I7); with none it
+                # sends our FIN, and TIME_WAIT stays with us.
+                discard_queued(psock.sock, self._drain_limit)
         self.discard(psock)
 
     # ------------------------------------------------------------------
@@ -347,12 +395,11 @@ class Capacity:
             if psock is not None:
                 self.ledger.move(psock, CONNECTING, request.peer)
             elif len(self.ledger) >= self.capacity:
-                victim = self.store.oldest()
-                if victim is None:
+                if not self.make_room(request.key):
                     return
                 # Then again from the top: the eviction may have made an
-                # earlier waiter servable (its peer was at its limit).
-                self.evict(victim)
+                # earlier waiter servable (its peer was at its limit), or
+                # left an idle socket of this waiter's key.
                 continue
             else:
                 try:

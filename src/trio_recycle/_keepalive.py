@@ -15,7 +15,9 @@
 #   FIN                   the peer closed first: disconnect now, no TIME_WAIT
 #                         anywhere (or, for the open taking it, reconnect)
 #   error                 close
-#   expired               parked for keepalive_expiry: our FIN, then the drain
+#   expired               parked for keepalive_expiry: ended by the disconnect
+#                         when nothing is in flight (no TIME_WAIT anywhere),
+#                         else our FIN, then the drain
 
 from __future__ import annotations
 
@@ -37,9 +39,13 @@ if TYPE_CHECKING:
 
 __all__ = ["KeepAlive"]
 
-#: How a parked connection that expired or received bytes unasked ends:
-#: the close protocol of a healthy stream that saw no EOF.
+#: How a parked connection that received bytes unasked ends: the close
+#: protocol of a healthy stream that saw no EOF.
 QUIET_END: Final = StreamEnd(eof_seen=False, eof_sent=False, healthy=True)
+#: How one that expired ends: idle, so with nothing in flight the
+#: disconnect itself ends it (no TIME_WAIT on either side); otherwise as
+#: QUIET_END. Without reset_idle, as QUIET_END.
+IDLE_END: Final = StreamEnd(eof_seen=False, eof_sent=False, healthy=True, idle=True)
 
 
 @final
@@ -132,8 +138,9 @@ class KeepAlive:
           to reconnect; else None.
         """
         store = self._places.store
+        expired_end = IDLE_END if self._places.reset_idle else QUIET_END
         for psock in store.expired():
-            self._places.end(psock, QUIET_END)
+            self._places.end(psock, expired_end)
         closed_by_peer = None
         for psock, events in store.ready():
             if events & URGENT:

@@ -124,6 +124,9 @@ class Ledger(Generic[S]):
     discarded: int = 0
     kept_alive: int = 0
     not_parked: int = 0
+    evicted: int = 0
+    #: Of ``evicted``: drains that gave way to a waiting task.
+    drains_cut: int = 0
 
     def __len__(self) -> int:
         """The sockets owned: every state but CLOSED."""
@@ -181,6 +184,14 @@ class Ledger(Generic[S]):
             self.per_peer[peer] = left
         else:
             del self.per_peer[peer]
+
+    def oldest(self, state: State) -> S | None:
+        """The socket that has been in ``state`` longest, if any."""
+        return next(iter(self._members[state]), None)
+
+    def note_evicted(self) -> None:
+        """A socket was ended to make room for an open (it is closed, or disconnected for that open)."""
+        self.evicted += 1
 
     def note_not_parked(self) -> None:
         """A release ran the close protocol instead of parking."""

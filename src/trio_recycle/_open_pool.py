@@ -78,6 +78,7 @@ def open_socket_pool(
     socket_options: Iterable[tuple[int, int, int | bytes]] = (),
     keepalive_expiry: float = DEFAULT_KEEPALIVE_EXPIRY,
     capacity_per_peer: int | None = None,
+    reset_idle: bool = True,
 ) -> AbstractAsyncContextManager[SocketPool]:
     """Open a `SocketPool` for the duration of an ``async with`` block.
 
@@ -153,6 +154,12 @@ def open_socket_pool(
           aiohttp calls ``limit_per_host`` and nginx ``max_conns``: one
           slow upstream cannot take the whole pool. Opens beyond it wait
           without holding up opens to other peers.
+      reset_idle: True (the default) ends an idle parked connection that
+          must go (evicted for another open, past ``keepalive_expiry``,
+          the pool's exit) with the disconnect itself when nothing is in
+          flight either way: its RST loses nothing and leaves no TIME_WAIT
+          on either side, where our FIN leaves one on ours. False keeps
+          the FIN, for peers that must never see an RST.
 
     Returns:
       An async context manager; ``async with`` gives the open `SocketPool`.
@@ -180,6 +187,7 @@ def open_socket_pool(
             socket_options=socket_options,
             keepalive_expiry=keepalive_expiry,
             capacity_per_peer=capacity_per_peer,
+            reset_idle=reset_idle,
         )
     )
 
@@ -195,12 +203,14 @@ async def _open_socket_pool(
     socket_options: Iterable[tuple[int, int, int | bytes]],
     keepalive_expiry: float,
     capacity_per_peer: int | None,
+    reset_idle: bool,
 ) -> AsyncIterator[SocketPool]:
     check_capacity(capacity, capacity_per_peer)
     check_number("eof_timeout", eof_timeout, integer=False)
     check_number("drain_limit", drain_limit, integer=True)
     affinity = peer_affinity_for(peer_affinity)
     check_bool("recycle", recycle)
+    check_bool("reset_idle", reset_idle)
     options = check_socket_options(socket_options)
     check_number("keepalive_expiry", keepalive_expiry, integer=False, positive=True)
     probe_socket_options(options)
@@ -216,6 +226,7 @@ async def _open_socket_pool(
             socket_options=options,
             keepalive_expiry=float(keepalive_expiry),
             capacity_per_peer=capacity_per_peer,
+            reset_idle=reset_idle,
         )
         try:
             yield pool

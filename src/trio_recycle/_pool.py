@@ -36,7 +36,9 @@ from ._connect import (
     validate_endpoint,
     validate_local_address,
 )
+from ._disconnect import disconnect
 from ._errors import check_run, pool_closed_error, wrong_run_error
+from ._in_flight import nothing_in_flight
 from ._isn import fresh_isns
 from ._keepalive import KeepAlive
 from ._lifecycle import Ledger, State
@@ -107,6 +109,7 @@ class SocketPool:
         socket_options: tuple[SocketOption, ...],
         keepalive_expiry: float,
         capacity_per_peer: int | None,
+        reset_idle: bool = True,
     ) -> SocketPool:
         """The pool of an `open_socket_pool` block, whose arguments are checked already."""
         self = object.__new__(cls)
@@ -122,6 +125,7 @@ class SocketPool:
             capacity_per_peer,
             peer_affinity,
             recycle,
+            reset_idle,
             drain_limit,
             eof_timeout,
             socket_options,
@@ -440,8 +444,14 @@ class SocketPool:
             trio.lowlevel.notify_closing(psock.sock)
             self._places.discard(psock)
         for psock in self._store.clear():
-            if psock.state is PARKED:  # as in Capacity.evict
-                discard_queued(psock.sock, self._drain_limit)
+            if psock.state is PARKED:
+                # As in Capacity.evict: an idle one ends by the disconnect
+                # (no TIME_WAIT anywhere), else what it holds is read first.
+                if self._places.reset_idle and self._recycle and nothing_in_flight(psock.sock):
+                    with contextlib.suppress(OSError):
+                        disconnect(psock.sock)
+                else:
+                    discard_queued(psock.sock, self._drain_limit)
             self._places.discard(psock)
         # Draining sockets: their drain tasks close them when cancelled.
         self._nursery.cancel_scope.cancel()

@@ -36,6 +36,11 @@ class PoolStatistics:
           the hands of a task waiting for the same peer.
       discarded: Sockets closed instead of recycled (failed connects,
           peers that sent no FIN in time, evictions, the pool's exit).
+      evicted: Sockets ended to make room for an open: idle sockets and
+          parked connections (least recently used first; a parked one
+          with nothing in flight is ended by the disconnect and may serve
+          that open), and drains that gave way to a waiting task. Counted
+          apart from the failures; most are in ``discarded`` too.
       parked: Live connections released with `RecyclingStream.release`
           and waiting, watched, for an open of the same host and port.
       kept_alive: Opens served by a parked connection: no DNS, no
@@ -57,6 +62,7 @@ class PoolStatistics:
     parked: int = 0
     kept_alive: int = 0
     not_parked: int = 0
+    evicted: int = 0
 
     @classmethod
     def _of(cls, capacity: int, ledger: Ledger[S], tasks_waiting: int) -> PoolStatistics:
@@ -75,4 +81,5 @@ class PoolStatistics:
             parked=count(State.PARKED),
             kept_alive=ledger.kept_alive,
             not_parked=ledger.not_parked,
+            evicted=ledger.evicted,
         )
