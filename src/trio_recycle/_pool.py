@@ -59,7 +59,7 @@ from ._connect import (
     validate_local_address,
 )
 from ._disconnect import can_recycle
-from ._drain import read_available, wait_for_fin
+from ._drain import fin_unacknowledged, finish_drain, read_available
 from ._errors import check_run, wrong_run_error
 from ._pooled_socket import OpenKey, PooledSocket, PoolKey, SocketOption
 from ._store import SocketStore
@@ -762,24 +762,27 @@ class SocketPool:
             self._free_slot()
             return
         received = 0
+        send_fin = False
         if not eof_seen:
             # The peer's FIN may be here already, unread: look before sending
             # ours. A FIN of ours would move a peer that has closed from
-            # FIN_WAIT2 to TIME_WAIT, which recycling exists to avoid.
+            # FIN_WAIT2 to TIME_WAIT, which recycling exists to avoid. Ours
+            # goes out from the drain, after a grace for the peer's (_drain.py).
             try:
                 eof_seen, received = read_available(psock.sock, self._drain_limit)
-                if not eof_seen and received <= self._drain_limit and not eof_sent:
-                    psock.sock.shutdown(socket.SHUT_WR)
+                send_fin = not eof_seen and not eof_sent
             except OSError:
                 received = self._drain_limit + 1
-        if eof_seen:
+        if eof_seen and not fin_unacknowledged(psock.sock):
             self._recycle_or_close(psock)
         elif received > self._drain_limit:
             self._close_psock(psock)
             self._free_slot()
         else:
+            # Also with the peer's FIN in but ours unacknowledged: the drain
+            # waits for the ACK before the disconnect (_drain.py).
             self._draining.add(psock)
-            self._nursery.start_soon(self._drain, psock, received)
+            self._nursery.start_soon(self._drain, psock, received, eof_seen, send_fin)
 
     def socket_dropped(self, psock: PooledSocket) -> None:
         """A stream was garbage-collected without aclose(): reclaim its socket.
@@ -800,11 +803,11 @@ class SocketPool:
         self._close_psock(psock)
         self._free_slot()
 
-    async def _drain(self, psock: PooledSocket, received: int) -> None:
+    async def _drain(self, psock: PooledSocket, received: int, eof_seen: bool, send_fin: bool) -> None:
         fin = False
         try:
             with trio.move_on_after(self._eof_timeout):
-                fin = await wait_for_fin(psock.sock, received, self._drain_limit)
+                fin = await finish_drain(psock.sock, received, self._drain_limit, eof_seen=eof_seen, send_fin=send_fin)
         except OSError:
             pass
         finally:
