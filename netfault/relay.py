@@ -15,9 +15,12 @@ SIGTERM, then writes its counters as JSON to STATS_PATH.
 # packets overtake them; a duplicate is a second copy released at once.
 #
 # The relay also reads TCP flags to count what the pool's politeness rule
-# (I7) is about: an RST sent by one side on a connection whose peer's FIN
-# that side has not yet received ("rst_before_peer_fin"). A SYN without ACK
-# starts a connection's record afresh, since the pool reuses 4-tuples.
+# (I7) is about: an RST sent by one side on an established connection (a
+# SYN-ACK was delivered) whose peer's FIN that side has not yet received
+# ("rst_before_peer_fin"). A SYN without ACK starts a connection's record
+# afresh, since 4-tuples are reused; the RST a SYN_SENT socket answers a
+# challenge ACK with (RFC 5961 section 4: a new SYN met the peer's old
+# socket) is counted apart, as "rst_in_syn_sent".
 
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ def _new_counters() -> dict[str, int]:
     names = ["packets", "bytes", "lost", "duplicated", "reordered", "tcp"]
     for flag in _FLAG_NAMES:
         names += [f"{flag}_seen", f"{flag}_dropped"]
-    names.append("rst_before_peer_fin")
+    names += ["rst_before_peer_fin", "rst_in_syn_sent"]
     return dict.fromkeys(names, 0)
 
 
@@ -110,13 +113,19 @@ class Relay:
         ihl = (packet[0] & 0x0F) * 4
         flags = packet[ihl + 13]
         key = self._conn_key(packet, ihl)
-        if flags & SYN and not flags & ACK:
-            self._fins[key] = set()
+        if flags & SYN:
+            if not flags & ACK:
+                self._fins[key] = set()
+            else:
+                self._fins.setdefault(key, set()).add("established")
         if flags & FIN:
             self._fins.setdefault(key, set()).add(direction)
         if flags & RST:
             other = "ba" if direction == "ab" else "ab"
-            if other not in self._fins.get(key, set()):
+            seen = self._fins.get(key, set())
+            if "established" not in seen:
+                self.counters[direction]["rst_in_syn_sent"] += 1
+            elif other not in seen:
                 self.counters[direction]["rst_before_peer_fin"] += 1
 
     def _faulty(self, direction: str, packet: bytes) -> list[tuple[float, bytes]]:

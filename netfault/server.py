@@ -29,6 +29,7 @@ async def handle(stream: trio.SocketStream, mode: str, idle: float) -> None:
     try:
         async with stream:
             while True:
+                request = None
                 with trio.move_on_after(idle if mode == "keepalive" else 30):
                     request = await _read_exactly(stream, REQUEST.size)
                 if request is None:

@@ -68,9 +68,14 @@ def test_rst_before_the_peers_fin_is_counted() -> None:
         {"src": 2, "dst": 1, "sport": 80, "dport": 40000},
     )
     r._on_delivered("ab", tcp_packet(SYN, **client))
+    r._on_delivered("ab", tcp_packet(RST, **client))  # SYN_SENT answering a challenge ACK
+    assert (r.counters["ab"]["rst_before_peer_fin"], r.counters["ab"]["rst_in_syn_sent"]) == (0, 1)
+    r._on_delivered("ab", tcp_packet(SYN, **client))
+    r._on_delivered("ba", tcp_packet(SYN | ACK, **server))
     r._on_delivered("ab", tcp_packet(RST, **client))
     assert r.counters["ab"]["rst_before_peer_fin"] == 1
     r._on_delivered("ab", tcp_packet(SYN, **client))
+    r._on_delivered("ba", tcp_packet(SYN | ACK, **server))
     r._on_delivered("ba", tcp_packet(FIN | ACK, **server))
     r._on_delivered("ab", tcp_packet(RST, **client))
     assert r.counters["ab"]["rst_before_peer_fin"] == 1
