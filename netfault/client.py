@@ -81,14 +81,17 @@ async def run(config: dict[str, Any]) -> dict[str, Any]:
         stream = await open_stream()
         if time.monotonic() - started > SLOW_CONNECT:
             result.slow_connects += 1
-        await stream.send_all(request_for(tag, size))
-        if mode == "cycle":
-            data = await _read_to_eof(stream, size)
-        else:
-            data = await _read_n(stream, size)
-        if len(data) != size:
-            await stream.aclose()
-            raise EOFError(f"{len(data)} of {size} bytes")
+        try:
+            await stream.send_all(request_for(tag, size))
+            if mode == "cycle":
+                data = await _read_to_eof(stream, size)
+            else:
+                data = await _read_n(stream, size)
+            if len(data) != size:
+                raise EOFError(f"{len(data)} of {size} bytes")
+        except BaseException:
+            await stream.aclose()  # closes at once even when cancelled (trio's rule)
+            raise
         result.wrong_bytes += wrong_bytes(tag, data)
         if mode == "keepalive" and isinstance(stream, trio_recycle.RecyclingStream):
             await stream.release()
