@@ -2,7 +2,9 @@
 
 The JSON argument: ``impl`` (``pool`` or ``control``: trio.open_tcp_stream),
 ``mode`` (``cycle``: read the answer to the server's EOF; ``early``: close on
-the last byte of the answer, the server's FIN close behind; ``keepalive``:
+the last byte of the answer, the server's FIN close behind; ``abort``:
+close right after the request, the answer and the server's FIN on their
+way (our FIN crosses the server's); ``keepalive``:
 `RecyclingStream.release` after each answer, against a keep-alive server),
 ``host``, ``port``, ``exchanges``, ``tasks``, ``size``, ``timeout``
 (seconds one exchange may take before it counts as a hang).
@@ -83,6 +85,10 @@ async def run(config: dict[str, Any]) -> dict[str, Any]:
             result.slow_connects += 1
         try:
             await stream.send_all(request_for(tag, size))
+            if mode == "abort":
+                await stream.aclose()
+                result.durations.append(time.monotonic() - started)
+                return
             if mode == "cycle":
                 data = await _read_to_eof(stream, size)
             else:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 ROOT: Final = Path(__file__).resolve().parent.parent
 ADDR_A: Final = "198.18.0.1"
 ADDR_B: Final = "198.18.0.2"
-MODES: Final = ("cycle", "early", "keepalive")
+MODES: Final = ("cycle", "early", "abort", "keepalive")
 IMPLS: Final = ("pool", "control")
 MODES_RUN: list[str] = list(MODES)
 #: The keep-alive server's idle timeout, in seconds.
@@ -275,6 +275,26 @@ def summary(r: dict[str, Any]) -> str:
     )
 
 
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The results as the table of docs/reliability.md."""
+    head = (
+        "| setting | mode | client | tasks | ok | failed | I1 | hung | slow connects | p50 ms | p99 ms "
+        "| TIME_WAIT client/server | server FIN_WAIT2 | client RST before server FIN | socket() |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['setting']} | {r['mode']} | {r['impl']} | {r['tasks']} | error | | | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['setting']} | {r['mode']} | {r['impl']} | {r['tasks']} | {r['exchanges']} | {r['failed']} "
+            f"| {r['wrong_bytes']} | {r['hangs']} | {r['slow_connects']} | {r['p50_ms']} | {r['p99_ms']} "
+            f"| {r['client_time_wait']}/{r['server_time_wait']} | {r['server_fin_wait2']} "
+            f"| {r['relay']['ab']['rst_before_peer_fin']} | {r['pool'].get('created', '-')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def check(rows: list[dict[str, Any]]) -> list[str]:
     """The harness's verdict: a list of failed checks (empty: all passed)."""
     problems = []
@@ -302,7 +322,7 @@ def check(rows: list[dict[str, Any]]) -> list[str]:
             problems.append(f"{where}: {r['failed']} failed, control {control['failed']} (margin {margin})")
         if r["server_time_wait"] > control["server_time_wait"]:
             problems.append(f"{where}: {r['server_time_wait']} server TIME_WAIT, control {control['server_time_wait']}")
-        if r["mode"] != "keepalive" and r["relay"]["ab"]["rst_before_peer_fin"]:
+        if r["mode"] in {"cycle", "early"} and r["relay"]["ab"]["rst_before_peer_fin"]:
             problems.append(f"{where}: {r['relay']['ab']['rst_before_peer_fin']} RSTs before the server's FIN (I7)")
     for setting in {r["setting"] for r in rows}:
         for start, counter in EXPECTED_FAULTS:
@@ -320,6 +340,8 @@ def main() -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--setting", action="append", help="run only these settings (repeatable)")
     parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument("--markdown", type=Path, help="write the results table here")
+    parser.add_argument("--from-json", type=Path, help="no runs: check and tabulate the rows of an earlier --json")
     parser.add_argument("--src", type=Path, help="import trio_recycle from this src/ (default: this checkout's)")
     parser.add_argument("--exchanges", type=int, help="exchanges per run (default: the profile's)")
     parser.add_argument("--mode", action="append", choices=MODES, help="run only these modes (repeatable)")
@@ -335,7 +357,7 @@ def main() -> int:
         PROFILES[args.profile]["tasks"] = args.tasks
     if args.mode:
         MODES_RUN[:] = args.mode
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and not args.from_json:
         print("netfault needs root (ip netns, /dev/net/tun)", file=sys.stderr)
         return 2
     # SIGTERM (a CI timeout) unwinds through the finally blocks that remove the namespaces.
@@ -343,12 +365,17 @@ def main() -> int:
     profile = PROFILES[args.profile]
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
-    with namespaces() as ns:
-        for seed, name in enumerate(args.setting or profile["settings"], start=1):
-            for tasks in profile["tasks"]:
-                rows += run_setting(ns, name, profile["exchanges"], tasks, seed)
+    if args.from_json:
+        rows = json.loads(args.from_json.read_text())
+    else:
+        with namespaces() as ns:
+            for seed, name in enumerate(args.setting or profile["settings"], start=1):
+                for tasks in profile["tasks"]:
+                    rows += run_setting(ns, name, profile["exchanges"], tasks, seed)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.markdown:
+        args.markdown.write_text(markdown(rows))
     problems = check(rows)
     for problem in problems:
         print("FAILED:", problem)
