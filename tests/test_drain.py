@@ -221,8 +221,8 @@ async def test_our_fin_goes_out_after_the_grace() -> None:
 
 
 def test_fin_grace_is_bounded() -> None:
-    """The grace follows the round trip within its bounds: on loopback, the lower one."""
+    """The grace follows the round trip within its bounds (on loopback, the lower one unless the machine stalls)."""
     client, server = tcp_pair()
     with client, server:
-        assert _drain.fin_grace(client) == _drain.FIN_GRACE_MIN
+        assert _drain.FIN_GRACE_MIN <= _drain.fin_grace(client) <= _drain.FIN_GRACE_MAX
         assert not _drain.fin_unacknowledged(client)
