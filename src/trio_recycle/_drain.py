@@ -156,8 +156,10 @@ async def wait_for_fin(sock: socket.socket, received: int, limit: int) -> bool:
 
 
 def _tcp_info(sock: socket.socket, size: int) -> bytes | None:
-    if _TCP_INFO is None or sock.type != socket.SOCK_STREAM:  # pragma: no cover - not Linux
+    if _TCP_INFO is None:  # pragma: no cover - not Linux: the pool never recycles there
         return None
+    if sock.type != socket.SOCK_STREAM:
+        return None  # a UDP socket: no TCP state, nothing unacknowledged
     try:
         return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, size)
     except OSError:  # pragma: no cover - defensive: TCP_INFO of an open TCP socket does not fail
