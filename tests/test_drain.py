@@ -200,7 +200,7 @@ async def test_grace_lets_a_fin_on_its_way_win() -> None:
         await drained(pool)
         stats = pool.statistics()
         assert (stats.recycled, stats.discarded) == (1, 0)
-        assert time_wait_count(client_port) == 0
+        assert time_wait_count(client_port, [port]) == 0
         assert time_wait_count(port, [client_port]) == 0
 
 
