@@ -226,3 +226,28 @@ def test_fin_grace_is_bounded() -> None:
     with client, server:
         assert _drain.FIN_GRACE_MIN <= _drain.fin_grace(client) <= _drain.FIN_GRACE_MAX
         assert not _drain.fin_unacknowledged(client)
+
+
+async def test_fin_unacknowledged_past_eof_timeout_is_closed_and_still_delivered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Our FIN still unacknowledged at eof_timeout: closed, not recycled, and the kernel still delivers it."""
+    payload = b"d" * 16000
+    options = ((socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20),)
+    async with stalling_listener() as lsock:
+        pool_cm = trio_recycle.open_socket_pool(capacity=2, eof_timeout=1, socket_options=options)
+        async with pool_cm as pool:
+            host, port = lsock.getsockname()
+            stream = await pool.open_tcp_stream(host, port)
+            server, _ = await lsock.accept()
+            with server:
+                await stream.send_all(payload)
+                server.shutdown(socket.SHUT_WR)
+                assert await stream.receive_some() == b""
+                await stream.send_eof()  # LAST_ACK, our FIN behind the unsent bytes
+                await stream.aclose()
+                await drained(pool)  # the server reads nothing for eof_timeout
+                stats = pool.statistics()
+                assert (stats.recycled, stats.discarded, stats.idle) == (0, 1, 0)
+                with trio.fail_after(5):
+                    assert await trio_read_to_end(server) == len(payload)
