@@ -234,7 +234,9 @@ def one_run(ns: tuple[str, str], impl: str, mode: str, exchanges: int, tasks: in
 
 
 def _port_range(ns_a: str, ports: tuple[int, int]) -> None:
-    _run("ip", "netns", "exec", ns_a, "sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={ports[0]} {ports[1]}")
+    # Through /proc, not sysctl(8): a minimal CI image may lack procps.
+    path = "/proc/sys/net/ipv4/ip_local_port_range"
+    _run("ip", "netns", "exec", ns_a, "sh", "-c", f"echo '{ports[0]} {ports[1]}' > {path}")
 
 
 def run_setting(ns: tuple[str, str], name: str, exchanges: int, tasks: int, seed: int) -> list[dict[str, Any]]:
