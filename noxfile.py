@@ -1,4 +1,4 @@
-"""Sessions: tests, tests_min, coverage, lint, typecheck, docs, examples, build, bench, demo, interop (``nox -l``)."""
+"""Sessions: tests, tests_min, coverage, lint, typecheck, docs, examples, build, bench, demo, interop, netfault."""
 
 from __future__ import annotations
 
@@ -195,6 +195,26 @@ BENCHMARKS = [
     ("bench_stale.py",),
     ("bench_httpx.py",),
 ]
+
+
+@nox.session(python=HYPOTHESIS_CI_PYTHON)
+def netfault(session: nox.Session) -> None:
+    """The packet-fault harness (root: ip netns, /dev/net/tun): its own tests, then a profile.
+
+    ``nox -s netfault`` runs the quick profile (a few minutes, as .ci/run
+    does); ``nox -s netfault -- --profile full`` the full one, the table
+    in docs/reliability.md; any other arguments go to ``netfault/run.py``.
+    Without root it is skipped locally and an error in CI.
+    """
+    if os.geteuid() != 0 or not Path("/dev/net/tun").exists() or shutil.which("ip") is None:
+        message = "netfault needs root, /dev/net/tun and iproute2 (ip, ss)"
+        if os.environ.get("CI"):
+            session.error(message)
+        session.skip(message)
+    session.install(".[tests]")
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "netfault/test_harness.py")
+    args = session.posargs or ["--profile", "quick"]
+    session.run("python", "-m", "netfault.run", *args)
 
 
 @nox.session

@@ -172,3 +172,102 @@ def test_disconnect_of_a_fresh_socket_is_harmless() -> None:
         client.connect(server.getsockname())
         server.accept()[0].close()
         assert client.getpeername() == server.getsockname()
+
+
+_TCP_FIN_WAIT1 = 4  # include/net/tcp_states.h
+_TCP_CLOSE_WAIT = 8
+_TCP_LAST_ACK = 9
+_TCP_CLOSING = 11
+
+
+@contextlib.contextmanager
+def stalled_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connection whose client holds bytes that the server's full window keeps unsent.
+
+    The server never reads until told, so a FIN of the client's waits in the
+    write queue behind those bytes: the state between sending our FIN and
+    its acknowledgement, which loopback is otherwise too fast to show.
+    """
+    with socket.socket() as lsock:
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        client.connect(lsock.getsockname())
+        server, _ = lsock.accept()
+    with client, server:
+        client.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(1000):
+                client.send(b"d" * 4096)
+        server.settimeout(5)
+        yield client, server
+
+
+def wait_state(sock: socket.socket, wanted: int) -> int:
+    """Poll (bounded) for a state change: the kernel offers no event for it."""
+    deadline = time.monotonic() + 5
+    while (state := tcp_state(sock)) != wanted and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return state
+
+
+def read_to_end(sock: socket.socket) -> int:
+    """Bytes read until a clean EOF (OSError on a reset)."""
+    total = 0
+    while chunk := sock.recv(65536):
+        total += len(chunk)
+    return total
+
+
+def unsent(sock: socket.socket) -> int:
+    import fcntl
+    import termios
+
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+
+
+def test_crossing_fins_stay_closing_until_ours_is_acknowledged() -> None:
+    """FINs crossed: CLOSING (EOF readable) until the peer acknowledges ours, then CLOSE with everything delivered."""
+    with stalled_pair() as (client, server):
+        queued = unsent(client)
+        client.shutdown(socket.SHUT_WR)
+        assert tcp_state(client) == _TCP_FIN_WAIT1
+        server.shutdown(socket.SHUT_WR)
+        assert wait_state(client, _TCP_CLOSING) == _TCP_CLOSING
+        assert client.recv(10) == b""  # the drain sees EOF here
+        assert read_to_end(server) >= queued
+        assert wait_state(client, TCP_CLOSE) == TCP_CLOSE
+
+
+def test_our_fin_after_the_peers_waits_in_last_ack() -> None:
+    """Our FIN after the peer's: LAST_ACK until it is acknowledged, then CLOSE (no TIME_WAIT for us)."""
+    with stalled_pair() as (client, server):
+        server.shutdown(socket.SHUT_WR)
+        assert wait_state(client, _TCP_CLOSE_WAIT) == _TCP_CLOSE_WAIT
+        client.shutdown(socket.SHUT_WR)
+        assert tcp_state(client) == _TCP_LAST_ACK
+        read_to_end(server)
+        assert wait_state(client, TCP_CLOSE) == TCP_CLOSE
+
+
+@pytest.mark.parametrize("state", ["closing", "last_ack"])
+def test_disconnect_before_our_fin_is_acknowledged_drops_it(state: str) -> None:
+    """A disconnect in CLOSING or LAST_ACK drops our queued bytes and FIN: the peer never sees a clean EOF."""
+    with stalled_pair() as (client, server):
+        if state == "closing":
+            client.shutdown(socket.SHUT_WR)
+            server.shutdown(socket.SHUT_WR)
+            assert wait_state(client, _TCP_CLOSING) == _TCP_CLOSING
+        else:
+            server.shutdown(socket.SHUT_WR)
+            assert wait_state(client, _TCP_CLOSE_WAIT) == _TCP_CLOSE_WAIT
+            client.shutdown(socket.SHUT_WR)
+            assert tcp_state(client) == _TCP_LAST_ACK
+        trio_recycle.disconnect(client)
+        assert tcp_state(client) == TCP_CLOSE
+        # The peer reads what it had, and its window update meets a CLOSE
+        # socket: a reset, not our FIN.
+        with pytest.raises(ConnectionResetError):
+            read_to_end(server)

@@ -48,7 +48,7 @@ import attrs
 import trio
 
 from . import _pressure
-from ._close import StreamEnd, Verdict, decide, discard_queued, wait_for_fin
+from ._close import StreamEnd, Verdict, decide, discard_queued, finish_drain
 from ._errors import pool_closed_error
 from ._in_flight import nothing_in_flight
 from ._lifecycle import Ledger, State
@@ -249,20 +249,20 @@ class Capacity:
     def end(self, psock: PooledSocket, end: StreamEnd) -> None:
         """Carry out the close protocol for a socket whose stream ended (or whose parking did)."""
         recycle = self.recycling and not psock.tainted
-        verdict, received = decide(end, psock.sock, recycle=recycle, drain_limit=self._drain_limit)
+        verdict, received, eof_seen, send_fin = decide(end, psock.sock, recycle=recycle, drain_limit=self._drain_limit)
         if verdict is Verdict.RECYCLE:
             self.put_back(psock)
         elif verdict is Verdict.DRAIN:
             self.ledger.move(psock, DRAINING)
-            self._nursery.start_soon(self._drain, psock, received)
+            self._nursery.start_soon(self._drain, psock, received, eof_seen, send_fin)
         else:
             self.discard(psock)
 
-    async def _drain(self, psock: PooledSocket, received: int) -> None:
+    async def _drain(self, psock: PooledSocket, received: int, eof_seen: bool, send_fin: bool) -> None:
         fin = False
         try:
             with trio.move_on_after(self._eof_timeout):
-                fin = await wait_for_fin(psock.sock, received, self._drain_limit)
+                fin = await finish_drain(psock.sock, received, self._drain_limit, eof_seen=eof_seen, send_fin=send_fin)
         except (OSError, trio.ClosedResourceError):
             pass  # a reset; or the drain gave way to a waiting task (make_room)
         finally:

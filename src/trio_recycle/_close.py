@@ -12,29 +12,73 @@
 # discarded anyway, so there is no reason to allocate 64 KiB per call. The
 # buffer is shared by every drain in the process; concurrent writes into it
 # (two trio runs in two threads) are harmless because nobody reads it.
+#
+# The end of a connection after the peer's FIN has a second half
+# (finish_drain below). A disconnect from CLOSING (FINs crossed) or LAST_ACK
+# (our FIN after the peer's) sends no RST and purges the write queue, our
+# FIN with it: tcp_disconnect() only resets from the states of
+# tcp_need_reset(). A peer whose copy of our FIN was lost never gets it (its
+# socket sits in FIN_WAIT2 until tcp_fin_timeout), and its late ACK meets a
+# CLOSE socket and draws a bare RST that ends its TIME_WAIT. So from those
+# states the drain waits, bounded by the pool's eof_timeout, until the
+# kernel has our FIN acknowledged: CLOSE (LAST_ACK -> CLOSE directly;
+# CLOSING -> TIME_WAIT, which the kernel moves to a timewait bucket and
+# leaves the descriptor in CLOSE). Then the disconnect is a no-op on the
+# wire. https://datatracker.ietf.org/doc/html/rfc9293#section-3.6
+#
+# That wait polls TCP_INFO. The kernel has no readiness event for the state
+# change: in CLOSING and LAST_ACK the socket is already readable (EOF),
+# writable (SEND_SHUTDOWN) and hung up (both directions shut), so a level-
+# triggered wait_readable() or wait_writable() returns at once, and trio has
+# no edge-triggered wait. The ACK is due about one round trip after our FIN,
+# or after a retransmission (200 ms at least): the poll starts at a fraction
+# of the smoothed RTT and backs off geometrically to _ACK_POLL_MAX, so a
+# lost FIN costs a few getsockopt() calls a second per socket, and no task
+# but the drain's own waits.
+#
+# The grace before our FIN. A stream closed on the last byte of an answer
+# (httpcore does, so do most clients of servers that close) is usually a few
+# microseconds ahead of the server's FIN, which left the server right behind
+# that byte. Sending ours at once makes the FINs cross and leaves TIME_WAIT
+# on both sides. So our FIN waits in the drain (aclose() still returns at
+# once) for the peer's: about one round trip, at least FIN_GRACE_MIN (the
+# server's own gap between its last write and its close: 20-200 us measured
+# against gunicorn and nginx, with margin for scheduling), at most
+# FIN_GRACE_MAX (a peer that waits for us, a keep-alive server, loses only
+# that much, and the socket's place in the pool is held no longer). A FIN
+# that arrives in the grace is answered by the disconnect's RST alone:
+# nothing is left in TIME_WAIT anywhere.
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import math
 import socket
+import struct
 from typing import Final, final
 
 import attrs
 import trio
 
 from ._in_flight import nothing_in_flight
-from ._tcp_state import FIN_RECEIVED, tcp_state
+from ._tcp_state import FIN_RECEIVED, TcpState, tcp_state
 
 __all__ = [
+    "FIN_GRACE_MAX",
+    "FIN_GRACE_MIN",
     "READ_BUDGET",
     "StreamEnd",
     "Verdict",
     "decide",
     "discard_queued",
     "drain_datagrams",
+    "fin_grace",
+    "fin_unacknowledged",
+    "finish_drain",
     "read_available",
     "wait_for_fin",
+    "wait_for_fin_acknowledged",
 ]
 
 _SCRATCH: Final = bytearray(65536)
@@ -54,6 +98,20 @@ READ_BUDGET: Final = 4 * len(_SCRATCH)
 # TIME_WAIT, which recycling exists to avoid. The connection's state tells
 # without reading (FIN_RECEIVED): every byte before the FIN is in our
 # receive queue, which the disconnect purges.
+
+
+#: LAST_ACK and CLOSING: the peer's FIN is in, ours is not yet acknowledged.
+_FIN_UNACKED: Final = frozenset({TcpState.LAST_ACK, TcpState.CLOSING})
+#: Bounds of the wait for the peer's FIN before ours goes out, in seconds.
+FIN_GRACE_MIN: Final = 0.002
+FIN_GRACE_MAX: Final = 0.010
+#: The longest pause between two looks at the state while our FIN is unacknowledged.
+_ACK_POLL_MAX: Final = 0.05
+_ACK_POLL_MIN: Final = 0.0002
+# struct tcp_info (include/uapi/linux/tcp.h): 8 bytes of u8 fields, then
+# u32 tcpi_rto ... tcpi_rtt is the 16th u32 (microseconds, smoothed).
+_TCPI_RTT: Final = struct.Struct("=68xI")
+_TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
 
 
 def _fin_received(sock: socket.socket) -> bool:
@@ -94,37 +152,40 @@ class Verdict(enum.Enum):
 
 
 #: A socket closed at once: the end was not healthy, or recycling is off.
-CLOSE_NOW: Final = (Verdict.CLOSE, 0)
+CLOSE_NOW: Final = (Verdict.CLOSE, 0, False, False)
 
 
-def decide(end: StreamEnd, sock: socket.socket, *, recycle: bool, drain_limit: int) -> tuple[Verdict, int]:
-    """The verdict for a socket whose stream ended, and the bytes read on the way.
+def decide(end: StreamEnd, sock: socket.socket, *, recycle: bool, drain_limit: int) -> tuple[Verdict, int, bool, bool]:
+    """The verdict for a socket whose stream ended: (verdict, bytes read on the way, the peer's FIN seen, our FIN due).
 
     With no FIN seen yet, reads what is queued without blocking (the FIN
     may be there, unread: sending ours first would move a peer that has
-    closed from FIN_WAIT2 to TIME_WAIT), and sends our FIN before a drain
-    unless `send_eof` did. ``recycle`` False (or an unhealthy end): CLOSE.
-    An ``idle`` end with nothing in flight is recycled at once.
+    closed from FIN_WAIT2 to TIME_WAIT). Our FIN, when due (no `send_eof`
+    sent it), goes out from the drain after a short grace (`finish_drain`).
+    A FIN seen while ours is still unacknowledged (LAST_ACK, CLOSING) is a
+    drain too: a disconnect there would drop our FIN. ``recycle`` False (or
+    an unhealthy end): CLOSE. An ``idle`` end with nothing in flight is
+    recycled at once.
     """
     if not (recycle and end.healthy):
         return CLOSE_NOW
     if end.idle and not (end.eof_seen or end.eof_sent) and nothing_in_flight(sock):
         # Its RST loses nothing and leaves no TIME_WAIT on either side,
         # where our FIN would leave one here (I7 as of 0.3).
-        return (Verdict.RECYCLE, 0)
+        return (Verdict.RECYCLE, 0, False, False)
     eof, received = end.eof_seen, 0
     if not eof:
         try:
             eof, received = read_available(sock, drain_limit)
-            if not eof and received <= drain_limit and not end.eof_sent:
-                sock.shutdown(socket.SHUT_WR)
         except OSError:
             return CLOSE_NOW
     if eof:
-        return (Verdict.RECYCLE, received)
+        if fin_unacknowledged(sock):
+            return (Verdict.DRAIN, received, True, False)
+        return (Verdict.RECYCLE, received, True, False)
     if received > drain_limit:
-        return (Verdict.CLOSE, received)
-    return (Verdict.DRAIN, received)
+        return (Verdict.CLOSE, received, False, False)
+    return (Verdict.DRAIN, received, False, not end.eof_sent)
 
 
 def discard_queued(sock: socket.socket, limit: int) -> None:
@@ -201,3 +262,82 @@ async def wait_for_fin(sock: socket.socket, received: int, limit: int) -> bool:
         if received <= limit:
             await trio.lowlevel.wait_readable(sock)
     return False
+
+
+def _tcp_info(sock: socket.socket, size: int) -> bytes | None:
+    if _TCP_INFO is None:  # pragma: no cover - not Linux: the pool never recycles there
+        return None
+    if sock.type != socket.SOCK_STREAM:
+        return None  # a UDP socket: no TCP state, nothing unacknowledged
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, size)
+    except OSError:  # pragma: no cover - defensive: TCP_INFO of an open TCP socket does not fail
+        return None
+
+
+def fin_unacknowledged(sock: socket.socket) -> bool:
+    """Whether the peer's FIN has arrived and ours is sent but not acknowledged (LAST_ACK, CLOSING)."""
+    return sock.type == socket.SOCK_STREAM and tcp_state(sock) in _FIN_UNACKED
+
+
+def _smoothed_rtt(sock: socket.socket) -> float:
+    info = _tcp_info(sock, _TCPI_RTT.size)
+    if info is None or len(info) < _TCPI_RTT.size:  # pragma: no cover - not Linux, or a pre-2.6 kernel
+        return 0.0
+    return float(_TCPI_RTT.unpack(info)[0]) / 1e6
+
+
+def fin_grace(sock: socket.socket) -> float:
+    """How long our FIN waits for the peer's: about one round trip, within [FIN_GRACE_MIN, FIN_GRACE_MAX]."""
+    return min(max(_smoothed_rtt(sock), FIN_GRACE_MIN), FIN_GRACE_MAX)
+
+
+async def wait_for_fin_acknowledged(sock: socket.socket) -> None:
+    """Return once our FIN is acknowledged (or was never sent): the state is no longer LAST_ACK or CLOSING.
+
+    Polls TCP_INFO with a bounded backoff (the module comment says why).
+    No time bound: the caller runs this under its own cancel scope.
+    """
+    delay = min(max(_smoothed_rtt(sock) / 4, _ACK_POLL_MIN), _ACK_POLL_MAX)
+    while fin_unacknowledged(sock):
+        await trio.sleep(delay)
+        delay = min(delay * 2, _ACK_POLL_MAX)
+
+
+async def _discard_until(sock: socket.socket, received: int, limit: int, deadline: float) -> tuple[bool, int]:
+    """wait_for_fin until ``deadline``: (the FIN arrived, bytes read in all), the count exact on timeout."""
+    with trio.move_on_at(deadline):
+        while received <= limit:
+            eof, count = read_available(sock, limit - received)
+            received += count
+            if eof:
+                return True, received
+            if received <= limit:
+                await trio.lowlevel.wait_readable(sock)
+    return False, received
+
+
+async def finish_drain(sock: socket.socket, received: int, limit: int, *, eof_seen: bool, send_fin: bool) -> bool:
+    """The background drain of a closed stream's socket: True once it may be disconnected politely.
+
+    In order: if ``send_fin``, wait `fin_grace` for the peer's FIN, then
+    send ours (shutdown SHUT_WR) if it has not come; wait for the peer's
+    FIN, discarding what precedes it (``received`` bytes were already read,
+    at most ``limit`` in all: False past it); then wait until our FIN, if
+    one was sent, is acknowledged. ``eof_seen``: the peer's FIN is already
+    in, only the last step remains. No time bound: the caller runs this
+    under its own cancel scope (``eof_timeout``).
+
+    Raises:
+      OSError: from recv() or shutdown(), for example ECONNRESET.
+    """
+    if not eof_seen:
+        deadline = trio.current_time() + fin_grace(sock) if send_fin else math.inf
+        eof_seen, received = await _discard_until(sock, received, limit, deadline)
+        if not eof_seen and received <= limit and send_fin:
+            sock.shutdown(socket.SHUT_WR)
+            eof_seen, received = await _discard_until(sock, received, limit, math.inf)
+        if not eof_seen:
+            return False
+    await wait_for_fin_acknowledged(sock)
+    return True

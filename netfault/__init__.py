@@ -1,0 +1,1 @@
+"""The packet-fault harness behind ``nox -s netfault``: two namespaces, a TUN relay, a tagged server, clients."""
