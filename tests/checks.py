@@ -62,6 +62,7 @@ __all__ = [
     "watching",
 ]
 
+_IN_USE_STATES = frozenset({State.CONNECTING, State.HANDED, State.IN_USE})
 _TCP_ESTABLISHED = 1
 _TCP_CLOSE = 7
 
@@ -206,6 +207,14 @@ def assert_capacity(pool: SocketPool) -> None:
     assert by_state[State.CONNECTING] + by_state[State.HANDED] + by_state[State.IN_USE] == stats.in_use
     peers = Counter(psock.peer for psock in socks if psock.state in PEER_STATES)
     assert dict(peers) == pool._ledger.per_peer
+    # Per-peer statistics against the same recount.
+    for peer, stats_of_peer in pool.statistics_by_peer().items():
+        mine = [psock for psock in socks if psock.peer == peer and psock.state in PEER_STATES]
+        assert stats_of_peer.in_use == sum(p.state in _IN_USE_STATES for p in mine), (peer, stats_of_peer)
+        assert stats_of_peer.parked == sum(p.state is State.PARKED for p in mine), (peer, stats_of_peer)
+        assert stats_of_peer.draining == sum(p.state is State.DRAINING for p in mine), (peer, stats_of_peer)
+        assert stats_of_peer.reused + stats_of_peer.kept_alive <= stats_of_peer.opens, (peer, stats_of_peer)
+    assert set(peers) <= set(pool.statistics_by_peer())
     open_fds = fd_inodes()
     for psock in socks:
         fd = psock.sock.fileno()

@@ -40,6 +40,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from typing import TYPE_CHECKING, Final, final
@@ -49,6 +50,7 @@ import trio
 
 from . import _pressure
 from ._close import StreamEnd, Verdict, decide, discard_queued, finish_drain
+from ._disconnect import disconnect
 from ._errors import pool_closed_error
 from ._in_flight import nothing_in_flight
 from ._lifecycle import Ledger, State
@@ -325,14 +327,14 @@ class Capacity:
         # read first, so that the close sends no RST (I7).
         trio.lowlevel.notify_closing(draining.sock)
         discard_queued(draining.sock, self._drain_limit)
-        self.ledger.note_evicted()
+        self.ledger.note_evicted(draining)
         self.ledger.drains_cut += 1
         self.discard(draining)
         return True
 
     def evict(self, psock: PooledSocket, for_key: object = None) -> None:
         """End an idle socket or a parked connection to make room for an open (of ``for_key``, if known)."""
-        self.ledger.note_evicted()
+        self.ledger.note_evicted(psock)
         if self.store.remove(psock):
             if (
                 self.reset_idle
@@ -412,6 +414,16 @@ class Capacity:
             room.grant(task, psock)
 
     def close(self, make_error: Callable[[], BaseException]) -> None:
-        """The pool's exit: no more taking; every waiter fails with ``make_error()``."""
+        """The pool's exit: no more taking; every waiter fails with ``make_error()``; every stored socket is closed."""
         self.closed = True
         self.room.fail_all(make_error)
+        for psock in self.store.clear():
+            if psock.state is PARKED:
+                # As in evict: an idle one ends by the disconnect (no
+                # TIME_WAIT anywhere), else what it holds is read first.
+                if self.reset_idle and self.recycling and nothing_in_flight(psock.sock):
+                    with contextlib.suppress(OSError):
+                        disconnect(psock.sock)
+                else:
+                    discard_queued(psock.sock, self._drain_limit)
+            self.discard(psock)

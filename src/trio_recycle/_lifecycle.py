@@ -41,7 +41,7 @@ import attrs
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["MOVES", "PEER_STATES", "Ledger", "LifecycleError", "State", "Tracked"]
+__all__ = ["MOVES", "PEER_STATES", "Ledger", "LifecycleError", "PeerCounts", "State", "Tracked"]
 
 
 class State(enum.Enum):
@@ -103,6 +103,28 @@ class Tracked(Protocol):
 S = TypeVar("S", bound=Tracked)
 
 
+#: PeerCounts' field for each state counted toward a peer.
+_PEER_FIELD: Final = {CONNECTING: "in_use", HANDED: "in_use", IN_USE: "in_use", PARKED: "parked", DRAINING: "draining"}
+#: Peers whose counts are kept once they own no socket: beyond it, the
+#: counts of a peer that owns none are forgotten (a crawler meets peers
+#: without end).
+PEER_RECORDS: Final = 4096
+
+
+@final
+@attrs.define(eq=False)
+class PeerCounts:
+    """The ledger's counts for one peer address: sockets by state now, and opens over the pool's life."""
+
+    in_use: int = 0
+    parked: int = 0
+    draining: int = 0
+    opens: int = 0
+    reused: int = 0
+    kept_alive: int = 0
+    evicted: int = 0
+
+
 class LifecycleError(RuntimeError):
     """A move that the table does not allow: a bug in trio_recycle."""
 
@@ -118,6 +140,8 @@ class Ledger(Generic[S]):
     )
     #: Sockets in PEER_STATES, by peer address.
     per_peer: dict[object, int] = attrs.field(factory=dict)
+    #: The same sockets by state, and lifetime counts, by peer address.
+    peers: dict[object, PeerCounts] = attrs.field(factory=dict)
     created: int = 0
     reused: int = 0
     recycled: int = 0
@@ -149,6 +173,9 @@ class Ledger(Generic[S]):
         psock.peer = peer
         self._members[CONNECTING][psock] = None
         self._count_peer(peer, 1)
+        counts = self._peer(peer)
+        counts.in_use += 1
+        counts.opens += 1
 
     def move(self, psock: S, new: State, peer: object = None) -> None:
         """Move ``psock`` to ``new``; ``peer`` is the address of a socket leaving IDLE.
@@ -169,14 +196,37 @@ class Ledger(Generic[S]):
             psock.peer = peer
             self._count_peer(peer, 1)
             self.reused += 1
+            counts = self._peer(peer)
+            counts.in_use += 1
+            counts.opens += 1
+            counts.reused += 1
         elif new is IDLE or new is CLOSED:
             if old is not IDLE:
                 self._count_peer(psock.peer, -1)
+                counts = self.peers[psock.peer]
+                field = _PEER_FIELD[old]
+                setattr(counts, field, getattr(counts, field) - 1)
+                if len(self.peers) > PEER_RECORDS and psock.peer not in self.per_peer:
+                    del self.peers[psock.peer]
             psock.peer = None
             if new is IDLE:
                 self.recycled += 1
-        elif new is IN_USE and (old is PARKED or old is HANDED):
-            self.kept_alive += 1
+        else:
+            counts = self.peers[psock.peer]
+            field, new_field = _PEER_FIELD[old], _PEER_FIELD[new]
+            if field != new_field:
+                setattr(counts, field, getattr(counts, field) - 1)
+                setattr(counts, new_field, getattr(counts, new_field) + 1)
+            if new is IN_USE and (old is PARKED or old is HANDED):
+                self.kept_alive += 1
+                counts.kept_alive += 1
+                counts.opens += 1
+
+    def _peer(self, peer: object) -> PeerCounts:
+        counts = self.peers.get(peer)
+        if counts is None:
+            counts = self.peers[peer] = PeerCounts()
+        return counts
 
     def _count_peer(self, peer: object, delta: int) -> None:
         left = self.per_peer.get(peer, 0) + delta
@@ -189,9 +239,11 @@ class Ledger(Generic[S]):
         """The socket that has been in ``state`` longest, if any."""
         return next(iter(self._members[state]), None)
 
-    def note_evicted(self) -> None:
-        """A socket was ended to make room for an open (it is closed, or disconnected for that open)."""
+    def note_evicted(self, psock: S) -> None:
+        """``psock`` is being ended to make room for an open (before its move out of its state)."""
         self.evicted += 1
+        if psock.state is not IDLE:
+            self.peers[psock.peer].evicted += 1
 
     def note_not_parked(self) -> None:
         """A release ran the close protocol instead of parking."""

@@ -1,22 +1,12 @@
 """SocketPool: the coordinator that decides which socket serves which open, and what happens to it afterwards."""
 
-# The pool's parts each have a room of their own; the pool coordinates them:
-#
-# * _lifecycle: a socket's states, the moves allowed between them, and the
-#   Ledger, the only writer of states, counts and lifetime counters;
-# * _capacity: which open gets which socket, who waits (_waiting), and the
-#   one reconciler, Capacity.serve_waiters;
-# * _store: idle sockets and parked connections in one eviction order, and
-#   the parked ones' watch;
-# * _keepalive: released live connections, handed over or parked, and what
-#   the watch's events mean for them;
-# * _close: from a stream's end to a verdict (recycle, drain, close) and the
-#   bounded wait for the peer's FIN;
-# * _connect: resolution and happy eyeballs over the pool's sockets.
-#
-# Every entry point here (an open, a stream closed or released, the watch
-# waking, a drain ending, a dropped stream reclaimed, a failed connect)
-# changes states through those rooms and ends with one serve_waiters().
+# The pool's rooms: _lifecycle (states, moves, the Ledger: the only writer
+# of states and counts), _capacity (who gets which socket, who waits, where
+# sockets go back, and the one reconciler serve_waiters), _store (idle and
+# parked sockets, and the watch), _keepalive (released live connections),
+# _close (a stream's end to a verdict, the drain), _connect (resolution and
+# happy eyeballs). Every entry point here changes states through them and
+# ends with one serve_waiters().
 
 from __future__ import annotations
 
@@ -28,7 +18,6 @@ import attrs
 import trio
 
 from ._capacity import Capacity
-from ._close import StreamEnd, discard_queued
 from ._connect import (
     connect_pooled,
     connect_udp,
@@ -36,13 +25,11 @@ from ._connect import (
     validate_endpoint,
     validate_local_address,
 )
-from ._disconnect import disconnect
 from ._errors import check_run, pool_closed_error, wrong_run_error
-from ._in_flight import nothing_in_flight
 from ._isn import fresh_isns
 from ._keepalive import KeepAlive
 from ._lifecycle import Ledger, State
-from ._statistics import PoolStatistics
+from ._statistics import PeerStatistics, PoolStatistics
 from ._store import SocketStore
 from ._stream import RecyclingStream
 from ._udp import RecyclingUDPSocket
@@ -50,6 +37,7 @@ from ._udp import RecyclingUDPSocket
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from ._close import StreamEnd
     from ._pooled_socket import PooledSocket, SocketOption
 
 __all__ = ["SocketPool"]
@@ -76,8 +64,6 @@ class SocketPool:
     """
 
     _capacity: int
-    _eof_timeout: float
-    _drain_limit: int
     _recycle: bool
     _nursery: trio.Nursery
     _ledger: Ledger[PooledSocket]
@@ -114,26 +100,12 @@ class SocketPool:
         """The pool of an `open_socket_pool` block, whose arguments are checked already."""
         self = object.__new__(cls)
         self._capacity = capacity
-        self._eof_timeout = eof_timeout
-        self._drain_limit = drain_limit
         self._recycle = recycle
         self._nursery = nursery
         self._ledger = Ledger()
         self._store = SocketStore(nursery, keepalive_expiry, self._on_watch)
-        self._places = Capacity(
-            capacity,
-            capacity_per_peer,
-            peer_affinity,
-            recycle,
-            reset_idle,
-            drain_limit,
-            eof_timeout,
-            socket_options,
-            nursery,
-            self,
-            self._ledger,
-            self._store,
-        )
+        self._places = Capacity(capacity, capacity_per_peer, peer_affinity, recycle, reset_idle, drain_limit,
+                                eof_timeout, socket_options, nursery, self, self._ledger, self._store)  # fmt: skip
         self._keepalive = KeepAlive(self._places)
         self._owners = {}
         self._closed = False
@@ -317,6 +289,24 @@ class SocketPool:
         check_run(self._token, "SocketPool")
         return self._snapshot()
 
+    def peer_statistics(self, peer: object) -> PeerStatistics:
+        """A snapshot of this pool's sockets toward one peer address (``("127.0.0.1", 8080)``), in O(1).
+
+        Raises:
+          RuntimeError: called from a trio.run other than the pool's.
+        """
+        check_run(self._token, "SocketPool")
+        return PeerStatistics._of(peer, self._ledger.peers.get(peer))
+
+    def statistics_by_peer(self) -> dict[object, PeerStatistics]:
+        """`peer_statistics` of every peer address the pool keeps counts for.
+
+        Raises:
+          RuntimeError: called from a trio.run other than the pool's.
+        """
+        check_run(self._token, "SocketPool")
+        return {peer: PeerStatistics._of(peer, counts) for peer, counts in self._ledger.peers.items()}
+
     def _snapshot(self) -> PoolStatistics:
         return PoolStatistics._of(self._capacity, self._ledger, len(self._places.room))
 
@@ -442,16 +432,6 @@ class SocketPool:
             if owner is not None:
                 owner._force_close()
             trio.lowlevel.notify_closing(psock.sock)
-            self._places.discard(psock)
-        for psock in self._store.clear():
-            if psock.state is PARKED:
-                # As in Capacity.evict: an idle one ends by the disconnect
-                # (no TIME_WAIT anywhere), else what it holds is read first.
-                if self._places.reset_idle and self._recycle and nothing_in_flight(psock.sock):
-                    with contextlib.suppress(OSError):
-                        disconnect(psock.sock)
-                else:
-                    discard_queued(psock.sock, self._drain_limit)
             self._places.discard(psock)
         # Draining sockets: their drain tasks close them when cancelled.
         self._nursery.cancel_scope.cancel()

@@ -9,9 +9,9 @@ import attrs
 from ._lifecycle import State
 
 if TYPE_CHECKING:
-    from ._lifecycle import Ledger, S
+    from ._lifecycle import Ledger, PeerCounts, S
 
-__all__ = ["PoolStatistics"]
+__all__ = ["PeerStatistics", "PoolStatistics"]
 
 
 @final
@@ -82,4 +82,52 @@ class PoolStatistics:
             kept_alive=ledger.kept_alive,
             not_parked=ledger.not_parked,
             evicted=ledger.evicted,
+        )
+
+
+@final
+@attrs.frozen
+class PeerStatistics:
+    """A snapshot of a `SocketPool`'s sockets toward one peer address, from `SocketPool.peer_statistics`.
+
+    ``in_use``, ``parked`` and ``draining`` are the state now; the others
+    are counts over the pool's life (forgotten for a peer that owns no
+    socket once more than 4,096 peers were seen: a crawler meets peers
+    without end).
+
+    Attributes:
+      peer: The peer's socket address, as `RecyclingStream.getpeername`
+          gives it.
+      in_use: Sockets toward it connecting or behind an open stream.
+      parked: Live connections to it waiting for an open.
+      draining: Closed streams' sockets waiting for its FIN.
+      opens: Opens served toward it: connected, or kept alive.
+      reused: Of those, served by an idle socket instead of a new one.
+      kept_alive: Of those, served by a parked connection (no connect).
+      evicted: Its parked connections (or drains) ended to make room for
+          another open.
+    """
+
+    peer: object
+    in_use: int = 0
+    parked: int = 0
+    draining: int = 0
+    opens: int = 0
+    reused: int = 0
+    kept_alive: int = 0
+    evicted: int = 0
+
+    @classmethod
+    def _of(cls, peer: object, counts: PeerCounts | None) -> PeerStatistics:
+        if counts is None:
+            return cls(peer)
+        return cls(
+            peer,
+            counts.in_use,
+            counts.parked,
+            counts.draining,
+            counts.opens,
+            counts.reused,
+            counts.kept_alive,
+            counts.evicted,
         )
