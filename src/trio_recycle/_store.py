@@ -12,9 +12,12 @@
 # warm socket is more likely to be alive, and the cold ones age out at the
 # bottom. Across both kinds one dict in insertion order is the least
 # recently used order, oldest first: when the pool is full, `oldest()` is
-# the socket to evict, whatever its kind. Every operation is O(1) except
-# removing a socket from the middle of its stack (eviction, the watch),
-# which is O(sockets of that key).
+# the socket to evict, whatever its kind. Every stack is a dict in
+# insertion order too (popitem() takes the newest, del removes one from the
+# middle), and parked connections are also kept by peer address, so that
+# every operation, evicting the oldest parked connection of a peer
+# included, is O(1) whatever the number stored (capacity 16,384, 10,000
+# peers: benchmarks/bench_scale.py).
 #
 # The store owns the Watch of its parked connections: parking registers a
 # connection with it, and every way out of the store (taken, removed,
@@ -55,8 +58,10 @@ class SocketStore:
     _keepalive_expiry: float
     _on_wake: Callable[[], object]
     _watch: Watch = attrs.field(init=False)
-    _idle: dict[PoolKey, list[PooledSocket]] = attrs.field(factory=dict)
-    _parked: dict[OpenKey, list[PooledSocket]] = attrs.field(factory=dict)
+    _idle: dict[PoolKey, dict[PooledSocket, None]] = attrs.field(factory=dict)
+    _parked: dict[OpenKey, dict[PooledSocket, None]] = attrs.field(factory=dict)
+    #: Parked connections by peer address, oldest first.
+    _parked_by_peer: dict[object, dict[PooledSocket, None]] = attrs.field(factory=dict)
     #: Every stored socket, least recently stored first; the value says
     #: whether it is parked.
     _lru: dict[PooledSocket, bool] = attrs.field(factory=dict)
@@ -75,22 +80,14 @@ class SocketStore:
 
     def put_idle(self, psock: PooledSocket) -> None:
         """Store a disconnected socket under its PoolKey."""
-        stack = self._idle.get(psock.key)
-        if stack is None:
-            self._idle[psock.key] = [psock]
-        else:
-            stack.append(psock)
+        _push(self._idle, psock.key, psock)
         self._lru[psock] = False
 
     def take_idle(self, key: PoolKey) -> PooledSocket | None:
         """Remove and return the most recently stored idle socket of ``key``, if any."""
-        stack = self._idle.get(key)
-        if not stack:
-            return None
-        psock = stack.pop()
-        if not stack:
-            del self._idle[key]
-        del self._lru[psock]
+        psock = _pop(self._idle, key)
+        if psock is not None:
+            del self._lru[psock]
         return psock
 
     def park(self, psock: PooledSocket, key: OpenKey) -> None:
@@ -100,11 +97,8 @@ class SocketStore:
           OSError: from epoll_ctl (for example ENOMEM); nothing was stored.
         """
         self._watch.add(psock, self._nursery)
-        stack = self._parked.get(key)
-        if stack is None:
-            self._parked[key] = [psock]
-        else:
-            stack.append(psock)
+        _push(self._parked, key, psock)
+        _push(self._parked_by_peer, psock.peer, psock)
         self._lru[psock] = True
         self.parked_count += 1
 
@@ -114,12 +108,10 @@ class SocketStore:
 
     def take_parked(self, key: OpenKey) -> PooledSocket | None:
         """Remove and return the most recently parked connection of ``key``, if any."""
-        stack = self._parked.get(key)
-        if not stack:
+        psock = _pop(self._parked, key)
+        if psock is None:
             return None
-        psock = stack.pop()
-        if not stack:
-            del self._parked[key]
+        _remove(self._parked_by_peer, psock.peer, psock)
         del self._lru[psock]
         self.parked_count -= 1
         self._watch.remove(psock)
@@ -132,13 +124,14 @@ class SocketStore:
             self._unpark(psock)
             self._watch.remove(psock)
         else:
-            self._remove_from(self._idle, psock.key, psock)
+            _remove(self._idle, psock.key, psock)
         return parked
 
     def _unpark(self, psock: PooledSocket) -> None:
         """Forget a parked connection that the watch no longer watches."""
         assert psock.open_key is not None
-        self._remove_from(self._parked, psock.open_key, psock)
+        _remove(self._parked, psock.open_key, psock)
+        _remove(self._parked_by_peer, psock.peer, psock)
         self.parked_count -= 1
 
     def ready(self) -> list[tuple[PooledSocket, int]]:
@@ -165,23 +158,14 @@ class SocketStore:
         """Whether the watch watches ``psock`` (for tests: every parked connection, nothing else)."""
         return psock in self._watch
 
-    @staticmethod
-    def _remove_from(stacks: dict[_K, list[PooledSocket]], key: _K, psock: PooledSocket) -> None:
-        stack = stacks[key]
-        stack.remove(psock)
-        if not stack:
-            del stacks[key]
-
     def oldest(self) -> PooledSocket | None:
         """The least recently stored socket, idle or parked (the one to evict)."""
         return next(iter(self._lru), None)
 
     def oldest_parked_for(self, peer: object) -> PooledSocket | None:
-        """The least recently parked connection to ``peer`` (O(stored sockets))."""
-        for psock, parked in self._lru.items():
-            if parked and psock.peer == peer:
-                return psock
-        return None
+        """The least recently parked connection to ``peer``."""
+        parked = self._parked_by_peer.get(peer)
+        return None if parked is None else next(iter(parked))
 
     def is_parked(self, psock: PooledSocket) -> bool:
         """Whether ``psock`` is stored as a parked connection."""
@@ -200,6 +184,33 @@ class SocketStore:
         stored = list(self._lru)
         self._idle.clear()
         self._parked.clear()
+        self._parked_by_peer.clear()
         self._lru.clear()
         self.parked_count = 0
         return stored
+
+
+def _push(stacks: dict[_K, dict[PooledSocket, None]], key: _K, psock: PooledSocket) -> None:
+    stack = stacks.get(key)
+    if stack is None:
+        stacks[key] = {psock: None}
+    else:
+        stack[psock] = None
+
+
+def _pop(stacks: dict[_K, dict[PooledSocket, None]], key: _K) -> PooledSocket | None:
+    """The newest socket of ``key``, removed."""
+    stack = stacks.get(key)
+    if not stack:
+        return None
+    psock, _ = stack.popitem()
+    if not stack:
+        del stacks[key]
+    return psock
+
+
+def _remove(stacks: dict[_K, dict[PooledSocket, None]], key: _K, psock: PooledSocket) -> None:
+    stack = stacks[key]
+    del stack[psock]
+    if not stack:
+        del stacks[key]
