@@ -219,6 +219,10 @@ def validate_endpoint(host: object, port: object) -> None:
       ValueError: port is outside 1-65535, or host is a bracketed IPv6
           address (``"[::1]"``): the brackets belong to URLs, not addresses.
     """
+    # The common case first, for the keep-alive path's sake: a str host
+    # with no bracket and an int port in range.
+    if type(host) is str and type(port) is int and 1 <= port <= 65535 and not host.startswith("["):
+        return
     if not isinstance(host, (str, bytes)):
         raise TypeError(f"host must be str or bytes, not {host!r}")
     if not isinstance(port, int) or isinstance(port, bool):
@@ -276,8 +280,8 @@ def validate_local_address(local_address: object) -> None:
 
 def validate_delay(happy_eyeballs_delay: object) -> None:
     """Check ``happy_eyeballs_delay``: None, or a number >= 0 that is not NaN."""
-    if happy_eyeballs_delay is None:
-        return
+    if happy_eyeballs_delay is None or (type(happy_eyeballs_delay) is float and 0 <= happy_eyeballs_delay < math.inf):
+        return  # None, or a finite float >= 0 (NaN fails the comparison): the common case, at once
     if not isinstance(happy_eyeballs_delay, (int, float)) or isinstance(happy_eyeballs_delay, bool):
         raise TypeError(f"happy_eyeballs_delay must be a number or None, not {happy_eyeballs_delay!r}")
     check_number("happy_eyeballs_delay", happy_eyeballs_delay, integer=False)

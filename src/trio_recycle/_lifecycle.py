@@ -55,6 +55,10 @@ class State(enum.Enum):
     DRAINING = "draining"
     CLOSED = "closed"
 
+    # Members are singletons: hash by identity, in C. Enum's own __hash__
+    # is Python code, and every move hashes states several times.
+    __hash__ = object.__hash__
+
 
 IDLE, CONNECTING, HANDED, IN_USE, PARKED, DRAINING, CLOSED = State
 
