@@ -791,7 +791,7 @@ async def test_httpx_private_attributes_are_where_we_expect() -> None:
                 connection = inner.create_connection(httpcore.URL("http://example.invalid/").origin)
                 assert connection._network_backend is transport._backend  # type: ignore[attr-defined]
             await transport.aclose()
-        from trio_recycle.httpx import _use_backend
+        from trio_recycle._httpx_parts import use_backend as _use_backend
 
         class Moved:
             pass

@@ -377,7 +377,7 @@ async def test_idle_connections_closed_by_httpx_leave_no_time_wait(
 
 async def test_reclaim_reaches_httpcore_where_we_expect(start_server: StartServer) -> None:
     """Fails loudly if a new httpcore moves the network stream the reclaimer ends (_connection._network_stream)."""
-    from trio_recycle.httpx import _network_stream
+    from trio_recycle._httpx_parts import network_stream as _network_stream
 
     server = await start_server(keep_alive_server([]))
     async with (
