@@ -54,6 +54,7 @@ __all__ = [
     "owned_sockets",
     "parked_sockets",
     "peer_count",
+    "pooled_socket_of",
     "socket_inode",
     "stored_sockets",
     "watch_closed",
@@ -115,6 +116,11 @@ def parked_sockets(pool: SocketPool) -> list[socket.socket]:
 def owned_sockets(pool: SocketPool) -> list[socket.socket]:
     """Every stdlib socket the pool owns, whatever its state."""
     return [psock.sock for psock in pool._ledger.sockets()]
+
+
+def pooled_socket_of(handle: RecyclingStream | RecyclingUDPSocket) -> PooledSocket:
+    """The pool's record of the socket behind a stream or UDP socket (to look at its state or its kernel socket)."""
+    return handle._psock
 
 
 def stored_sockets(pool: SocketPool) -> list[PooledSocket]:

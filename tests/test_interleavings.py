@@ -503,7 +503,7 @@ async def _open(world: World, ts: TaskState, step: Step) -> None:
     if server.kind == "dead":
         world.violate("connected to an address where nothing listens")
     m = StreamModel(number, ts.number, server, stream)
-    psock = stream._psock
+    psock = checks.pooled_socket_of(stream)
     if stream.kept_alive:
         prev = world.last_on.get(psock)
         if prev is None or not prev.released or prev.server is not server:

@@ -10,6 +10,7 @@ import trio.testing
 import trio_recycle
 from trio_recycle._addresses import format_address
 
+from . import checks
 from .conftest import StartServer, UDPPeer, answer_then_close, never_close, read_until_eof
 
 
@@ -91,7 +92,7 @@ async def test_pooled_socket_repr(start_server: StartServer) -> None:
     server = await start_server(answer_then_close)
     async with trio_recycle.open_socket_pool(peer_affinity=True) as pool:
         stream = await pool.open_tcp_stream(server.host, server.port)
-        psock = stream._psock
+        psock = checks.pooled_socket_of(stream)
         assert repr(psock) == (
             f"<trio_recycle.PooledSocket IN_USE fd={psock.sock.fileno()} TCP/IPv4 peer=127.0.0.1:{server.port}>"
         )
@@ -106,7 +107,7 @@ async def test_pooled_socket_repr_without_peer_affinity(start_server: StartServe
     server = await start_server(answer_then_close)
     async with trio_recycle.open_socket_pool(peer_affinity=False) as pool:
         stream = await pool.open_tcp_stream(server.host, server.port)
-        assert "peer=" not in repr(stream._psock)
+        assert "peer=" not in repr(checks.pooled_socket_of(stream))
         await stream.send_all(b"ping")
         await stream.send_eof()
         assert await read_until_eof(stream) == b"ok:ping"

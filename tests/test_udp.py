@@ -13,6 +13,7 @@ import trio.testing
 import trio_recycle
 from trio_recycle import RecyclingUDPSocket, _close, _pooled_socket
 
+from . import checks
 from .checks import assert_capacity, assert_idle_disconnected, bytes_queued, fd_inodes, idle_sockets, socket_inode
 from .conftest import StartServer, UDPPeer, answer_then_close, cycle, read_until_eof
 
@@ -576,7 +577,7 @@ async def test_option_of_another_protocol_makes_the_socket_close_instead(udp_pee
             with pytest.raises(OSError) as info:
                 udp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             assert info.value.errno in {errno.ENOPROTOOPT, errno.EOPNOTSUPP}
-            assert udp._psock.tainted
+            assert checks.pooled_socket_of(udp).tainted
         stats = pool.statistics()
         assert (stats.idle, stats.recycled, stats.discarded) == (0, 0, 1)
 
