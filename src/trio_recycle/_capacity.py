@@ -61,7 +61,7 @@ from ._waiting import Request, WaitingRoom
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ._pooled_socket import OpenKey, SocketOption
+    from ._pooled_socket import OpenKey, PoolKey, SocketOption
     from ._store import SocketStore
 
 __all__ = ["Capacity"]
@@ -235,15 +235,26 @@ class Capacity:
         options = self._tcp_options if request.type == socket.SOCK_STREAM else self._socket_options
         args = (request.family, request.type, request.proto, request.local_address, options, request.key)
         try:
-            psock = PooledSocket.create(*args)
+            psock = self._make(args)
         except OSError as exc:
             victim = self.store.oldest()
             if exc.errno not in _OUT_OF_DESCRIPTORS or victim is None:
                 raise
             self.evict(victim)
-            psock = PooledSocket.create(*args)
+            psock = self._make(args)
         self.ledger.add(psock, request.peer)
         return psock
+
+    def _make(self, args: tuple[int, int, int, str | None, tuple[SocketOption, ...], PoolKey]) -> PooledSocket:
+        made: list[None] = []
+        try:
+            return PooledSocket.create(*args, made=lambda: made.append(None))
+        except BaseException:
+            if made:
+                # socket() ran, what followed failed and closed it: counted in
+                # created and in discarded, so statistics show every call.
+                self.ledger.note_closed_at_birth()
+            raise
 
     # ------------------------------------------------------------------
     # Giving back

@@ -249,6 +249,11 @@ class Ledger(Generic[S]):
         if psock.state is not IDLE:
             self.peers[psock.peer].evicted += 1
 
+    def note_closed_at_birth(self) -> None:
+        """A ``socket()`` call whose socket was closed before it could be counted CONNECTING."""
+        self.created += 1
+        self.discarded += 1
+
     def note_not_parked(self) -> None:
         """A release ran the close protocol instead of parking."""
         self.not_parked += 1

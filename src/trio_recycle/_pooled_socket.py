@@ -53,7 +53,7 @@ from ._lifecycle import State
 from ._tcp_state import TcpState, tcp_state
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
 __all__ = ["OpenKey", "OptionValue", "PoolKey", "PooledSocket", "SocketOption"]
 
@@ -190,14 +190,21 @@ class PooledSocket:
         local_address: str | None,
         options: Iterable[SocketOption],
         key: PoolKey,
+        *,
+        made: Callable[[], object] | None = None,
     ) -> PooledSocket:
         """Make a non-blocking socket with the pool's options, bound if asked.
+
+        ``made`` is called once ``socket()`` has succeeded (so that every
+        ``socket()`` call is counted, even when what follows fails).
 
         Raises:
           OSError: from ``socket()``, ``setsockopt()`` or ``bind()``; the
               socket is closed before the error propagates.
         """
         sock = socket.socket(family, type, proto)
+        if made is not None:
+            made()
         try:
             sock.setblocking(False)
             # One pool serves TCP and UDP, IPv4 and IPv6: its TCP options
