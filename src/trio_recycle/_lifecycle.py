@@ -81,9 +81,9 @@ MOVES: Final[dict[State, frozenset[State]]] = {
     PARKED: frozenset(
         {
             IN_USE,  # taken alive by an open of the same host and port
-            IDLE,  # the peer closed it (FIN): disconnected
-            DRAINING,  # expired, or unsolicited bytes: our FIN, then the drain
-            CLOSED,  # evicted, broken, or the pool's exit
+            IDLE,  # the peer closed it (FIN), or it was idle and had to go: disconnected
+            DRAINING,  # unsolicited bytes, or expired with bytes in flight: our FIN, then the drain
+            CLOSED,  # evicted (ended by the disconnect, or our FIN), broken, or the pool's exit
         }
     ),
     DRAINING: frozenset({IDLE, CLOSED}),  # the FIN came: disconnected; it did not, or the pool's exit
