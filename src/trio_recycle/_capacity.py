@@ -78,6 +78,9 @@ _TCP_DEFAULTS: Final[tuple[SocketOption, ...]] = tuple(
     )
     if option is not None
 )
+#: Seconds a drain has to finish before it gives way to a waiting task
+#: (at most half of eof_timeout).
+GIVE_WAY_AFTER: Final = 0.5
 #: socket() errors that closing one of our own descriptors can cure.
 _OUT_OF_DESCRIPTORS: Final = frozenset({errno.EMFILE, errno.ENFILE})
 
@@ -108,9 +111,13 @@ class Capacity:
     room: WaitingRoom[PooledSocket] = attrs.field(factory=WaitingRoom)
     closed: bool = False
     _tcp_options: tuple[SocketOption, ...] = attrs.field(init=False)
+    #: When each drain started, and its cancel scope (deadline: the start + eof_timeout).
+    _drains: dict[PooledSocket, tuple[float, trio.CancelScope]] = attrs.field(factory=dict)
+    _give_way_after: float = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._tcp_options = _TCP_DEFAULTS + self._socket_options
+        self._give_way_after = min(GIVE_WAY_AFTER, self._eof_timeout / 2)
 
     # ------------------------------------------------------------------
     # Taking
@@ -267,22 +274,30 @@ class Capacity:
             self.put_back(psock)
         elif verdict is Verdict.DRAIN:
             self.ledger.move(psock, DRAINING)
-            self._nursery.start_soon(self._drain, psock, received, eof_seen, send_fin)
+            now = trio.current_time()
+            scope = trio.CancelScope(deadline=now + self._eof_timeout)
+            self._drains[psock] = (now, scope)
+            self._nursery.start_soon(self._drain, psock, received, eof_seen, send_fin, scope)
         else:
             self.discard(psock)
 
-    async def _drain(self, psock: PooledSocket, received: int, eof_seen: bool, send_fin: bool) -> None:
+    async def _drain(
+        self, psock: PooledSocket, received: int, eof_seen: bool, send_fin: bool, scope: trio.CancelScope
+    ) -> None:
         fin = False
         try:
-            with trio.move_on_after(self._eof_timeout):
+            with scope:
                 fin = await finish_drain(psock.sock, received, self._drain_limit, eof_seen=eof_seen, send_fin=send_fin)
         except (OSError, trio.ClosedResourceError):
             pass  # a reset; or the drain gave way to a waiting task (make_room)
         finally:
+            del self._drains[psock]
             # Also on Cancelled (the pool's exit): then fin is False.
             if psock.state is DRAINING:
                 if fin:
                     self.put_back(psock)
+                elif scope.cancelled_caught and self._someone_servable():
+                    self._give_way(psock)  # its deadline was shortened for a waiter (make_room)
                 else:
                     self.discard(psock)
                 self.serve_waiters()
@@ -332,16 +347,25 @@ class Capacity:
         draining = self.ledger.oldest(DRAINING)
         if draining is None:
             return False
-        # A drain gives way to a task that needs its place: our FIN is
-        # out, so the kernel finishes the close as it would for any socket
-        # closed first (trio.SocketStream's), and what arrived meanwhile is
-        # read first, so that the close sends no RST (I7).
+        # A drain gives way to a task that needs its place, once it has had
+        # GIVE_WAY_AFTER to finish (a peer that closes at all does so
+        # within round trips: the young drains are about to free their
+        # places themselves). A younger one gets that as its deadline.
+        started, scope = self._drains[draining]
+        if trio.current_time() < started + self._give_way_after:
+            scope.deadline = min(scope.deadline, started + self._give_way_after)
+            return False
+        self._give_way(draining)
+        return True
+
+    def _give_way(self, draining: PooledSocket) -> None:
+        """End a drain for a waiting task: our FIN is out; the kernel finishes the close, as for trio.SocketStream."""
+        # What arrived meanwhile is read first, so that the close sends no RST (I7).
         trio.lowlevel.notify_closing(draining.sock)
         discard_queued(draining.sock, self._drain_limit)
         self.ledger.note_evicted(draining)
         self.ledger.drains_cut += 1
         self.discard(draining)
-        return True
 
     def evict(self, psock: PooledSocket, for_key: object = None) -> None:
         """End an idle socket or a parked connection to make room for an open (of ``for_key``, if known)."""
