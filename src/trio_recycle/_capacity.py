@@ -3,40 +3,23 @@
 # The policy beside the waiting room, as trio keeps CapacityLimiter beside
 # ParkingLot (trio/_sync.py, trio/_core/_parking_lot.py):
 #
-# * An arriving open takes an idle socket of its key, or a new one while
-#   fewer than `capacity` sockets are owned, or the place of the least
-#   recently used idle or parked socket, which is evicted; otherwise it
-#   waits in the WaitingRoom, first come first served. It never overtakes a
-#   waiter that could be served.
-# * `serve_waiters` is the reconciler, and nothing else serves a waiter
-#   (but a released live connection handed to a waiter of the same open,
-#   which keep-alive decides): every entry point of the pool ends with it,
-#   as every change of httpcore's pool ends with
-#   _assign_requests_to_connections. It gives what is free (an idle socket
-#   of the waiter's key, a free place, a place made by an eviction) to the
-#   first waiter that can be served, until nothing is free or nobody can
-#   be served.
-# * Failures while a waiter's socket is made (socket(), setsockopt(),
-#   bind()) belong to that waiter: it gets the error, and the reconciler
-#   goes on with the next one, so the aclose() or drain that freed the place
-#   never sees it. Out of descriptors (EMFILE/ENFILE), `create` first
-#   evicts the least recently used idle socket or parked connection and
-#   retries once; if socket() still fails, every queued waiter gets the
-#   error at once: the limit is the process's, the pool gets no event when
-#   some other part of the program frees a descriptor, and a waiter left
-#   queued in front of a free place would block everyone behind it with no
-#   bound. Failing fast is what trio.open_tcp_stream does in the same spot.
-# * capacity_per_peer bounds the sockets toward one peer address (every
-#   state but IDLE and CLOSED: the ledger counts them). A waiter whose peer
-#   is at its limit is skipped, not served, so it never blocks the waiters
-#   of other peers; among the waiters that can be served the order stays
-#   FIFO. An arriving open for a full peer first evicts a parked connection
-#   to the same peer (of another host name, say), as an idle socket makes
-#   room at a full pool.
-# * Happy eyeballs at a full pool: a later attempt of the same open that
-#   would have to wait takes over the place of its sibling still in
-#   SYN_SENT instead (`replacing`), so an open toward a silent first address
-#   does not queue behind its own SYN retries.
+# * An arriving open takes an idle socket of its key, a new one below
+#   `capacity`, or the place of the least recently used idle or parked
+#   socket (evicted), else a drain's that has had GIVE_WAY_AFTER; otherwise
+#   it waits, first come first served, never overtaking a servable waiter.
+# * `serve_waiters` is the reconciler, run at the end of every entry point
+#   (httpcore's _assign_requests_to_connections rule); nothing else serves a
+#   waiter but release() handing a live connection to a waiter of its open.
+# * A waiter's own failure (socket(), setsockopt(), bind()) goes to that
+#   waiter alone. Out of descriptors, `create` evicts once and retries; if
+#   socket() still fails every queued waiter gets the error at once: the
+#   pool gets no event when the process frees a descriptor, and a waiter
+#   queued in front of a free place would block everyone with no bound.
+# * capacity_per_peer: a waiter whose peer is at its limit is skipped, not
+#   served, so it never blocks other peers' waiters; an arriving open for a
+#   full peer first evicts a parked connection to the same peer.
+# * Happy eyeballs at a full pool: a later attempt that would wait takes
+#   over its sibling's place while the sibling is still in SYN_SENT.
 
 from __future__ import annotations
 
@@ -111,8 +94,10 @@ class Capacity:
     room: WaitingRoom[PooledSocket] = attrs.field(factory=WaitingRoom)
     closed: bool = False
     _tcp_options: tuple[SocketOption, ...] = attrs.field(init=False)
-    #: When each drain started, and its cancel scope (deadline: the start + eof_timeout).
-    _drains: dict[PooledSocket, tuple[float, trio.CancelScope]] = attrs.field(factory=dict)
+    #: When each drain started.
+    _drains: dict[PooledSocket, float] = attrs.field(factory=dict)
+    #: When a task of the pool's runs the reconciler for a young drain (_wake_at).
+    _wake_pending: float | None = None
     _give_way_after: float = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -135,22 +120,14 @@ class Capacity:
     ) -> PooledSocket:
         """Take an idle socket for ``peer`` or a new one, waiting for capacity (the SocketSource of _connect).
 
-        ``origin``: the (host, port, local_address) of the open. When this
-        call waits, a stream of the same open released meanwhile may hand
-        its live connection over directly (the socket is then HANDED).
-
-        ``replacing``: a socket of the same open still connecting (happy
-        eyeballs). If this call would have to wait and that socket's SYN is
-        still unanswered (SYN_SENT), the new socket takes its place and it
-        is closed: the open keeps the capacity it holds, and overtakes
-        nobody; unless this call's peer is at ``capacity_per_peer``, which
-        then waits like any other. A connect that has already finished,
-        either way, is left alone: its task is about to win or to free its
-        place.
+        ``origin``: the open's (host, port, local_address), for which a
+        released live connection may be HANDED to this call while it waits.
+        ``replacing``: a sibling attempt of the same open still connecting,
+        whose place this call takes over instead of waiting while its SYN
+        is unanswered (never past this peer's capacity_per_peer).
 
         Raises:
-          trio.ClosedResourceError: the pool's block has exited (before, or
-              while this call waited).
+          trio.ClosedResourceError: the pool's block has exited.
         """
         if self.closed:
             raise pool_closed_error()
@@ -161,14 +138,23 @@ class Capacity:
         request = Request(family, type, proto, local_address, key, peer, origin)
         if replacing is not None and self._may_take_over(replacing, peer):
             return self._take_over(replacing, request)
-        if not self._someone_servable():
+        while not self._someone_servable():
             psock = self._take_now(request)
             if psock is not None:
                 return psock
-        # A layer closed an idle connection of its own (_pressure.py): its
-        # socket is back, try again (bounded: each call closes one).
-        if _pressure.relieve(self._pool):
-            return await self.acquire(family, type, proto, local_address, peer, replacing=replacing, origin=origin)
+            # A layer that holds idle connections of its own (httpx:
+            # _pressure.py) gives one back, and this task tries again; but
+            # not for a peer at its own limit (another peer's connection
+            # frees nothing for it), and only while each one given back
+            # frees a place or an idle socket (it may go to a drain).
+            if self.per_peer is not None and self.peer_full(peer):
+                break
+            before = (len(self.ledger), self.ledger.count(IDLE))
+            if not _pressure.relieve(self._pool):
+                break
+            after = (len(self.ledger), self.ledger.count(IDLE))
+            if after[0] >= before[0] and after[1] <= before[1]:
+                break
         with _pressure.waiting(self._pool):
             granted = await self.room.wait(request)
         if self.closed:
@@ -248,7 +234,11 @@ class Capacity:
             if exc.errno not in _OUT_OF_DESCRIPTORS or victim is None:
                 raise
             self.evict(victim)
-            psock = self._make(args)
+            try:
+                psock = self._make(args)
+            except BaseException:
+                self.serve_waiters()  # the eviction's place may serve a waiter of another peer
+                raise
         self.ledger.add(psock, request.peer)
         return psock
 
@@ -269,38 +259,41 @@ class Capacity:
     def end(self, psock: PooledSocket, end: StreamEnd) -> None:
         """Carry out the close protocol for a socket whose stream ended (or whose parking did)."""
         recycle = self.recycling and not psock.tainted
+        if end.idle and not self.reset_idle:
+            end = attrs.evolve(end, idle=False)  # reset_idle=False: our FIN, never the RST
         verdict, received, eof_seen, send_fin = decide(end, psock.sock, recycle=recycle, drain_limit=self._drain_limit)
         if verdict is Verdict.RECYCLE:
             self.put_back(psock)
         elif verdict is Verdict.DRAIN:
             self.ledger.move(psock, DRAINING)
-            now = trio.current_time()
-            scope = trio.CancelScope(deadline=now + self._eof_timeout)
-            self._drains[psock] = (now, scope)
-            self._nursery.start_soon(self._drain, psock, received, eof_seen, send_fin, scope)
+            self._drains[psock] = trio.current_time()
+            self._nursery.start_soon(self._drain, psock, received, eof_seen, send_fin)
         else:
             self.discard(psock)
 
-    async def _drain(
-        self, psock: PooledSocket, received: int, eof_seen: bool, send_fin: bool, scope: trio.CancelScope
-    ) -> None:
+    async def _drain(self, psock: PooledSocket, received: int, eof_seen: bool, send_fin: bool) -> None:
         fin = False
         try:
-            with scope:
+            with trio.move_on_after(self._eof_timeout):
                 fin = await finish_drain(psock.sock, received, self._drain_limit, eof_seen=eof_seen, send_fin=send_fin)
         except (OSError, trio.ClosedResourceError):
             pass  # a reset; or the drain gave way to a waiting task (make_room)
         finally:
-            del self._drains[psock]
+            self._drains.pop(psock, None)
             # Also on Cancelled (the pool's exit): then fin is False.
             if psock.state is DRAINING:
                 if fin:
                     self.put_back(psock)
-                elif scope.cancelled_caught and self._someone_servable():
-                    self._give_way(psock)  # its deadline was shortened for a waiter (make_room)
                 else:
                     self.discard(psock)
                 self.serve_waiters()
+
+    async def _wake_at(self, when: float) -> None:
+        """Run the reconciler at ``when``: a young drain will be old enough to give way by then."""
+        await trio.sleep_until(when)
+        if self._wake_pending == when:
+            self._wake_pending = None
+        self.serve_waiters()
 
     def put_back(self, psock: PooledSocket) -> None:
         """Disconnect a socket whose peer has sent its FIN and store it idle; close it when it cannot be."""
@@ -347,13 +340,14 @@ class Capacity:
         draining = self.ledger.oldest(DRAINING)
         if draining is None:
             return False
-        # A drain gives way to a task that needs its place, once it has had
-        # GIVE_WAY_AFTER to finish (a peer that closes at all does so
-        # within round trips: the young drains are about to free their
-        # places themselves). A younger one gets that as its deadline.
-        started, scope = self._drains[draining]
-        if trio.current_time() < started + self._give_way_after:
-            scope.deadline = min(scope.deadline, started + self._give_way_after)
+        # A drain gives way once it has had GIVE_WAY_AFTER (a peer that
+        # closes at all does so within round trips); for a younger one the
+        # reconciler runs again then (the waiter may be gone by then).
+        when = self._drains[draining] + self._give_way_after
+        if trio.current_time() < when:
+            if self._wake_pending is None or when < self._wake_pending:
+                self._wake_pending = when
+                self._nursery.start_soon(self._wake_at, when)
             return False
         self._give_way(draining)
         return True
@@ -371,28 +365,19 @@ class Capacity:
         """End an idle socket or a parked connection to make room for an open (of ``for_key``, if known)."""
         self.ledger.note_evicted(psock)
         if self.store.remove(psock):
-            if (
-                self.reset_idle
-                and self.recycling
-                and not self.closed
-                and nothing_in_flight(psock.sock)
-                and psock.reset_for_reuse()
-            ):
-                # Idle and clean (nothing unread, nothing unacknowledged
-                # either way): the disconnect itself ends it. Its RST loses
-                # nothing and leaves no TIME_WAIT on either side, where our
-                # FIN would leave one here; and the socket may serve the
-                # open that needs the room.
+            idle = self.reset_idle and self.recycling and not self.closed and nothing_in_flight(psock.sock)
+            if idle and psock.reset_for_reuse():
+                # Idle and clean: the disconnect ends it, its RST loses
+                # nothing and leaves no TIME_WAIT anywhere (our FIN would
+                # leave one here); it may serve the open needing the room.
                 if psock.key == for_key:
                     psock.open_key = None
                     self.ledger.move(psock, IDLE)
                     self.store.put_idle(psock)
                     return
             else:
-                # Closed at once, not drained: the room is needed now. What
-                # arrived since the watch last looked is read first: close()
-                # with unread bytes would reset the peer (I7); with none it
-                # sends our FIN, and TIME_WAIT stays with us.
+                # Closed at once: the room is needed now; what arrived is
+                # read first, or close() would reset the peer (I7).
                 discard_queued(psock.sock, self._drain_limit)
         self.discard(psock)
 

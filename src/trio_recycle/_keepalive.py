@@ -120,6 +120,7 @@ class KeepAlive:
             places.serve_waiters()
             family, type, proto, _, _ = psock.key
             psock = await places.acquire(family, type, proto, open_key[2], peer)
+        places.serve_waiters()  # check() may have freed places or stored sockets
         try:
             await connect_socket(psock.sock, peer)
         except BaseException as exc:

@@ -386,7 +386,11 @@ class SocketPool:
         if end.may_park and not self._closed and psock.open_key is not None and psock.restore_options():
             kept = self._keepalive.keep(psock)
         if kept is None:
-            self._places.end(psock, end)
+            # Not parked (a task that the room could serve waits, say): the
+            # caller vouched by releasing that nothing is owed, so with
+            # nothing in flight the disconnect ends it and frees its place
+            # at once, as for an evicted parked connection.
+            self._places.end(psock, attrs.evolve(end, idle=end.may_park and not self._closed))
         if not kept:
             self._ledger.note_not_parked()
         self._places.serve_waiters()
