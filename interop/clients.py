@@ -45,6 +45,18 @@ def _audit(event: str, args: tuple[object, ...]) -> None:
             counter[0] += 1
 
 
+_probed = False
+
+
+async def _probe_once() -> None:
+    """Open and close one pool, so that its once-per-process probes (can_recycle, fresh ISNs) are not counted."""
+    global _probed
+    if not _probed:
+        async with trio_recycle.open_socket_pool(capacity=1):
+            pass
+        _probed = True
+
+
 def count_sockets() -> list[int]:
     """A counter of the ``socket()`` calls made from now on in this task and the tasks it starts."""
     global _hooked
@@ -167,6 +179,8 @@ async def run_httpx(
         actor = "httpx+pool" if capacity == CAPACITY else f"httpx+pool({capacity})"
     outcome = Outcome(server, actor, case)
     before = netstat.snapshot(port)
+    if pooled:
+        await _probe_once()
     sockets = count_sockets()
     try:
         with trio.fail_after(RUN_LIMIT + sum(pauses)):
