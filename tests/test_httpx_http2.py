@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gc
 import ssl
-import warnings
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -37,26 +35,15 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
+# httpcore's own leaks leave stock httpx's sockets (the control) in reference
+# cycles: collected after each test here, not in a later one (conftest.py).
+pytestmark = pytest.mark.usefixtures("collect_stock_httpx_leaks")
+
 #: Seconds a pool socket waits for hypercorn's FIN after ours. hypercorn
 #: answers our FIN on an HTTP/2 connection only at its keep-alive timeout
 #: (5 s), so a connection cut mid-stream drains that long; the tests keep
-#: the drain shorter than a request's timeout (the pool's drain does not
-#: yet give way to a waiting task: DESIGN.md, "Many peers").
-
-
-@pytest.fixture(autouse=True)
-def _collect_stock_httpx_leaks() -> Iterator[None]:
-    """After each test, collect what stock httpx (the control) dropped, with its ResourceWarnings ignored.
-
-    httpcore's own leaks leave stock sockets in reference cycles; collected
-    in some later test, their ResourceWarning (an error here) would fail it.
-    """
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
-
-
+#: the drain short (a drain gives way to a waiting task only once it has
+#: had GIVE_WAY_AFTER, and the sweep cuts hundreds of connections).
 EOF_TIMEOUT = 0.2
 
 
@@ -252,10 +239,6 @@ async def test_http2_cancelled_anywhere(
         assert_capacity(pool)
     record_property("client_sockets_left", leaked)
     record_property("httpcore_errors", len(errors))
-    # What httpcore dropped (stock httpx's sockets, in a reference cycle) is
-    # collected here, under this test's filters, not in whichever later test
-    # the collector happens to run (a ResourceWarning there fails it).
-    gc.collect()
     if ours:
         assert leaked == 0
 

@@ -7,10 +7,8 @@ control), against servers in this process (tests/conftest.py's
 
 from __future__ import annotations
 
-import gc
 import socket
-import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
@@ -34,17 +32,9 @@ from trio_recycle.httpx import RecyclingBackend, RecyclingTransport
 TransportFactory = Callable[[trio_recycle.SocketPool], httpx.AsyncBaseTransport]
 
 
-@pytest.fixture(autouse=True)
-def _collect_stock_httpx_leaks() -> Iterator[None]:
-    """After each test, collect what stock httpx (the control) dropped, with its ResourceWarnings ignored.
-
-    httpcore's own leaks leave stock sockets in reference cycles; collected
-    in some later test, their ResourceWarning (an error here) would fail it.
-    """
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
+# httpcore's own leaks leave stock httpx's sockets (the control) in reference
+# cycles: collected after each test here, not in a later one (conftest.py).
+pytestmark = pytest.mark.usefixtures("collect_stock_httpx_leaks")
 
 
 def ours(pool: trio_recycle.SocketPool) -> httpx.AsyncBaseTransport:

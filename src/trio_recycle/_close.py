@@ -55,14 +55,13 @@ import contextlib
 import enum
 import math
 import socket
-import struct
 from typing import Final, final
 
 import attrs
 import trio
 
 from ._in_flight import nothing_in_flight
-from ._tcp_state import FIN_RECEIVED, TcpState, tcp_state
+from ._tcp_state import FIN_RECEIVED, TcpState, smoothed_rtt, tcp_state
 
 __all__ = [
     "FIN_GRACE_MAX",
@@ -108,10 +107,6 @@ FIN_GRACE_MAX: Final = 0.010
 #: The longest pause between two looks at the state while our FIN is unacknowledged.
 _ACK_POLL_MAX: Final = 0.05
 _ACK_POLL_MIN: Final = 0.0002
-# struct tcp_info (include/uapi/linux/tcp.h): 8 bytes of u8 fields, then
-# u32 tcpi_rto ... tcpi_rtt is the 16th u32 (microseconds, smoothed).
-_TCPI_RTT: Final = struct.Struct("=68xI")
-_TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
 
 
 def _fin_received(sock: socket.socket) -> bool:
@@ -264,32 +259,14 @@ async def wait_for_fin(sock: socket.socket, received: int, limit: int) -> bool:
     return False
 
 
-def _tcp_info(sock: socket.socket, size: int) -> bytes | None:
-    if _TCP_INFO is None:  # pragma: no cover - not Linux: the pool never recycles there
-        return None
-    if sock.type != socket.SOCK_STREAM:
-        return None  # a UDP socket: no TCP state, nothing unacknowledged
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, size)
-    except OSError:  # pragma: no cover - defensive: TCP_INFO of an open TCP socket does not fail
-        return None
-
-
 def fin_unacknowledged(sock: socket.socket) -> bool:
     """Whether the peer's FIN has arrived and ours is sent but not acknowledged (LAST_ACK, CLOSING)."""
     return sock.type == socket.SOCK_STREAM and tcp_state(sock) in _FIN_UNACKED
 
 
-def _smoothed_rtt(sock: socket.socket) -> float:
-    info = _tcp_info(sock, _TCPI_RTT.size)
-    if info is None or len(info) < _TCPI_RTT.size:  # pragma: no cover - not Linux, or a pre-2.6 kernel
-        return 0.0
-    return float(_TCPI_RTT.unpack(info)[0]) / 1e6
-
-
 def fin_grace(sock: socket.socket) -> float:
     """How long our FIN waits for the peer's: about one round trip, within [FIN_GRACE_MIN, FIN_GRACE_MAX]."""
-    return min(max(_smoothed_rtt(sock), FIN_GRACE_MIN), FIN_GRACE_MAX)
+    return min(max(smoothed_rtt(sock), FIN_GRACE_MIN), FIN_GRACE_MAX)
 
 
 async def wait_for_fin_acknowledged(sock: socket.socket) -> None:
@@ -298,7 +275,7 @@ async def wait_for_fin_acknowledged(sock: socket.socket) -> None:
     Polls TCP_INFO with a bounded backoff (the module comment says why).
     No time bound: the caller runs this under its own cancel scope.
     """
-    delay = min(max(_smoothed_rtt(sock) / 4, _ACK_POLL_MIN), _ACK_POLL_MAX)
+    delay = min(max(smoothed_rtt(sock) / 4, _ACK_POLL_MIN), _ACK_POLL_MAX)
     while fin_unacknowledged(sock):
         await trio.sleep(delay)
         delay = min(delay * 2, _ACK_POLL_MAX)

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import enum
 import socket
+import struct
 from typing import Final
 
-__all__ = ["FIN_RECEIVED", "TcpState", "tcp_state"]
+__all__ = ["FIN_RECEIVED", "TcpState", "smoothed_rtt", "tcp_state"]
 
 _TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
+# struct tcp_info (include/uapi/linux/tcp.h): 8 bytes of u8 fields, then
+# u32 tcpi_rto ... tcpi_rtt is the 16th u32 (microseconds, smoothed).
+_TCPI_RTT: Final = struct.Struct("=68xI")
 
 
 class TcpState(enum.IntEnum):
@@ -47,3 +51,16 @@ def tcp_state(sock: socket.socket) -> TcpState | None:
         return TcpState(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0])
     except (OSError, ValueError):  # pragma: no cover - defensive: TCP_INFO of an open TCP socket does not fail
         return None
+
+
+def smoothed_rtt(sock: socket.socket) -> float:
+    """The connection's smoothed round-trip time in seconds; 0 where TCP_INFO cannot say (not Linux, not TCP)."""
+    if _TCP_INFO is None or sock.type != socket.SOCK_STREAM:  # a UDP socket has no RTT; off Linux, no TCP_INFO
+        return 0.0
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCPI_RTT.size)
+    except OSError:  # pragma: no cover - defensive: TCP_INFO of an open TCP socket does not fail
+        return 0.0
+    if len(info) < _TCPI_RTT.size:  # pragma: no cover - a pre-2.6 kernel
+        return 0.0
+    return float(_TCPI_RTT.unpack(info)[0]) / 1e6
