@@ -247,6 +247,24 @@ async def test_pool_with_fresh_isns_reuses_sockets_across_peers(start_server: St
 
 
 @needs_root
+async def test_the_isn_is_reset_only_before_a_connect_to_another_peer(start_server: StartServer) -> None:
+    """The reset is owed at the disconnect and paid at the next connect to another peer: the same peer needs none."""
+    a = await start_server(answer_then_close, "127.0.0.1")
+    b = await start_server(answer_then_close, "127.0.0.2")
+    ports = {a.port, b.port}
+    with capture() as sniffer:
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            for server in (a, a, b):
+                assert await cycle(pool, server) == b"ok:ping"
+            stats = pool.statistics()
+        found = segments(sniffer, ports, syns=3)
+    assert (stats.created, stats.reused) == (1, 2)
+    (again, same), (other, predicted) = predicted_isns(found, ports)
+    assert again == same  # a to a: the old sequence continues, as with affinity
+    assert other != predicted  # a to b: fresh
+
+
+@needs_root
 async def test_peer_affinity_true_forces_affinity(start_server: StartServer) -> None:
     """peer_affinity=True keeps idle sockets to their peer even where ISNs are fresh."""
     a = await start_server(answer_then_close, "127.0.0.1")

@@ -129,3 +129,22 @@ def test_any_program_of_moves_keeps_the_counts_equal_to_a_recount(program: list[
             with pytest.raises(LifecycleError):
                 ledger.move(thing, new, peer)
         recount(ledger, things)
+
+
+@pytest.mark.parametrize(("old", "new"), [(IN_USE, PARKED), (PARKED, IN_USE)])
+def test_the_written_out_keep_alive_moves_do_what_move_does(old: State, new: State) -> None:
+    """Ledger.park and Ledger.take_parked (the keep-alive path's two moves) leave what move() leaves, and refuse the rest."""
+    fast, general = Ledger[Thing](), Ledger[Thing]()
+    thing, other = at(fast, old), at(general, old)
+    (fast.park if new is PARKED else fast.take_parked)(thing)
+    general.move(other, new)
+    assert thing.state is other.state is new
+    assert attrs.asdict(fast, recurse=True, filter=lambda a, _: a.name != "_members") == attrs.asdict(
+        general, recurse=True, filter=lambda a, _: a.name != "_members"
+    )
+    assert [fast.count(s) for s in State] == [general.count(s) for s in State]
+    for state in State:
+        if state is not old and state is not CLOSED:
+            wrong = at(Ledger[Thing](), state)
+            with pytest.raises(LifecycleError):
+                (Ledger[Thing]().park if new is PARKED else Ledger[Thing]().take_parked)(wrong)

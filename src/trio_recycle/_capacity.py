@@ -23,7 +23,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import socket
 from typing import TYPE_CHECKING, Final, final
@@ -33,11 +32,10 @@ import trio
 
 from . import _pressure
 from ._close import StreamEnd, Verdict, decide, discard_queued, finish_drain
-from ._disconnect import disconnect
 from ._errors import pool_closed_error
 from ._in_flight import nothing_in_flight
 from ._lifecycle import Ledger, State
-from ._pooled_socket import PooledSocket
+from ._pooled_socket import TCP_DEFAULTS, PooledSocket
 from ._tcp_state import TcpState, tcp_state
 from ._waiting import Request, WaitingRoom
 
@@ -51,16 +49,6 @@ __all__ = ["Capacity"]
 
 IDLE, CONNECTING, HANDED, IN_USE, PARKED, DRAINING, CLOSED = State
 
-# TCP defaults, the same as trio.SocketStream's (trio issue #72); both
-# survive a disconnect, so they are set once per socket, not per use.
-_TCP_DEFAULTS: Final[tuple[SocketOption, ...]] = tuple(
-    (socket.IPPROTO_TCP, option, value)
-    for option, value in (
-        (socket.TCP_NODELAY, 1),
-        (getattr(socket, "TCP_NOTSENT_LOWAT", None), 2**14),
-    )
-    if option is not None
-)
 #: Seconds a drain has to finish before it gives way to a waiting task
 #: (at most half of eof_timeout).
 GIVE_WAY_AFTER: Final = 0.5
@@ -101,7 +89,7 @@ class Capacity:
     _give_way_after: float = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._tcp_options = _TCP_DEFAULTS + self._socket_options
+        self._tcp_options = TCP_DEFAULTS + self._socket_options
         self._give_way_after = min(GIVE_WAY_AFTER, self._eof_timeout / 2)
 
     # ------------------------------------------------------------------
@@ -135,6 +123,11 @@ class Capacity:
         # idle socket only to close it in its error path.
         await trio.lowlevel.checkpoint_if_cancelled()
         key = (family, type, proto, local_address, peer if self._peer_affinity else None)
+        if not self.room and replacing is None and (self.per_peer is None or not self.peer_full(peer)):
+            # Nobody waits: an idle socket, if there is one, without the rest.
+            psock = self._take_idle(key, peer)
+            if psock is not None:
+                return psock
         request = Request(family, type, proto, local_address, key, peer, origin)
         if replacing is not None and self._may_take_over(replacing, peer):
             return self._take_over(replacing, request)
@@ -174,9 +167,8 @@ class Capacity:
             if self.peer_full(peer) or self._someone_servable():
                 return None
         while True:
-            psock = self.store.take_idle(request.key)
+            psock = self._take_idle(request.key, peer)
             if psock is not None:
-                self.ledger.move(psock, CONNECTING, peer)
                 return psock
             if len(self.ledger) < self.capacity:
                 return self.create(request)
@@ -187,6 +179,15 @@ class Capacity:
             self.serve_waiters()
             if self._someone_servable():
                 return None
+
+    def _take_idle(self, key: PoolKey, peer: object) -> PooledSocket | None:
+        """The newest idle socket of ``key``, CONNECTING toward ``peer``, its ISN fresh if it was another peer's."""
+        while (psock := self.store.take_idle(key)) is not None:
+            if psock.fresh_for(peer):
+                self.ledger.move(psock, CONNECTING, peer)
+                return psock
+            self.discard(psock)  # the reset failed: its next ISN is not fresh
+        return None
 
     def _may_take_over(self, replacing: PooledSocket, peer: object) -> bool:
         return (
@@ -364,22 +365,25 @@ class Capacity:
     def evict(self, psock: PooledSocket, for_key: object = None) -> None:
         """End an idle socket or a parked connection to make room for an open (of ``for_key``, if known)."""
         self.ledger.note_evicted(psock)
-        if self.store.remove(psock):
-            idle = self.reset_idle and self.recycling and not self.closed and nothing_in_flight(psock.sock)
-            if idle and psock.reset_for_reuse():
-                # Idle and clean: the disconnect ends it, its RST loses
-                # nothing and leaves no TIME_WAIT anywhere (our FIN would
-                # leave one here); it may serve the open needing the room.
-                if psock.key == for_key:
-                    psock.open_key = None
-                    self.ledger.move(psock, IDLE)
-                    self.store.put_idle(psock)
-                    return
-            else:
-                # Closed at once: the room is needed now; what arrived is
-                # read first, or close() would reset the peer (I7).
-                discard_queued(psock.sock, self._drain_limit)
+        # A disconnected parked connection may serve the open needing the room.
+        if self.store.remove(psock) and self._let_go(psock) and psock.key == for_key and not self.closed:
+            psock.open_key = None
+            self.ledger.move(psock, IDLE)
+            self.store.put_idle(psock)
+            return
         self.discard(psock)
+
+    def _let_go(self, psock: PooledSocket) -> bool:
+        """A parked connection must go: True when it was idle and the disconnect ended it, else False (to close).
+
+        Idle and clean, its RST loses nothing and leaves no TIME_WAIT
+        anywhere (our FIN would leave one here). Otherwise what arrived is
+        read first, or close() would reset the peer (I7).
+        """
+        if self.reset_idle and self.recycling and nothing_in_flight(psock.sock) and psock.reset_for_reuse():
+            return True
+        discard_queued(psock.sock, self._drain_limit)
+        return False
 
     # ------------------------------------------------------------------
     # Waiters
@@ -413,17 +417,15 @@ class Capacity:
             if found is None:
                 return
             task, request = found
-            psock = self.store.take_idle(request.key)
-            if psock is not None:
-                self.ledger.move(psock, CONNECTING, request.peer)
-            elif len(self.ledger) >= self.capacity:
+            psock = self._take_idle(request.key, request.peer)
+            if psock is None and len(self.ledger) >= self.capacity:
                 if not self.make_room(request.key):
                     return
                 # Then again from the top: the eviction may have made an
                 # earlier waiter servable (its peer was at its limit), or
                 # left an idle socket of this waiter's key.
                 continue
-            else:
+            if psock is None:
                 try:
                     psock = self.create(request)
                 except Exception as exc:
@@ -439,11 +441,5 @@ class Capacity:
         self.room.fail_all(make_error)
         for psock in self.store.clear():
             if psock.state is PARKED:
-                # As in evict: an idle one ends by the disconnect (no
-                # TIME_WAIT anywhere), else what it holds is read first.
-                if self.reset_idle and self.recycling and nothing_in_flight(psock.sock):
-                    with contextlib.suppress(OSError):
-                        disconnect(psock.sock)
-                else:
-                    discard_queued(psock.sock, self._drain_limit)
+                self._let_go(psock)
             self.discard(psock)

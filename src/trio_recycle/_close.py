@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import math
 import socket
 from typing import Final, final
@@ -138,6 +139,15 @@ class StreamEnd:
         return self.parkable and self.healthy and not (self.eof_seen or self.eof_sent)
 
 
+#: Every StreamEnd there can be, by (eof_seen, eof_sent, healthy,
+#: parkable, idle): a stream's end is looked up, not built, on every close.
+ENDS: Final = {
+    flags: StreamEnd(*flags) for flags in itertools.product((False, True), repeat=len(attrs.fields(StreamEnd)))
+}
+#: The end of a stream released clean, the common case.
+PARKABLE: Final = ENDS[False, False, True, True, False]
+
+
 class Verdict(enum.Enum):
     """What becomes of a socket whose stream ended."""
 
@@ -175,7 +185,8 @@ def decide(end: StreamEnd, sock: socket.socket, *, recycle: bool, drain_limit: i
         except OSError:
             return CLOSE_NOW
     if eof:
-        if fin_unacknowledged(sock):
+        # Only a send_eof sends our FIN before this point.
+        if end.eof_sent and fin_unacknowledged(sock):
             return (Verdict.DRAIN, received, True, False)
         return (Verdict.RECYCLE, received, True, False)
     if received > drain_limit:

@@ -6,9 +6,13 @@
 # room could serve waits, it is not parked (the close protocol frees its
 # place); otherwise it is parked in the store, which watches it.
 #
-# The liveness check is one poll of the watch's epoll (_watch.py) over every
-# parked connection, at release and before every take, and each connection
-# it finds is ended there and then, as the watcher would:
+# The liveness check looks at one connection alone, with one poll(0) of a
+# poll object that socket keeps (PooledSocket.pending): the connection
+# being parked, at release, and the one being taken, before it is handed
+# out. Its cost does not depend on how many are parked or ready. What
+# arrives at the others is the watch's (_watch.py): its task wakes when one
+# has an event or expires, and ends each one it finds. Whoever finds one
+# ends it there and then:
 #
 #   urgent byte or bytes  unsolicited (I9): never handed out; the close
 #                         protocol discards them (and recycles if a FIN follows)
@@ -60,13 +64,13 @@ class KeepAlive:
 
         Returns:
           True (handed over or parked), None (refused: the caller runs the
-          close protocol) or False (parked, but found at once with bytes,
-          the peer's FIN or an error, and ended).
+          close protocol) or False (found at once with bytes, the peer's
+          FIN or an error, and ended instead).
         """
         places = self._places
         # Its own place does not count against its peer while the first
         # waiter that could be served is chosen.
-        found = places.first_servable_besides(psock)
+        found = places.first_servable_besides(psock) if places.room else None
         if found is not None:
             task, request = found
             if request.origin != psock.open_key or request.peer != psock.peer or not quiet(psock.sock):
@@ -76,24 +80,29 @@ class KeepAlive:
             places.ledger.move(psock, State.HANDED)
             places.room.grant(task, psock)
             return True
+        # The check for anything unread, of this connection alone: the
+        # answer may have had more bytes than the caller read, or the peer
+        # may have closed already. What arrives after it is the watch's.
+        events = psock.pending()
+        if events and self._end_found(psock, events):
+            return False
         assert psock.open_key is not None
         try:
             places.store.park(psock, psock.open_key)
         except OSError:  # pragma: no cover - epoll_ctl fails only out of kernel memory or past max_user_watches
             return None
-        places.ledger.move(psock, State.PARKED)
-        # The check for anything unread: the answer may have had more bytes
-        # than the caller read, or the peer may have closed already.
-        self.check()
-        return psock.state is State.PARKED
+        places.ledger.park(psock)
+        return True
 
     async def take(self, open_key: OpenKey) -> PooledSocket | None:
         """A parked connection of ``open_key`` for an open: alive (still PARKED), reconnected (CONNECTING), or None.
 
-        The liveness check runs first. When the only connection of this
-        open left was closed by its peer meanwhile, it is disconnected and
-        connected again to the same address here (no DNS); None: nothing
-        of this open was parked, alive or not.
+        The newest parked connection of this open is taken and checked
+        alone: expired, or something to read or an error (one poll(0)),
+        it is ended as the watcher would and the next one is taken. When
+        the only ones left were closed by their peer meanwhile, one of them
+        is disconnected and connected again to the same address here (no
+        DNS); None: nothing of this open was parked, alive or not.
 
         Raises:
           OSError: that reconnect failed (the socket is closed).
@@ -101,13 +110,58 @@ class KeepAlive:
         # Before taking anything; after it, nothing awaits until the stream
         # exists, except a reconnect, whose failure discards the socket.
         await trio.lowlevel.checkpoint_if_cancelled()
-        closed_by_peer = self.check(open_key)
-        psock = self._places.store.take_parked(open_key)
-        if psock is None:
+        places = self._places
+        store = places.store
+        closed_by_peer = None
+        now = None
+        while (found := store.take_parked(open_key)) is not None:
+            psock, deadline = found
+            if now is None:
+                now = trio.current_time()
+            if deadline <= now:
+                # Past keepalive_expiry: a run that went that long without a
+                # checkpoint never let the watcher run, and this is the
+                # connection whose server may be closing it right now.
+                places.end(psock, IDLE_END if places.reset_idle else QUIET_END)
+                continue
+            events = psock.pending()
+            if not events:
+                break
+            if not self._end_found(psock, events):
+                # The peer closed it: ended after the next one is found
+                # alive, or reconnected if none is.
+                if closed_by_peer is None:
+                    closed_by_peer = psock
+                else:
+                    places.put_back(psock)
+        else:
             return None if closed_by_peer is None else await self._reconnect(closed_by_peer, open_key)
         if closed_by_peer is not None:
-            self._places.put_back(closed_by_peer)
+            places.put_back(closed_by_peer)
         return psock
+
+    def _end_found(self, psock: PooledSocket, events: int) -> bool:
+        """End a live connection (IN_USE, or PARKED out of the store) whose poll found ``events``, unless it is a FIN.
+
+        Returns:
+          True when it was ended (bytes or an urgent byte unasked, I9: the
+          close protocol discards them; or an error: closed). False for the
+          peer's FIN alone, left to the caller: it recycles or reconnects.
+        """
+        if events & URGENT:
+            peeked = b"!"
+        else:
+            try:
+                peeked = psock.sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:  # pragma: no cover - level-triggered: something was there
+                peeked = b"!"  # an event that no peek explains: not handed out
+            except OSError:
+                self._places.discard(psock)
+                return True
+        if peeked:
+            self._places.end(psock, QUIET_END)
+            return True
+        return False
 
     async def _reconnect(self, psock: PooledSocket, open_key: OpenKey) -> PooledSocket:
         """The peer closed a parked connection first: disconnect it and connect it again."""
@@ -130,35 +184,13 @@ class KeepAlive:
             raise
         return psock
 
-    def check(self, key: OpenKey | None = None) -> PooledSocket | None:
-        """The liveness check: end every parked connection that expired or has something to read or an error.
-
-        Returns:
-          With a ``key``: one connection of that key whose peer closed, not
-          yet disconnected (still PARKED, out of the store), for the caller
-          to reconnect; else None.
-        """
-        store = self._places.store
-        expired_end = IDLE_END if self._places.reset_idle else QUIET_END
+    def check(self) -> None:
+        """The watcher's round: end every parked connection that expired or has something to read or an error."""
+        places = self._places
+        store = places.store
+        expired_end = IDLE_END if places.reset_idle else QUIET_END
         for psock in store.expired():
-            self._places.end(psock, expired_end)
-        closed_by_peer = None
+            places.end(psock, expired_end)
         for psock, events in store.ready():
-            if events & URGENT:
-                peeked = b"!"
-            else:
-                try:
-                    peeked = psock.sock.recv(1, socket.MSG_PEEK)
-                except BlockingIOError:  # pragma: no cover - level-triggered: something was there
-                    store.park(psock, psock.open_key)  # type: ignore[arg-type]
-                    continue
-                except OSError:
-                    self._places.discard(psock)
-                    continue
-            if peeked:
-                self._places.end(psock, QUIET_END)
-            elif key is not None and closed_by_peer is None and psock.open_key == key:
-                closed_by_peer = psock
-            else:
-                self._places.put_back(psock)
-        return closed_by_peer
+            if not self._end_found(psock, events):
+                places.put_back(psock)  # the peer's FIN: disconnected, idle

@@ -91,6 +91,10 @@ MOVES: Final[dict[State, frozenset[State]]] = {
 }
 # end-moves
 
+# Ledger.park and Ledger.take_parked write out two of these moves.
+assert PARKED in MOVES[IN_USE]
+assert IN_USE in MOVES[PARKED]
+
 #: States that count toward the socket's peer.
 PEER_STATES: Final = frozenset({CONNECTING, HANDED, IN_USE, PARKED, DRAINING})
 
@@ -206,12 +210,17 @@ class Ledger(Generic[S]):
             counts.reused += 1
         elif new is IDLE or new is CLOSED:
             if old is not IDLE:
-                self._count_peer(psock.peer, -1)
-                counts = self.peers[psock.peer]
-                field = _PEER_FIELD[old]
-                setattr(counts, field, getattr(counts, field) - 1)
-                if len(self.peers) > PEER_RECORDS and psock.peer not in self.per_peer:
-                    del self.peers[psock.peer]
+                peer = psock.peer
+                self._count_peer(peer, -1)
+                counts = self.peers[peer]
+                if old is PARKED:
+                    counts.parked -= 1
+                elif old is DRAINING:
+                    counts.draining -= 1
+                else:
+                    counts.in_use -= 1
+                if len(self.peers) > PEER_RECORDS and peer not in self.per_peer:
+                    del self.peers[peer]
             psock.peer = None
             if new is IDLE:
                 self.recycled += 1
@@ -225,6 +234,37 @@ class Ledger(Generic[S]):
                 self.kept_alive += 1
                 counts.kept_alive += 1
                 counts.opens += 1
+
+    # The keep-alive exchange's two moves, written out: `move` does the same
+    # (tests/test_lifecycle.py checks it), through the general path that
+    # costs a release and a take a fifth of their Python.
+
+    def park(self, psock: S) -> None:
+        """IN_USE to PARKED: a released connection goes into the store, as ``move(psock, PARKED)``."""
+        if psock.state is not IN_USE:
+            raise LifecycleError(f"{psock!r} cannot go from {psock.state.name} to PARKED")
+        members = self._members
+        del members[IN_USE][psock]
+        members[PARKED][psock] = None
+        psock.state = PARKED
+        counts = self.peers[psock.peer]
+        counts.in_use -= 1
+        counts.parked += 1
+
+    def take_parked(self, psock: S) -> None:
+        """PARKED to IN_USE: a parked connection serves an open again, as ``move(psock, IN_USE)``."""
+        if psock.state is not PARKED:
+            raise LifecycleError(f"{psock!r} cannot go from {psock.state.name} to IN_USE")
+        members = self._members
+        del members[PARKED][psock]
+        members[IN_USE][psock] = None
+        psock.state = IN_USE
+        self.kept_alive += 1
+        counts = self.peers[psock.peer]
+        counts.parked -= 1
+        counts.in_use += 1
+        counts.kept_alive += 1
+        counts.opens += 1
 
     def _peer(self, peer: object) -> PeerCounts:
         counts = self.peers.get(peer)

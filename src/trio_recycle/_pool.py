@@ -18,6 +18,7 @@ import attrs
 import trio
 
 from ._capacity import Capacity
+from ._close import PARKABLE
 from ._connect import (
     connect_pooled,
     connect_udp,
@@ -193,11 +194,18 @@ class SocketPool:
             if self._store.parked_count and self._store.has_parked(open_key):
                 psock = await self._keepalive.take(open_key)
                 if psock is not None:
-                    psock.open_key = open_key
+                    if psock.state is PARKED:
+                        # The keep-alive path, written out: no connect, so
+                        # this is the open's schedule point.
+                        stream = RecyclingStream(self, psock, psock.sock, kept_alive=True, token=self._token)
+                        self._ledger.take_parked(psock)
+                        self._owners[psock] = weakref.ref(stream)
+                        self._places.serve_waiters()
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                        return stream
+                    psock.open_key = open_key  # reconnected
                     stream = self._adopt(psock, self._new_stream)
                     self._places.serve_waiters()
-                    if stream.kept_alive:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
                     return stream
                 self._places.serve_waiters()
             psock = await connect_pooled(
@@ -321,8 +329,9 @@ class SocketPool:
         """Whether no connection of this pool can continue an earlier one's sequence numbers.
 
         True where the pool resets a disconnected socket so that its next
-        connection starts at a fresh RFC 6528 ISN, as after ``socket()``
-        (TCP repair mode, which needs ``CAP_NET_ADMIN``), or does not
+        connection, to another peer, starts at a fresh RFC 6528 ISN, as
+        after ``socket()`` (TCP repair mode, which needs ``CAP_NET_ADMIN``;
+        its last peer knows the old sequence anyway), or does not
         recycle at all: an idle socket then serves any peer by default
         (``peer_affinity="auto"``). False where the reset is not permitted,
         the common case: the next ISN then follows from the last one, which
@@ -382,15 +391,16 @@ class SocketPool:
         if psock.state is not IN_USE:
             return False  # pragma: no cover - defensive: the pool's exit force-closes the stream first
         del self._owners[psock]
+        may_park = (end is PARKABLE or end.may_park) and not self._closed
         kept = None
-        if end.may_park and not self._closed and psock.open_key is not None and psock.restore_options():
+        if may_park and psock.open_key is not None and psock.restore_options():
             kept = self._keepalive.keep(psock)
         if kept is None:
             # Not parked (a task that the room could serve waits, say): the
             # caller vouched by releasing that nothing is owed, so with
             # nothing in flight the disconnect ends it and frees its place
             # at once, as for an evicted parked connection.
-            self._places.end(psock, attrs.evolve(end, idle=end.may_park and not self._closed))
+            self._places.end(psock, attrs.evolve(end, idle=may_park))
         if not kept:
             self._ledger.note_not_parked()
         self._places.serve_waiters()

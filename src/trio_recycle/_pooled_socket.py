@@ -48,14 +48,16 @@ import attrs
 from ._addresses import format_address
 from ._close import drain_datagrams
 from ._disconnect import disconnect
+from ._in_flight import poller
 from ._isn import renew_isn
 from ._lifecycle import State
 from ._tcp_state import TcpState, tcp_state
 
 if TYPE_CHECKING:
+    import select
     from collections.abc import Callable, Iterable
 
-__all__ = ["OpenKey", "OptionValue", "PoolKey", "PooledSocket", "SocketOption"]
+__all__ = ["TCP_DEFAULTS", "OpenKey", "OptionValue", "PoolKey", "PooledSocket", "SocketOption"]
 
 #: A value accepted by ``setsockopt``: an integer or a bytes-like buffer.
 OptionValue = Union[int, bytes]  # noqa: UP007 - a runtime alias, `|` needs 3.10+ objects
@@ -82,6 +84,16 @@ def _opts(*pairs: tuple[str, str]) -> frozenset[tuple[int, int]]:
     return frozenset(pair for pair in found if pair is not None)
 
 
+# TCP defaults, the same as trio.SocketStream's (trio issue #72); both
+# survive a disconnect, so they are set once per socket, not per use.
+TCP_DEFAULTS: Final[tuple[SocketOption, ...]] = tuple(
+    (socket.IPPROTO_TCP, option, value)
+    for option, value in (
+        (socket.TCP_NODELAY, 1),
+        (getattr(socket, "TCP_NOTSENT_LOWAT", None), 2**14),
+    )
+    if option is not None
+)
 #: Integer options that read back exactly what was set and that we can
 #: therefore put back before the socket's next use.
 RESTORABLE_OPTIONS: Final = _opts(
@@ -167,6 +179,12 @@ class PooledSocket:
     peer: object = None
     #: The open that made the current connection, for parking it.
     open_key: OpenKey | None = None
+    #: Disconnected: the peer whose last connection this socket's next ISN
+    #: would continue (write_seq not reset yet); None when it is fresh.
+    isn_of: object = None
+    #: A poll object of this descriptor alone, made at its first liveness
+    #: check (`pending`); the descriptor is the socket's for its whole life.
+    _watching: select.poll | None = attrs.field(default=None, init=False)
 
     def __repr__(self) -> str:
         sock = self.sock
@@ -270,9 +288,11 @@ class PooledSocket:
             if sock.type == socket.SOCK_STREAM:
                 if tcp_state(sock) is not TcpState.CLOSE:
                     return False  # pragma: no cover - defensive: a successful disconnect leaves CLOSE on Linux
-                # A fresh ISN for the next connect where the kernel lets us (_isn.py).
-                if not renew_isn(sock):
-                    return False
+                # The next connect to another peer must draw a fresh ISN
+                # (_isn.py): renew_isn() runs then, in `fresh_for`. A
+                # connection to the same peer again needs none (it knows
+                # its own sequence), so a one-peer pool never pays for it.
+                self.isn_of = self.peer
             # Reading SO_ERROR clears the ECONNRESET that tcp_disconnect()
             # leaves behind (for UDP: an ICMP error not yet reported); what
             # the next user sees is then its own.
@@ -287,6 +307,25 @@ class PooledSocket:
             return False
         self.unparkable = False
         return True
+
+    def fresh_for(self, peer: object) -> bool:
+        """Before an idle socket connects to ``peer``: reset its ISN if it continues another peer's; False if it fails.
+
+        On False the caller must close the socket: its next ISN is not
+        fresh, and it may even still be in repair mode (_isn.py).
+        """
+        if self.isn_of is None or self.isn_of == peer:
+            return True
+        self.isn_of = None
+        return renew_isn(self.sock)
+
+    def pending(self) -> int:
+        """The liveness check of this socket alone: one poll(0), 0 when nothing is there (_in_flight.pending)."""
+        watching = self._watching
+        if watching is None:
+            watching = self._watching = poller(self.sock)
+        found = watching.poll(0)  # pending(watching), inlined: the keep-alive path runs it twice per exchange
+        return found[0][1] if found else 0
 
     def restore_options(self) -> bool:
         """Undo a user's options on a live connection before it is parked; True if it may be.

@@ -106,16 +106,15 @@ class SocketStore:
         """Whether a live connection of ``key`` is parked."""
         return key in self._parked
 
-    def take_parked(self, key: OpenKey) -> PooledSocket | None:
-        """Remove and return the most recently parked connection of ``key``, if any."""
+    def take_parked(self, key: OpenKey) -> tuple[PooledSocket, float] | None:
+        """Remove the most recently parked connection of ``key``, if any; return it with its expiry deadline."""
         psock = _pop(self._parked, key)
         if psock is None:
             return None
         _remove(self._parked_by_peer, psock.peer, psock)
         del self._lru[psock]
         self.parked_count -= 1
-        self._watch.remove(psock)
-        return psock
+        return psock, self._watch.remove(psock)
 
     def remove(self, psock: PooledSocket) -> bool:
         """Remove a stored socket; return whether it was parked (KeyError if not stored)."""
@@ -138,7 +137,7 @@ class SocketStore:
         """Remove and return every parked connection with something to read or an error, with its epoll events.
 
         One epoll_wait(0) (more only when more than 1023 are ready): the
-        liveness check of every parked connection at once.
+        watcher's round over every parked connection at once.
         """
         found = self._watch.ready()
         for psock, _ in found:

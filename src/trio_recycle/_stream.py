@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, final
 import attrs
 import trio
 
-from ._close import StreamEnd
+from ._close import ENDS
 from ._errors import check_run, translate_oserror, wrong_run_error
 from ._socket_access import DEFAULT_RECEIVE_SIZE, Home, SocketAccess
 
@@ -330,7 +330,7 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
             if self._waiting:
                 trio.lowlevel.notify_closing(self._sock)
             idle = idle and not (self._send_cut or self._receive_cut or self._sending or self._waiting)
-            self._home.return_socket(self._psock, StreamEnd(self._eof_seen, self._eof_sent, self._healthy, idle=idle))
+            self._home.return_socket(self._psock, ENDS[self._eof_seen, self._eof_sent, self._healthy, False, idle])
 
     async def release(self) -> bool:
         """End the stream and give its live connection back for another exchange.
@@ -382,10 +382,10 @@ class RecyclingStream(SocketAccess, trio.abc.HalfCloseableStream):
         parked = False
         if not self._closed:
             self._closed = True
-            parkable = not (self._send_cut or self._receive_cut or self._sending or self._waiting)
             if self._waiting:
                 trio.lowlevel.notify_closing(self._sock)
-            end = StreamEnd(self._eof_seen, self._eof_sent, self._healthy, parkable)
+            parkable = not (self._send_cut or self._receive_cut or self._sending or self._waiting)
+            end = ENDS[self._eof_seen, self._eof_sent, self._healthy, parkable, False]
             parked = self._home.release_socket(self._psock, end)
         await trio.lowlevel.checkpoint()
         return parked

@@ -43,13 +43,18 @@ class TcpState(enum.IntEnum):
 FIN_RECEIVED: Final = frozenset({TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.CLOSING})
 
 
+#: TcpState by value: a dict lookup, where TcpState(value) runs Enum's
+#: Python-level __call__ (every close and recycle reads the state).
+_BY_VALUE: Final = {state.value: state for state in TcpState}
+
+
 def tcp_state(sock: socket.socket) -> TcpState | None:
     """The socket's TCP state; None where TCP_INFO is missing (not Linux) or fails."""
     if _TCP_INFO is None:  # pragma: no cover - not Linux: the pool never recycles there
         return None
     try:
-        return TcpState(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0])
-    except (OSError, ValueError):  # pragma: no cover - defensive: TCP_INFO of an open TCP socket does not fail
+        return _BY_VALUE.get(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0])
+    except OSError:  # pragma: no cover - defensive: TCP_INFO of an open TCP socket does not fail
         return None
 
 

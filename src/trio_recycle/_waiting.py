@@ -32,9 +32,13 @@ T = TypeVar("T")
 
 
 @final
-@attrs.frozen
+@attrs.define(eq=False)
 class Request:
-    """What a waiting task asks for: a socket of ``key`` for a connection to ``peer``."""
+    """What a waiting task asks for: a socket of ``key`` for a connection to ``peer`` (never changed once made).
+
+    Not frozen: a frozen attrs class sets each field through
+    object.__setattr__, and every open that finds no idle socket makes one.
+    """
 
     family: int
     type: int

@@ -15,16 +15,14 @@
 #   epoll's own descriptor, which is readable while any registered socket
 #   has an event. Woken, it asks the private epoll what is ready with
 #   poll(0) and tells the pool, which asks the store what is ready.
-# * The same poll(0) is the liveness check: release() registers the socket
-#   and polls, and an open polls before it takes a parked connection. One
-#   epoll_wait(0) covers every parked connection at once and costs less
-#   than a recv(MSG_PEEK) on one (no exception for EAGAIN), and whatever
-#   it finds is handled there and then, as the watcher would. One
+# * Woken, the watcher polls again while a call comes back full: one
 #   epoll_wait returns at most `maxevents` events (CPython's default is
-#   FD_SETSIZE - 1 = 1023), so `ready` polls again while a call comes back
-#   full: every ready connection is found, whatever the number parked, and
-#   the cost grows with the number ready (each of which must be handled
-#   anyway), not with the number parked.
+#   FD_SETSIZE - 1 = 1023), and every ready connection must be found,
+#   whatever the number parked. The cost grows with the number ready (each
+#   of which must be handled anyway), not with the number parked.
+# * The liveness check at release and at a take is not this poll: it looks
+#   at the one connection concerned (PooledSocket.pending, one poll(0) of
+#   that descriptor alone), whatever the others hold.
 # * Urgent data (TCP MSG_OOB) is reported only as EPOLLPRI: neither
 #   EPOLLIN nor recv(MSG_PEEK) sees a lone urgent byte, and an owner that
 #   sets SO_OOBINLINE would read it. It counts as unsolicited bytes.
@@ -109,13 +107,14 @@ class Watch:
             scope.deadline = deadline
         self._deadlines[psock] = deadline
 
-    def remove(self, psock: PooledSocket) -> None:
-        """Stop watching ``psock`` (synchronously)."""
-        del self._deadlines[psock]
+    def remove(self, psock: PooledSocket) -> float:
+        """Stop watching ``psock`` (synchronously); return its deadline."""
+        deadline = self._deadlines.pop(psock)
         fd = psock.sock.fileno()
         del self._by_fd[fd]
         assert self._epoll is not None
         self._epoll.unregister(fd)
+        return deadline
 
     async def _run(self) -> None:
         epoll = self._epoll
