@@ -78,54 +78,8 @@ WARMUP: Final = 4
 #: The system calls the breakdown counts (strace -e trace=...).
 TRACED: Final = "%network,epoll_wait,epoll_ctl,epoll_pwait,poll,ppoll"
 
-# The server: stdlib sockets on one epoll loop, a fixed answer per request
-# line, never closing first.
-SERVER_CODE: Final = r"""
-import selectors, socket, sys
-response = b"x" * (int(sys.argv[1]) - 1) + b"\n"
-listener = socket.socket()
-listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind(("127.0.0.1", 0))
-listener.listen(4096)
-listener.setblocking(False)
-selector = selectors.EpollSelector()
-selector.register(listener, selectors.EVENT_READ)
-selector.register(sys.stdin, selectors.EVENT_READ)
-print("listening on 127.0.0.1:%d" % listener.getsockname()[1], flush=True)
-pending = {}
-while True:
-    for key, _ in selector.select():
-        sock = key.fileobj
-        if sock is sys.stdin:
-            sys.exit(0)
-        if sock is listener:
-            while True:
-                try:
-                    conn, _ = listener.accept()
-                except BlockingIOError:
-                    break
-                conn.setblocking(False)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                pending[conn] = b""
-                selector.register(conn, selectors.EVENT_READ)
-            continue
-        try:
-            data = sock.recv(65536)
-        except BlockingIOError:
-            continue
-        except ConnectionError:
-            data = b""
-        if not data:
-            selector.unregister(sock)
-            del pending[sock]
-            sock.close()
-            continue
-        buffered = pending[sock] + data
-        count = buffered.count(b"\n")
-        pending[sock] = buffered[buffered.rfind(b"\n") + 1 :]
-        if count:
-            sock.sendall(response * count)
-"""
+#: The server (its own process): a fixed answer per request line, never closing first.
+SERVER: Final = Path(__file__).resolve().parent / "line_server.py"
 
 
 @attrs.frozen
@@ -284,7 +238,7 @@ def measure(settings: Settings) -> report.Document:
     info = machine()
     started = report.now()
     start = time.perf_counter()
-    with servers.child_server(servers.python_server(SERVER_CODE, str(RESPONSE_BYTES))) as server:
+    with servers.child_server(servers.python_server(SERVER, f"--response-bytes={RESPONSE_BYTES}")) as server:
         if settings.breakdown:
             data = trio.run(breakdown, settings, server.port)
         else:

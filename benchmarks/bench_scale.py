@@ -63,60 +63,9 @@ QUICK_PEERS: Final = (1, 100)
 #: Descriptors beyond the sockets themselves (trio, the interpreter, pipes).
 FD_SLACK: Final = 256
 
-# The server: one epoll loop over many listeners, 127.0.x.y each, port 0; a
-# fixed answer per request line; never closing first. It prints its peers,
-# then "listening on" the first.
-SERVER_CODE: Final = r"""
-import selectors, socket, sys
-peers, size = int(sys.argv[1]), int(sys.argv[2])
-response = b"x" * (size - 1) + b"\n"
-selector = selectors.EpollSelector()
-addresses = []
-for i in range(peers):
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((f"127.0.{1 + i // 250}.{1 + i % 250}", 0))
-    listener.listen(4096)
-    listener.setblocking(False)
-    selector.register(listener, selectors.EVENT_READ, "listener")
-    addresses.append("%s:%d" % listener.getsockname())
-selector.register(sys.stdin, selectors.EVENT_READ, "stdin")
-print("peers " + " ".join(addresses), flush=True)
-print("listening on " + addresses[0], flush=True)
-pending = {}
-while True:
-    for key, _ in selector.select():
-        sock = key.fileobj
-        if key.data == "stdin":
-            sys.exit(0)
-        if key.data == "listener":
-            while True:
-                try:
-                    conn, _ = sock.accept()
-                except BlockingIOError:
-                    break
-                conn.setblocking(False)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                pending[conn] = b""
-                selector.register(conn, selectors.EVENT_READ, "conn")
-            continue
-        try:
-            data = sock.recv(65536)
-        except BlockingIOError:
-            continue
-        except ConnectionError:
-            data = b""
-        if not data:
-            selector.unregister(sock)
-            del pending[sock]
-            sock.close()
-            continue
-        buffered = pending[sock] + data
-        count = buffered.count(b"\n")
-        pending[sock] = buffered[buffered.rfind(b"\n") + 1 :]
-        if count:
-            sock.sendall(response * count)
-"""
+#: The server (its own process): listeners on many loopback addresses, a
+#: fixed answer per request line, never closing first; it prints its peers.
+SERVER: Final = Path(__file__).resolve().parent / "line_server.py"
 
 
 @attrs.frozen
@@ -262,7 +211,9 @@ def measure(settings: Settings) -> report.Document:
     limit = raise_nofile(biggest + most_peers + FD_SLACK)
     info = machine(rlimit_nofile=limit)
     started, start = report.now(), time.perf_counter()
-    with servers.child_server(servers.python_server(SERVER_CODE, str(most_peers), str(RESPONSE_BYTES))) as server:
+    with servers.child_server(
+        servers.python_server(SERVER, f"--peers={most_peers}", f"--response-bytes={RESPONSE_BYTES}")
+    ) as server:
         line = next(line for line in server.output.decode().splitlines() if line.startswith("peers "))
         addresses = [(a.rsplit(":", 1)[0], int(a.rsplit(":", 1)[1])) for a in line.split()[1:]]
         samples, warnings = trio.run(run_all, settings, addresses, limit)
