@@ -393,7 +393,9 @@ class SocketPool:
         del self._owners[psock]
         may_park = (end is PARKABLE or end.may_park) and not self._closed
         kept = None
-        if may_park and psock.open_key is not None and psock.restore_options():
+        # No option set through the stream (restore_options() has nothing to do): the common case, inline.
+        untouched = not (psock.saved_options or psock.tainted or psock.unparkable)
+        if may_park and psock.open_key is not None and (untouched or psock.restore_options()):
             kept = self._keepalive.keep(psock)
         if kept is None:
             # Not parked (a task that the room could serve waits, say): the

@@ -97,8 +97,17 @@ class SocketStore:
           OSError: from epoll_ctl (for example ENOMEM); nothing was stored.
         """
         self._watch.add(psock, self._nursery)
-        _push(self._parked, key, psock)
-        _push(self._parked_by_peer, psock.peer, psock)
+        # _push, twice, written out: every release parks.
+        stack = self._parked.get(key)
+        if stack is None:
+            self._parked[key] = {psock: None}
+        else:
+            stack[psock] = None
+        stack = self._parked_by_peer.get(psock.peer)
+        if stack is None:
+            self._parked_by_peer[psock.peer] = {psock: None}
+        else:
+            stack[psock] = None
         self._lru[psock] = True
         self.parked_count += 1
 
@@ -108,10 +117,17 @@ class SocketStore:
 
     def take_parked(self, key: OpenKey) -> tuple[PooledSocket, float] | None:
         """Remove the most recently parked connection of ``key``, if any; return it with its expiry deadline."""
-        psock = _pop(self._parked, key)
-        if psock is None:
+        # _pop and _remove written out: every keep-alive open takes one.
+        stack = self._parked.get(key)
+        if not stack:
             return None
-        _remove(self._parked_by_peer, psock.peer, psock)
+        psock, _ = stack.popitem()
+        if not stack:
+            del self._parked[key]
+        by_peer = self._parked_by_peer[psock.peer]
+        del by_peer[psock]
+        if not by_peer:
+            del self._parked_by_peer[psock.peer]
         del self._lru[psock]
         self.parked_count -= 1
         return psock, self._watch.remove(psock)
