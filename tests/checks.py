@@ -13,10 +13,14 @@ out in four files drifts; one checker does not.
 * Accessors for the tests that need to reach one socket of a pool (to look
   at its kernel state): `sockets_in`, `idle_sockets`, `parked_sockets`,
   `owned_sockets`, `peer_count`.
+* The peers the tests connect to without a server task: `listener` (a
+  plain stdlib listening socket) and `silent_address` / `silent_listener`
+  (an address whose SYNs the kernel drops).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -33,6 +37,7 @@ from trio_recycle._lifecycle import PEER_STATES, State
 
 if TYPE_CHECKING:
     import select
+    from collections.abc import Iterator
 
     from trio_recycle import PoolStatistics, RecyclingStream, RecyclingUDPSocket, SocketPool
     from trio_recycle._pooled_socket import PooledSocket
@@ -50,6 +55,7 @@ __all__ = [
     "counts_add_up",
     "fd_inodes",
     "idle_sockets",
+    "listener",
     "owned_count",
     "owned_sockets",
     "parked_sockets",
@@ -59,6 +65,8 @@ __all__ = [
     "stored_sockets",
     "watch_closed",
     "watch_epoll",
+    "silent_address",
+    "silent_listener",
     "sockets_in",
     "watching",
 ]
@@ -92,6 +100,65 @@ def bytes_queued(sock: socket.socket) -> int:
 
 def _tcp_state(sock: socket.socket) -> int:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+# ----------------------------------------------------------------------
+# Peers without a server task
+
+
+@contextlib.contextmanager
+def listener(host: str = "127.0.0.1", *, port: int = 0, backlog: int | None = None) -> Iterator[socket.socket]:
+    """A stdlib TCP socket bound to ``(host, port)`` and listening, closed at the end of the block.
+
+    The test accepts (or never accepts) by hand. No option is set: unlike
+    `socket.create_server`, no SO_REUSEADDR, which a fresh port never needs.
+
+    Args:
+        host: A loopback address; IPv6 when it has a colon.
+        port: 0, the default, lets the kernel choose a free port; a given one
+            is for a peer that must share its port with a server on another
+            loopback address.
+        backlog: The ``listen()`` backlog. None means Python's default
+            (128 on Linux): room for every test that connects a few sockets
+            before it accepts; pass more when it connects more.
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, port))
+        if backlog is None:
+            sock.listen()
+        else:
+            sock.listen(backlog)
+        yield sock
+
+
+@contextlib.contextmanager
+def silent_listener(host: str = "127.0.0.1", port: int = 0) -> Iterator[socket.socket]:
+    """A listener whose accept queue is full, so that the kernel drops every SYN sent to it.
+
+    A connect to it gets no SYN-ACK and no RST: it stays in SYN_SENT and
+    resends its SYN (at 1 s, 3 s, 7 s, ...) until it times out, the one
+    peer whose connect hangs rather than fails. Linux counts an accept queue
+    full only once it holds more than the backlog (``sk_acceptq_is_full``),
+    so ``listen(0)`` leaves room for one connection: a filler connection
+    takes it, and from then on ``tcp_conn_request()`` drops each SYN (with
+    or without SYN cookies). ``accept()`` once and there is room again: the
+    next SYN resent gets in.
+
+    Args:
+        host: A loopback address; IPv6 when it has a colon.
+        port: As for `listener`: 0 for a free port, or a server's port to
+            give a name a second address with that port.
+    """
+    with listener(host, port=port, backlog=0) as sock, socket.socket(sock.family) as filler:
+        filler.connect(sock.getsockname())
+        yield sock
+
+
+@contextlib.contextmanager
+def silent_address(host: str = "127.0.0.1", port: int = 0) -> Iterator[tuple[str, int]]:
+    """The ``(host, port)`` of a `silent_listener`: a connect there stays in SYN_SENT for the whole block."""
+    with silent_listener(host, port) as sock:
+        yield host, sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------

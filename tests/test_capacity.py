@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import trio
 import trio.testing
 
@@ -14,7 +12,7 @@ from . import checks
 
 async def test_a_drain_that_does_not_end_gives_way_to_a_waiting_task(autojump_clock: trio.testing.MockClock) -> None:
     """A peer that never answers our FIN: the drain holds its place only GIVE_WAY_AFTER, then a waiter gets it."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with checks.listener() as listener:
         port = listener.getsockname()[1]
         async with trio_recycle.open_socket_pool(capacity=1, eof_timeout=30) as pool:
             stream = await pool.open_tcp_stream("127.0.0.1", port)
@@ -37,7 +35,7 @@ async def test_a_drain_that_does_not_end_gives_way_to_a_waiting_task(autojump_cl
 
 async def test_a_drain_that_ends_in_time_is_not_cut(autojump_clock: trio.testing.MockClock) -> None:
     """A waiter does not cut a young drain whose peer closes: the socket is recycled for it."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with checks.listener() as listener:
         port = listener.getsockname()[1]
         async with trio_recycle.open_socket_pool(capacity=1, eof_timeout=30, peer_affinity=True) as pool:
             stream = await pool.open_tcp_stream("127.0.0.1", port)
@@ -62,7 +60,7 @@ async def test_a_drain_that_ends_in_time_is_not_cut(autojump_clock: trio.testing
 
 async def test_a_waiter_that_leaves_does_not_cut_the_drain(autojump_clock: trio.testing.MockClock) -> None:
     """The waiter gives up before the drain is old enough: the drain goes on, and recycles when the peer closes."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with checks.listener() as listener:
         port = listener.getsockname()[1]
         async with trio_recycle.open_socket_pool(capacity=1, eof_timeout=5, peer_affinity=True) as pool:
             stream = await pool.open_tcp_stream("127.0.0.1", port)
@@ -83,7 +81,7 @@ async def test_a_waiter_that_leaves_does_not_cut_the_drain(autojump_clock: trio.
 
 async def test_reset_idle_false_never_resets_a_released_connection(autojump_clock: trio.testing.MockClock) -> None:
     """With reset_idle=False a release that cannot park (a task waits for another peer) sends our FIN, not an RST."""
-    with socket.create_server(("127.0.0.1", 0)) as listener, socket.create_server(("127.0.0.1", 0)) as other:
+    with checks.listener() as listener, checks.listener() as other:
         port, other_port = listener.getsockname()[1], other.getsockname()[1]
         async with trio_recycle.open_socket_pool(capacity=1, reset_idle=False) as pool:
             stream = await pool.open_tcp_stream("127.0.0.1", port)

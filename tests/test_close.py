@@ -17,6 +17,7 @@ import trio_recycle
 from trio_recycle import _close as _drain
 from trio_recycle._close import READ_BUDGET, read_available, wait_for_fin
 
+from . import checks
 from .checks import bytes_queued
 from .conftest import drained, time_wait_count
 
@@ -28,7 +29,7 @@ _TCP_CLOSE_WAIT: Final = 8  # include/net/tcp_states.h
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with checks.listener() as listener:
         client = socket.create_connection(listener.getsockname())
         server, _ = listener.accept()
     client.setblocking(False)

@@ -19,6 +19,8 @@ import trio.testing
 
 import trio_recycle
 
+from . import checks
+
 pytest.importorskip("h11", reason="the examples need the `examples` extra")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -633,7 +635,7 @@ async def test_udp_query_skips_an_answer_to_another_query(nursery: trio.Nursery)
 
 def test_fetcher_counts_time_wait_of_its_own_connections_only() -> None:
     """A TIME_WAIT entry on the server's port from a client port the run never used does not count."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with checks.listener() as listener:
         port = listener.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port)) as client:
             client_port = client.getsockname()[1]

@@ -385,10 +385,7 @@ async def test_queued_happy_eyeballs_attempt_takes_over_a_silent_sibling(
 ) -> None:
     """Both attempts queue at a full pool; once the first gets the slot, the second decides again after the delay."""
     server = await start_server(answer_then_close, "127.0.0.1")
-    with socket.socket() as full, socket.socket() as filler:
-        full.bind(("127.0.0.2", server.port))
-        full.listen(0)
-        filler.connect(full.getsockname())  # the accept queue is full: SYNs are dropped
+    with checks.silent_address("127.0.0.2", server.port):
         addresses: list[tuple[str, int]] = [("127.0.0.2", socket.AF_INET), ("127.0.0.1", socket.AF_INET)]
         if order == "listening first":
             addresses.reverse()
@@ -648,7 +645,7 @@ async def test_another_run_with_a_waiter_and_a_drain_in_flight(start_server: Sta
 
 async def test_aclose_reads_a_bounded_amount_then_hands_over_to_the_drain() -> None:
     """aclose() against megabytes of unread data returns after at most READ_BUDGET bytes; the drain does the rest."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with checks.listener() as listener:
         async with trio_recycle.open_socket_pool(drain_limit=1 << 30, eof_timeout=5) as pool:
             stream = await pool.open_tcp_stream(*listener.getsockname())
             peer, _ = listener.accept()
@@ -671,7 +668,7 @@ async def test_aclose_reads_a_bounded_amount_then_hands_over_to_the_drain() -> N
 
 async def test_aclose_after_an_unseen_reset_closes_without_a_drain() -> None:
     """The peer reset the connection and the stream never read: aclose() finds the error, closes, starts no drain."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with checks.listener() as listener:
         async with trio_recycle.open_socket_pool(capacity=1, eof_timeout=5) as pool:
             stream = await pool.open_tcp_stream(*listener.getsockname())
             peer, _ = listener.accept()
@@ -695,7 +692,7 @@ async def test_fin_queued_behind_more_than_the_read_budget_gets_no_fin_from_us(m
     """More than READ_BUDGET queued, then the peer's FIN: aclose() recycles and sends no FIN (no TIME_WAIT)."""
     # A small budget, so that the default receive buffer holds more than it.
     monkeypatch.setattr(_drain, "READ_BUDGET", 16384)
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with checks.listener() as listener:
         port = listener.getsockname()[1]
         # A receive buffer that holds the data and the FIN whatever the
         # system's default (the kernel caps it at rmem_max, 208 KiB by default, and doubles it).

@@ -21,6 +21,7 @@ import trio.testing
 
 import trio_recycle
 
+from . import checks
 from .checks import assert_capacity, assert_idle_disconnected, fd_inodes
 from .conftest import drained, time_wait_count, wait_for_time_wait
 
@@ -312,9 +313,7 @@ async def test_read_timeout_then_next_request_works(start_http_server: StartServ
 
 async def test_pool_timeout_while_the_pool_is_full() -> None:
     """A wait for a pool socket that times out is httpx.PoolTimeout naming the capacity; nobody is left waiting."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
+    with checks.listener() as listener:
         port = listener.getsockname()[1]
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             holder = await pool.open_tcp_stream("127.0.0.1", port)
@@ -345,11 +344,9 @@ async def test_connect_refused_is_connect_error() -> None:
 @ABANDONED_GENERATORS
 async def test_write_timeout() -> None:
     """A server that never reads: httpx.WriteTimeout once the buffers are full."""
-    with socket.socket() as listener:
-        # Never accepted: the kernel completes the handshake and buffers
-        # what it can, then the client's send blocks.
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
+    # Never accepted: the kernel completes the handshake and buffers
+    # what it can, then the client's send blocks.
+    with checks.listener() as listener:
         port = listener.getsockname()[1]
         async with (
             trio_recycle.open_socket_pool(capacity=2, eof_timeout=0.1) as pool,
@@ -501,9 +498,7 @@ async def test_get_extra_info(start_http_server: StartServer) -> None:
 
 async def test_aclose_never_waits_for_a_silent_server() -> None:
     """httpcore closes under a cancel shield without reading the FIN: aclose returns at once, the pool drains."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
+    with checks.listener() as listener:
         async with trio_recycle.open_socket_pool(capacity=2, eof_timeout=5.0) as pool:
             stream = await RecyclingBackend(pool).connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=5)
             peer, _ = listener.accept()
@@ -548,9 +543,7 @@ async def test_start_tls_that_cannot_make_its_ssl_stream_gives_the_socket_back()
     3.10 with trio 0.25 says "encoding with 'idna' codec failed", later
     ones name server_hostname): only the type is ours to check.
     """
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
+    with checks.listener() as listener:
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             stream = await RecyclingBackend(pool).connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=5)
             with pytest.raises(ValueError) as info:
@@ -563,9 +556,7 @@ async def test_start_tls_that_cannot_make_its_ssl_stream_gives_the_socket_back()
 
 async def test_read_and_write_without_a_timeout() -> None:
     """timeout=None: write sends every byte and read returns what arrived, with no deadline."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
+    with checks.listener() as listener:
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             stream = await RecyclingBackend(pool).connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=None)
             peer, _ = listener.accept()
@@ -580,9 +571,7 @@ async def test_read_and_write_without_a_timeout() -> None:
 
 async def test_tls_handshake_timeout_is_connect_timeout_and_gives_the_socket_back() -> None:
     """A server that never answers the ClientHello: ConnectTimeout after ``timeout``, the socket back in the pool."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
+    with checks.listener() as listener:
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             stream = await RecyclingBackend(pool).connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=5)
             peer, _ = listener.accept()
@@ -595,9 +584,7 @@ async def test_tls_handshake_timeout_is_connect_timeout_and_gives_the_socket_bac
 
 async def test_tls_handshake_cancelled_from_outside_gives_the_socket_back() -> None:
     """A cancellation that is not the handshake's own timeout propagates as Cancelled; the socket goes back."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
+    with checks.listener() as listener:
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             stream = await RecyclingBackend(pool).connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=5)
             peer, _ = listener.accept()
@@ -650,9 +637,7 @@ async def test_bad_socket_options() -> None:
     with pytest.raises(TypeError, match="socket_options must be an iterable"):
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             RecyclingTransport(pool, socket_options=5)  # type: ignore[arg-type]
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
+    with checks.listener() as listener:
         port = listener.getsockname()[1]
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             backend = RecyclingBackend(pool)
@@ -675,9 +660,7 @@ async def test_bad_socket_options() -> None:
 )
 async def test_socket_option_beyond_a_c_int_is_refused_before_a_socket_is_taken(option: tuple[int, ...]) -> None:
     """setsockopt() would fail with TypeError/OverflowError on the open stream: refused up front, nothing taken."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
+    with checks.listener() as listener:
         port = listener.getsockname()[1]
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             with pytest.raises(ValueError, match="socket_options"):

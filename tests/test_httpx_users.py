@@ -7,7 +7,6 @@ control), against servers in this process (tests/conftest.py's
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -16,6 +15,7 @@ import trio.testing
 
 import trio_recycle
 
+from . import checks
 from .checks import assert_capacity
 from .conftest import Server, StartServer, drained, time_wait_count, wait_for_time_wait
 
@@ -203,34 +203,20 @@ async def test_a_client_per_job_on_one_pool(start_server: StartServer, make_tran
 
 async def test_pool_wait_is_pool_timeout_and_slow_connect_is_connect_timeout() -> None:
     """PoolTimeout names the capacity; with a socket but a listener that takes no SYN: ConnectTimeout."""
-    with socket.socket() as listener, socket.socket() as other:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        port = listener.getsockname()[1]
-        other.bind(("127.0.0.1", 0))
-        other.listen(8)
-        # A backlog of 0 queues one connection; once it is full, SYNs are dropped.
-        fillers = [socket.socket() for _ in range(2)]
-        for filler in fillers:
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-        try:
-            async with trio_recycle.open_socket_pool(capacity=2) as pool:
-                transport = RecyclingTransport(pool, limits=httpx.Limits(max_connections=10))
-                async with httpx.AsyncClient(transport=transport) as client:
-                    timeout = httpx.Timeout(5.0, connect=0.2)
-                    with pytest.raises(httpx.ConnectTimeout) as connect:
-                        await client.get(f"http://127.0.0.1:{port}/", timeout=timeout)
-                    assert not isinstance(connect.value, httpx.PoolTimeout)
-                    holders = [await pool.open_tcp_stream(*other.getsockname()) for _ in range(2)]
-                    with pytest.raises(httpx.PoolTimeout, match=r"full.*capacity 2"):
-                        await client.get(f"http://127.0.0.1:{port}/", timeout=timeout)
-                    for holder in holders:
-                        await holder.aclose()
-                assert pool.statistics().tasks_waiting == 0
-        finally:
-            for filler in fillers:
-                filler.close()
+    with checks.silent_address() as (_, port), checks.listener() as other:
+        async with trio_recycle.open_socket_pool(capacity=2) as pool:
+            transport = RecyclingTransport(pool, limits=httpx.Limits(max_connections=10))
+            async with httpx.AsyncClient(transport=transport) as client:
+                timeout = httpx.Timeout(5.0, connect=0.2)
+                with pytest.raises(httpx.ConnectTimeout) as connect:
+                    await client.get(f"http://127.0.0.1:{port}/", timeout=timeout)
+                assert not isinstance(connect.value, httpx.PoolTimeout)
+                holders = [await pool.open_tcp_stream(*other.getsockname()) for _ in range(2)]
+                with pytest.raises(httpx.PoolTimeout, match=r"full.*capacity 2"):
+                    await client.get(f"http://127.0.0.1:{port}/", timeout=timeout)
+                for holder in holders:
+                    await holder.aclose()
+            assert pool.statistics().tasks_waiting == 0
 
 
 # ----------------------------------------------------------------------

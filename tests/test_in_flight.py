@@ -10,6 +10,8 @@ import pytest
 
 from trio_recycle._in_flight import nothing_in_flight
 
+from . import checks
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -17,9 +19,7 @@ if TYPE_CHECKING:
 @pytest.fixture
 def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     """A connected loopback TCP pair: (ours, the peer's)."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
+    with checks.listener() as listener:
         ours = socket.create_connection(listener.getsockname())
         peer, _ = listener.accept()
     with ours, peer:

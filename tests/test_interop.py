@@ -9,6 +9,8 @@ from interop import netstat
 from interop.apps import asgi, wsgi
 from interop.content import body, path_for
 
+from . import checks
+
 
 async def test_asgi_app_serves_the_body_the_path_names() -> None:
     """The ASGI app answers /d/<n>/<size> with content.body: the check every client makes."""
@@ -40,7 +42,7 @@ def test_wsgi_app_serves_the_same_bytes() -> None:
 
 async def test_settle_counts_a_server_time_wait_once_per_connection() -> None:
     """A server that closes first leaves one TIME_WAIT entry, counted on the server's side, and none before."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with checks.listener() as listener:
         port = listener.getsockname()[1]
         before = netstat.snapshot(port)
         for _ in range(3):

@@ -28,6 +28,7 @@ import pytest
 import trio_recycle
 from trio_recycle._isn import TCP_REPAIR, fresh_isns, peer_affinity_for, renew_isn
 
+from .checks import listener
 from .conftest import TCP_CLOSE, answer_then_close, cycle, tcp_state
 
 if TYPE_CHECKING:
@@ -140,14 +141,6 @@ def predicted_isns(found: list[Segment], ports: set[int]) -> list[tuple[int, int
         elif max_window is not None and wscale is not None:
             max_window = max(max_window, s.window << wscale)
     return pairs
-
-
-@contextlib.contextmanager
-def listener(host: str = "127.0.0.1") -> Iterator[socket.socket]:
-    with socket.socket(family_of(host)) as sock:
-        sock.bind((host, 0))
-        sock.listen(8)
-        yield sock
 
 
 def family_of(host: str) -> socket.AddressFamily:

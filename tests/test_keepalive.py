@@ -200,31 +200,29 @@ async def test_release_and_take_are_checkpoints_and_cancellation_leaks_nothing(s
 
 async def test_conformance_of_a_kept_alive_stream(start_server: StartServer) -> None:
     """trio's HalfCloseableStream checks pass on a stream that continues a released connection."""
-    listener_sock = trio.socket.socket()
-    await listener_sock.bind(("127.0.0.1", 0))
-    listener_sock.listen(16)
-    port = listener_sock.getsockname()[1]
-    listener = trio.SocketListener(listener_sock)
-    async with trio_recycle.open_socket_pool(capacity=4) as pool:
+    with checks.listener() as sock:
+        port = sock.getsockname()[1]
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        async with trio_recycle.open_socket_pool(capacity=4) as pool:
 
-        async def make_pair() -> tuple[RecyclingStream, trio.SocketStream]:
-            first = await pool.open_tcp_stream("127.0.0.1", port)
-            server_side = await listener.accept()
-            await first.release()
-            stream = await pool.open_tcp_stream("127.0.0.1", port)
-            assert stream.kept_alive
-            return stream, server_side
+            async def make_pair() -> tuple[RecyclingStream, trio.SocketStream]:
+                first = await pool.open_tcp_stream("127.0.0.1", port)
+                server_side = await listener.accept()
+                await first.release()
+                stream = await pool.open_tcp_stream("127.0.0.1", port)
+                assert stream.kept_alive
+                return stream, server_side
 
-        async def client_first() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
-            return await make_pair()
+            async def client_first() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
+                return await make_pair()
 
-        async def server_first() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
-            client, server_side = await make_pair()
-            return server_side, client
+            async def server_first() -> tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
+                client, server_side = await make_pair()
+                return server_side, client
 
-        await trio.testing.check_half_closeable_stream(client_first, None)
-        await trio.testing.check_half_closeable_stream(server_first, None)
-    await listener.aclose()
+            await trio.testing.check_half_closeable_stream(client_first, None)
+            await trio.testing.check_half_closeable_stream(server_first, None)
+        await listener.aclose()
 
 
 # ----------------------------------------------------------------------
@@ -402,7 +400,7 @@ async def test_release_while_a_task_waits(start_server: StartServer, same_open: 
 
 async def test_release_of_a_reset_connection_is_not_handed_to_a_waiter() -> None:
     """A waiter of the same open never gets a connection the peer has reset: it gets a fresh one."""
-    with _raw_listener() as listener:
+    with checks.listener() as listener:
         port = listener.getsockname()[1]
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             stream = await pool.open_tcp_stream("127.0.0.1", port)
@@ -440,13 +438,6 @@ async def test_release_of_a_reset_connection_is_not_handed_to_a_waiter() -> None
 # Taking: the liveness check
 
 
-def _raw_listener() -> socket.socket:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    return listener
-
-
 async def _park_one(pool: SocketPool, listener: socket.socket) -> socket.socket:
     port = listener.getsockname()[1]
     stream = await pool.open_tcp_stream("127.0.0.1", port)
@@ -458,7 +449,7 @@ async def _park_one(pool: SocketPool, listener: socket.socket) -> socket.socket:
 
 async def test_take_finds_the_peer_gone_and_connects_afresh() -> None:
     """A FIN that arrived since the watch last ran: disconnected, connected again in the same open."""
-    with _raw_listener() as listener:
+    with checks.listener() as listener:
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             conn = await _park_one(pool, listener)
             # Closed and taken in one task step: the watch cannot run in between.
@@ -478,7 +469,7 @@ async def test_take_finds_the_peer_gone_and_connects_afresh() -> None:
 
 async def test_take_finds_the_peer_gone_with_recycle_off_and_opens_a_fresh_socket() -> None:
     """recycle=False: a parked connection whose peer closed is closed at take and the open gets a new socket."""
-    with _raw_listener() as listener:
+    with checks.listener() as listener:
         async with trio_recycle.open_socket_pool(capacity=1, recycle=False) as pool:
             conn = await _park_one(pool, listener)
             conn.close()
@@ -497,7 +488,7 @@ async def test_take_finds_the_peer_gone_with_recycle_off_and_opens_a_fresh_socke
 
 async def test_take_finds_the_peer_gone_and_the_reconnect_fails() -> None:
     """A reconnect at take that is refused raises OSError to that open and frees its place (I4, I10)."""
-    with _raw_listener() as listener:
+    with checks.listener() as listener:
         port = listener.getsockname()[1]
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             conn = await _park_one(pool, listener)
@@ -515,7 +506,7 @@ async def test_take_finds_the_peer_gone_and_the_reconnect_fails() -> None:
 
 async def test_take_finds_unsolicited_bytes_and_never_hands_them_on() -> None:
     """Response-queue poisoning at take: bytes queued on a parked connection close it; the open gets a fresh one."""
-    with _raw_listener() as listener:
+    with checks.listener() as listener:
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             conn = await _park_one(pool, listener)
             conn.sendall(POISON)
@@ -613,7 +604,7 @@ async def test_watch_closes_a_connection_that_gets_unsolicited_bytes(
 
 async def test_watch_closes_a_connection_that_is_reset(start_server: StartServer) -> None:
     """An error on a parked connection (the peer's RST): closed, the slot free again."""
-    with _raw_listener() as listener:
+    with checks.listener() as listener:
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             conn = await _park_one(pool, listener)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -754,10 +745,7 @@ async def test_capacity_per_peer_holds_when_an_attempt_takes_over_a_hanging_sibl
     """Happy eyeballs at a full pool: an attempt never takes over a SYN_SENT sibling past its own peer's limit."""
     server = await start_server(keep_alive(KeepAlive()), "127.0.0.1")
     peer = ("127.0.0.1", server.port)
-    with socket.socket() as full, socket.socket() as filler:
-        full.bind(("127.0.0.2", server.port))
-        full.listen(0)
-        filler.connect(full.getsockname())  # the accept queue is full: SYNs go unanswered
+    with checks.silent_address("127.0.0.2", server.port):
         resolve_names({"slow.test": [("127.0.0.2", socket.AF_INET), ("127.0.0.1", socket.AF_INET)]})
         async with trio_recycle.open_socket_pool(capacity=2, capacity_per_peer=1) as pool:
             held = await pool.open_tcp_stream(*peer)
@@ -791,11 +779,8 @@ async def test_a_waiter_of_a_limited_peer_does_not_make_happy_eyeballs_abandon_a
 ) -> None:
     """A task waiting for its full peer holds nobody else up: with room in the pool, no attempt is abandoned."""
     other = await start_server(keep_alive(KeepAlive()), "127.0.0.1")
-    with socket.socket() as slow, socket.socket() as filler:
-        slow.bind(("127.0.0.2", 0))
-        slow.listen(0)
+    with checks.silent_listener("127.0.0.2") as slow:  # SYNs go unanswered for now
         port = slow.getsockname()[1]
-        filler.connect(slow.getsockname())  # the accept queue is full: SYNs go unanswered for now
         # 127.0.0.1 refuses at once; 127.0.0.2 answers the SYN retry once the queue has room.
         resolve_names({"slow.test": [("127.0.0.2", socket.AF_INET), ("127.0.0.1", socket.AF_INET)]})
         async with trio_recycle.open_socket_pool(capacity=4, capacity_per_peer=1) as pool:
@@ -961,7 +946,7 @@ async def test_evicting_a_parked_connection_with_unread_bytes_does_not_reset_the
 ) -> None:
     """I7 at eviction: bytes that arrived since the watch last ran are read first: the peer gets our FIN, no RST."""
     other = await start_server(keep_alive(KeepAlive()))
-    with _raw_listener() as listener:
+    with checks.listener() as listener:
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             conn = await _park_one(pool, listener)
             conn.sendall(b"the end of an answer, late")
@@ -983,7 +968,7 @@ async def test_evicting_a_parked_connection_with_unread_bytes_does_not_reset_the
 async def test_the_take_check_sees_the_connection_taken_with_more_than_1023_ready() -> None:
     """1,100 parked connections receive bytes at once, the last parked last: none is handed out (I9)."""
     count = 1100
-    with socket.create_server(("127.0.0.1", 0), backlog=count) as listener:
+    with checks.listener(backlog=count) as listener:
         port = listener.getsockname()[1]
         peers: list[socket.socket] = []
         try:
@@ -1015,7 +1000,7 @@ async def test_the_take_check_sees_the_connection_taken_with_more_than_1023_read
 async def test_release_with_more_than_1023_ready_parks_nothing_dirty() -> None:
     """release()'s check covers the connection it parks, however many others are ready."""
     count = 1100
-    with socket.create_server(("127.0.0.1", 0), backlog=count + 1) as listener:
+    with checks.listener(backlog=count + 1) as listener:
         port = listener.getsockname()[1]
         peers: list[socket.socket] = []
         try:
@@ -1039,7 +1024,7 @@ async def test_release_with_more_than_1023_ready_parks_nothing_dirty() -> None:
 @pytest.mark.parametrize("when", ["while parked", "just before the take"])
 async def test_an_urgent_byte_sent_to_a_parked_connection_is_never_handed_out(when: str) -> None:
     """A lone MSG_OOB byte (seen by no peek, only by EPOLLPRI) ends the parked connection (I9)."""
-    with _raw_listener() as listener:
+    with checks.listener() as listener:
         port = listener.getsockname()[1]
         async with trio_recycle.open_socket_pool(capacity=2) as pool:
             stream = await pool.open_tcp_stream("127.0.0.1", port)

@@ -19,18 +19,11 @@ import pytest
 import trio_recycle
 from trio_recycle._pooled_socket import RESTORABLE_OPTIONS
 
+from .checks import listener
 from .conftest import TCP_CLOSE, tcp_state
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
-
-
-@contextlib.contextmanager
-def listener(host: str = "127.0.0.1") -> Iterator[socket.socket]:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.bind((host, 0))
-        sock.listen(8)
-        yield sock
 
 
 def use_and_recycle(client: socket.socket, server: socket.socket) -> None:

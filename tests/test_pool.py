@@ -467,10 +467,7 @@ async def test_happy_eyeballs_staggers_past_a_hanging_attempt(
 ) -> None:
     """An attempt whose SYN is never answered is overtaken after the delay, then discarded."""
     server = await start_server(answer_then_close, "127.0.0.1")
-    with socket.socket() as full, socket.socket() as filler:
-        full.bind(("127.0.0.2", server.port))
-        full.listen(0)
-        filler.connect(full.getsockname())  # the accept queue (backlog 0 + 1) is now full
+    with checks.silent_address("127.0.0.2", server.port):
         resolve_names({"slow.test": [("127.0.0.2", socket.AF_INET), ("127.0.0.1", socket.AF_INET)]})
         async with trio_recycle.open_socket_pool(capacity=4) as pool:
             start = trio.current_time()
@@ -718,7 +715,7 @@ async def test_drain_finishing_as_the_pool_exits_leaks_nothing() -> None:
     """
     leaked = 0
     for _ in range(20):
-        with socket.create_server(("127.0.0.1", 0)) as listener:
+        with checks.listener() as listener:
             async with trio_recycle.open_socket_pool(capacity=1) as pool:
                 stream = await pool.open_tcp_stream(*listener.getsockname())
                 peer, _ = listener.accept()

@@ -16,6 +16,7 @@ import trio.testing
 
 import trio_recycle
 
+from . import checks
 from .checks import assert_capacity
 from .conftest import ResolveNames, StartServer, answer_then_close, read_until_eof
 
@@ -204,10 +205,7 @@ async def test_happy_eyeballs_at_a_full_pool_takes_over_its_own_slot(
 ) -> None:
     """With capacity 1, the next address is tried after the delay, in the hanging attempt's place."""
     server = await start_server(answer_then_close, "127.0.0.1")
-    with socket.socket() as full, socket.socket() as filler:
-        full.bind(("127.0.0.2", server.port))
-        full.listen(0)
-        filler.connect(full.getsockname())  # the accept queue is full: SYNs are dropped
+    with checks.silent_address("127.0.0.2", server.port):
         resolve_names({"slow.test": [("127.0.0.2", socket.AF_INET), ("127.0.0.1", socket.AF_INET)]})
         async with trio_recycle.open_socket_pool(capacity=1) as pool:
             start = trio.current_time()
@@ -247,10 +245,7 @@ async def test_taking_over_whose_socket_cannot_be_made_leaves_the_sibling(
     """If the later attempt's socket cannot even be created, the slow earlier one keeps connecting."""
     await start_server(answer_then_close, "127.0.0.1")
     resolve_names({"slow.test": [("127.0.0.2", socket.AF_INET), ("::1", socket.AF_INET6)]})
-    with socket.socket() as full, socket.socket() as filler:
-        full.bind(("127.0.0.2", 0))
-        full.listen(0)
-        filler.connect(full.getsockname())  # accept queue full: SYNs are dropped
+    with checks.silent_listener("127.0.0.2") as full:
         port = full.getsockname()[1]
 
         async def free_the_queue() -> None:

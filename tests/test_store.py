@@ -14,6 +14,8 @@ from trio_recycle._pooled_socket import PooledSocket
 from trio_recycle._store import SocketStore
 from trio_recycle._watch import URGENT
 
+from . import checks
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -24,7 +26,7 @@ KEY = ("127.0.0.1", 80, None)
 def connections(count: int) -> Iterator[list[tuple[PooledSocket, socket.socket]]]:
     """``count`` established loopback TCP connections: (our end as a PooledSocket, the peer's end)."""
     pairs: list[tuple[PooledSocket, socket.socket]] = []
-    with socket.create_server(("127.0.0.1", 0), backlog=count) as listener:
+    with checks.listener(backlog=count) as listener:
         try:
             for _ in range(count):
                 ours = socket.create_connection(listener.getsockname())

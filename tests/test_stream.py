@@ -12,6 +12,7 @@ import trio.testing
 import trio_recycle
 from trio_recycle import RecyclingStream, SocketPool
 
+from . import checks
 from .conftest import StartServer, answer_then_close, answer_then_reset, read_until_eof
 
 if TYPE_CHECKING:
@@ -24,14 +25,6 @@ async def pool() -> AsyncIterator[SocketPool]:
         yield pool
 
 
-async def _listener(host: str) -> trio.socket.SocketType:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = trio.socket.socket(family)
-    await sock.bind((host, 0))
-    sock.listen(16)
-    return sock
-
-
 def _clog(sock: socket.socket) -> None:
     sock.setblocking(False)
     try:
@@ -42,21 +35,20 @@ def _clog(sock: socket.socket) -> None:
 
 
 async def _check(pool: SocketPool, host: str) -> None:
-    listener = await _listener(host)
-    port = listener.getsockname()[1]
+    with checks.listener(host) as sock, trio.socket.from_stdlib_socket(sock) as listener:
+        port = listener.getsockname()[1]
 
-    async def stream_maker() -> tuple[RecyclingStream, trio.SocketStream]:
-        client = await pool.open_tcp_stream(host, port)
-        server_sock, _ = await listener.accept()
-        return client, trio.SocketStream(server_sock)
+        async def stream_maker() -> tuple[RecyclingStream, trio.SocketStream]:
+            client = await pool.open_tcp_stream(host, port)
+            server_sock, _ = await listener.accept()
+            return client, trio.SocketStream(server_sock)
 
-    async def clogged_stream_maker() -> tuple[RecyclingStream, trio.SocketStream]:
-        client, server = await stream_maker()
-        _clog(client._sock)
-        _clog(server.socket._sock)  # type: ignore[attr-defined]
-        return client, server
+        async def clogged_stream_maker() -> tuple[RecyclingStream, trio.SocketStream]:
+            client, server = await stream_maker()
+            _clog(client._sock)
+            _clog(server.socket._sock)  # type: ignore[attr-defined]
+            return client, server
 
-    with listener:
         await trio.testing.check_half_closeable_stream(stream_maker, clogged_stream_maker)
 
 

@@ -79,7 +79,7 @@ def test_kernel_udp_disconnect_keeps_queued_datagrams_and_releases_the_port(loop
 
 def test_kernel_tcp_disconnect_keeps_so_bindtodevice() -> None:
     """Kernel: unlike UDP, tcp_disconnect() leaves SO_BINDTODEVICE set."""
-    with socket.create_server(("127.0.0.1", 0)) as listener, socket.socket() as sock:
+    with checks.listener() as listener, socket.socket() as sock:
         bind_to_device_or_skip(sock)
         sock.connect(listener.getsockname())
         listener.accept()[0].close()
