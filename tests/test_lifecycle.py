@@ -133,7 +133,7 @@ def test_any_program_of_moves_keeps_the_counts_equal_to_a_recount(program: list[
 
 @pytest.mark.parametrize(("old", "new"), [(IN_USE, PARKED), (PARKED, IN_USE)])
 def test_the_written_out_keep_alive_moves_do_what_move_does(old: State, new: State) -> None:
-    """Ledger.park and Ledger.take_parked (the keep-alive path's two moves) leave what move() leaves, and refuse the rest."""
+    """Ledger.park and Ledger.take_parked (the keep-alive moves) leave what move() leaves, and refuse the rest."""
     fast, general = Ledger[Thing](), Ledger[Thing]()
     thing, other = at(fast, old), at(general, old)
     (fast.park if new is PARKED else fast.take_parked)(thing)
