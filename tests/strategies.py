@@ -28,6 +28,7 @@ __all__ = [
     "pattern",
     "programs",
     "steps",
+    "waiting_programs",
 ]
 
 #: The servers a program can open: every kind on 127.0.0.1, then two on
@@ -261,3 +262,21 @@ def keepalive_programs(max_tasks: int = 4, max_steps: int = 10) -> st.SearchStra
         st.lists(keepalive_steps(), min_size=3, max_size=max_steps),
     )
     return st.builds(Program, configs(), st.lists(task, min_size=1, max_size=max_tasks).map(tuple))
+
+
+def waiting_programs() -> st.SearchStrategy[tuple[int, list[tuple[str, int, int]]]]:
+    """A per-peer limit and steps (op, arg, delta) over four peers, for the waiting room with no pool.
+
+    "join": a task for peer ``arg`` waits; "cancel": the waiter at index
+    ``arg`` (modulo those waiting) is cancelled; "count": the sockets
+    counted toward peer ``arg`` change by ``delta``; "serve": the first
+    servable waiter is granted.
+    """
+    step = st.one_of(
+        st.tuples(st.just("join"), st.integers(0, 3), st.just(0)),
+        st.tuples(st.just("join"), st.integers(0, 3), st.just(0)),
+        st.tuples(st.just("cancel"), st.integers(0, 15), st.just(0)),
+        st.tuples(st.just("count"), st.integers(0, 3), st.sampled_from([-1, 1, 1])),
+        st.tuples(st.just("serve"), st.just(0), st.just(0)),
+    )
+    return st.tuples(st.integers(1, 3), st.lists(step, max_size=40))

@@ -79,7 +79,7 @@ class Capacity:
     _pool: object
     ledger: Ledger[PooledSocket]
     store: SocketStore
-    room: WaitingRoom[PooledSocket] = attrs.field(factory=WaitingRoom)
+    room: WaitingRoom[PooledSocket] = attrs.field(init=False)
     closed: bool = False
     _tcp_options: tuple[SocketOption, ...] = attrs.field(init=False)
     #: When each drain started.
@@ -91,6 +91,9 @@ class Capacity:
     def __attrs_post_init__(self) -> None:
         self._tcp_options = TCP_DEFAULTS + self._socket_options
         self._give_way_after = min(GIVE_WAY_AFTER, self._eof_timeout / 2)
+        self.room = WaitingRoom(self.per_peer, self.ledger.per_peer)
+        if self.per_peer is not None:  # the room's fullness follows every count the ledger writes
+            self.ledger.on_peer_count = self.room.recount
 
     # ------------------------------------------------------------------
     # Taking
@@ -313,7 +316,7 @@ class Capacity:
         Its place then goes to a new socket for that waiter (the reconciler
         makes it); counting it recycled would count a socket closed at once.
         """
-        found = self.room.first_servable(self._full_peers()) if self.room else None
+        found = self.room.first_servable() if self.room else None
         return found is None or found[1].key == psock.key
 
     def discard_socket(self, psock: PooledSocket) -> None:
@@ -390,30 +393,21 @@ class Capacity:
 
     def peer_full(self, peer: object) -> bool:
         """Whether ``peer`` has ``capacity_per_peer`` sockets."""
-        limit = self.per_peer
-        return limit is not None and self.ledger.per_peer.get(peer, 0) >= limit
-
-    def _full_peers(self) -> Callable[[object], bool] | None:
-        return None if self.per_peer is None else self.peer_full
+        return self.room.full(peer)
 
     def _someone_servable(self) -> bool:
         """Whether a waiter's peer is below its limit (every waiter is, without one)."""
-        return bool(self.room) and self.room.first_servable(self._full_peers()) is not None
+        return bool(self.room) and self.room.first_servable() is not None
 
     def first_servable_besides(self, psock: PooledSocket) -> tuple[trio.lowlevel.Task, Request] | None:
         """The first waiter that could be served if ``psock`` did not count against its peer."""
-        if not self.room:
-            return None
-        limit, per_peer = self.per_peer, self.ledger.per_peer
-        if limit is None:
-            return self.room.first_servable(None)
-        return self.room.first_servable(lambda p: per_peer.get(p, 0) - (p == psock.peer) >= limit)
+        return self.room.first_servable_besides(psock.peer) if self.room else None
 
     def serve_waiters(self) -> None:
         """The reconciler: give what is free to the waiters that can be served, first come first served."""
         room = self.room
         while room and not self.closed:
-            found = room.first_servable(self._full_peers())
+            found = room.first_servable()
             if found is None:
                 return
             task, request = found

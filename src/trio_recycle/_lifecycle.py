@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar, final
 import attrs
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 __all__ = ["MOVES", "PEER_STATES", "Ledger", "LifecycleError", "PeerCounts", "State", "Tracked"]
 
@@ -159,6 +159,10 @@ class Ledger(Generic[S]):
     evicted: int = 0
     #: Of ``evicted``: drains that gave way to a waiting task.
     drains_cut: int = 0
+    #: Called with a peer after every change of its count in ``per_peer``
+    #: (with capacity_per_peer: the waiting room's recount, which keeps
+    #: the fullness of the peers it has waiters for).
+    on_peer_count: Callable[[object], None] | None = None
 
     def __len__(self) -> int:
         """The sockets owned: every state but CLOSED."""
@@ -278,6 +282,8 @@ class Ledger(Generic[S]):
             self.per_peer[peer] = left
         else:
             del self.per_peer[peer]
+        if self.on_peer_count is not None:
+            self.on_peer_count(peer)
 
     def oldest(self, state: State) -> S | None:
         """The socket that has been in ``state`` longest, if any."""
