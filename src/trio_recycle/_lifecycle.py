@@ -34,6 +34,7 @@
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar, final
 
 import attrs
@@ -142,9 +143,10 @@ class LifecycleError(RuntimeError):
 class Ledger(Generic[S]):
     """The only writer of sockets' states, of the counts by state and by peer, and of the lifetime counters."""
 
-    #: The sockets in each state but CLOSED, oldest arrival first.
+    #: The sockets in each state but CLOSED, oldest arrival first;
+    #: DRAINING's ordered, since `oldest` looks there (_store.py says why).
     _members: dict[State, dict[S, None]] = attrs.field(
-        factory=lambda: {state: {} for state in State if state is not CLOSED}
+        factory=lambda: {state: OrderedDict() if state is DRAINING else {} for state in State if state is not CLOSED}
     )
     #: Sockets in PEER_STATES, by peer address.
     per_peer: dict[object, int] = attrs.field(factory=dict)

