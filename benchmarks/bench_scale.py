@@ -208,7 +208,9 @@ async def run_all(settings: Settings, addresses: list[tuple[str, int]], limit: i
 def measure(settings: Settings) -> report.Document:
     most_peers = max(p for _, _, p in settings.points)
     biggest = max(c for _, c, _ in settings.points)
-    limit = raise_nofile(biggest + most_peers + FD_SLACK)
+    # The server (which inherits the limit) holds every listener and, while it
+    # has not yet read the closes of the last point's connections, those too.
+    limit = raise_nofile(2 * biggest + most_peers + FD_SLACK)
     info = machine(rlimit_nofile=limit)
     started, start = report.now(), time.perf_counter()
     with servers.child_server(
