@@ -181,7 +181,17 @@ async def measure_point(
     return Sample(sweep, capacity, len(peers), repeat, done, seconds, cpu, parked, rss, kernel, limited)
 
 
-async def run_all(settings: Settings, addresses: list[tuple[str, int]], limit: int) -> tuple[list[Sample], list[str]]:
+async def server_drained(server: servers.ChildServer) -> None:
+    """Wait (bounded) until the server has read the last point's closes (it shares our descriptor limit)."""
+    deadline = trio.current_time() + 30
+    # Another process's state, asked over a pipe: polled, there is no event to wait for.
+    while int(server.ask("open").split()[1]) and trio.current_time() < deadline:  # noqa: ASYNC110
+        await trio.sleep(0.05)
+
+
+async def run_all(
+    settings: Settings, addresses: list[tuple[str, int]], limit: int, server: servers.ChildServer
+) -> tuple[list[Sample], list[str]]:
     warnings = []
     points = []
     for sweep, capacity, peers in settings.points:
@@ -193,6 +203,7 @@ async def run_all(settings: Settings, addresses: list[tuple[str, int]], limit: i
     # Unrecorded: the process's first pool and first exchanges are slower than any later point's.
     await measure_point(addresses[:1], "warm-up", 16, attrs.evolve(settings, exchanges=10 * TASKS), -1)
     for repeat, (sweep, capacity, peers) in [(r, p) for r in range(settings.repeats) for p in runs.rotated(points, r)]:
+        await server_drained(server)
         sample = await measure_point(addresses[:peers], sweep, capacity, settings, repeat)
         samples.append(sample)
         print(
@@ -208,9 +219,7 @@ async def run_all(settings: Settings, addresses: list[tuple[str, int]], limit: i
 def measure(settings: Settings) -> report.Document:
     most_peers = max(p for _, _, p in settings.points)
     biggest = max(c for _, c, _ in settings.points)
-    # The server (which inherits the limit) holds every listener and, while it
-    # has not yet read the closes of the last point's connections, those too.
-    limit = raise_nofile(2 * biggest + most_peers + FD_SLACK)
+    limit = raise_nofile(biggest + FD_SLACK)  # the server inherits it: one listener, the connections
     info = machine(rlimit_nofile=limit)
     started, start = report.now(), time.perf_counter()
     with servers.child_server(
@@ -218,7 +227,8 @@ def measure(settings: Settings) -> report.Document:
     ) as server:
         line = next(line for line in server.output.decode().splitlines() if line.startswith("peers "))
         addresses = [(a.rsplit(":", 1)[0], int(a.rsplit(":", 1)[1])) for a in line.split()[1:]]
-        samples, warnings = trio.run(run_all, settings, addresses, limit)
+        server.output = b""  # read: what follows answers our commands
+        samples, warnings = trio.run(run_all, settings, addresses, limit, server)
     info["loadavg_end"] = load_average()
     seconds = time.perf_counter() - start
     return report.document("scale", settings, info, started, seconds, samples=samples, run_warnings=warnings)
