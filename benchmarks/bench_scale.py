@@ -13,7 +13,8 @@ pool against one keep-alive server (its own process) listening on
 
 Per point: us per exchange (wall, 32 tasks or as many as the capacity,
 each exchange to the next peer in turn) and client CPU us per exchange, both also as ratios to the
-sweep's smallest point; the client's RSS growth per pooled socket, and the
+sweep's smallest point; the Python heap growth per pooled socket while the
+pool fills (tracemalloc: the pool's own objects and the socket objects), and the
 kernel's socket slab growth (``/proc/slabinfo`` TCP and sock_inode_cache,
 machine-wide, so the server's end is in it) per pooled socket. The
 target (harness/targets.py): an exchange with 4096 parked connections
@@ -36,6 +37,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -86,16 +88,10 @@ class Sample:
     seconds: float
     cpu_seconds: float
     parked: int
-    rss_bytes: int
+    #: Python heap (tracemalloc) growth while the pool filled: what its sockets hold.
+    heap_bytes: int
     kernel_bytes: int
     time_limited: bool
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 #: The slab caches a TCP socket lives in (the sock itself, and its inode).
@@ -135,17 +131,24 @@ async def measure_point(
 ) -> Sample:
     """Fill a pool of ``capacity`` over ``peers`` (parked), then time the exchanges."""
     deadline = trio.current_time() + settings.time_limit
-    rss, kernel = rss_bytes(), kernel_socket_bytes()
+    kernel = kernel_socket_bytes()
+    heap = 0
     async with trio_recycle.open_socket_pool(capacity=capacity) as pool:
         with trio.move_on_after(settings.time_limit) as scope:
             streams = []
+            # RSS says nothing past the first big point (freed memory is
+            # reused, not returned): the Python heap, traced while filling.
+            tracemalloc.start()
+            heap = tracemalloc.get_traced_memory()[0]
             for i in range(capacity):
                 streams.append(await pool.open_tcp_stream(*peers[i % len(peers)]))
             for stream in streams:
                 await stream.release()
             del streams
             parked = pool.statistics().parked
-            rss, kernel = rss_bytes() - rss, kernel_socket_bytes() - kernel
+            heap = tracemalloc.get_traced_memory()[0] - heap
+            tracemalloc.stop()
+            kernel = kernel_socket_bytes() - kernel
             done, budget = 0, WARMUP * TASKS
 
             async def worker(first: int) -> None:
@@ -178,7 +181,7 @@ async def measure_point(
     if scope.cancelled_caught:
         raise RuntimeError(f"{sweep} capacity {capacity}: the pool did not fill within {settings.time_limit} s")
     limited = done < settings.exchanges
-    return Sample(sweep, capacity, len(peers), repeat, done, seconds, cpu, parked, rss, kernel, limited)
+    return Sample(sweep, capacity, len(peers), repeat, done, seconds, cpu, parked, heap, kernel, limited)
 
 
 async def server_drained(server: servers.ChildServer) -> None:
@@ -208,7 +211,7 @@ async def run_all(
         samples.append(sample)
         print(
             f"{sweep:8} capacity {capacity:>5} peers {peers:>5}: {sample.seconds / max(sample.exchanges, 1) * 1e6:7.1f}"
-            f" us/exchange, {sample.rss_bytes / max(capacity, 1):8.0f} B RSS/socket, parked {sample.parked}",
+            f" us/exchange, {sample.heap_bytes / max(capacity, 1):8.0f} B heap/socket, parked {sample.parked}",
             flush=True,
         )
     if any(s.time_limited for s in samples):
@@ -265,12 +268,12 @@ def render(doc: report.Document) -> report.Report:
                     f"{us:.1f}",
                     f"{us / base:.2f}x" if base else "",
                     f"{cpu:.1f}",
-                    f"{runs.median(s.rss_bytes / s.capacity for s in group):,.0f}",
+                    f"{runs.median(s.heap_bytes / s.capacity for s in group):,.0f}",
                     f"{runs.median(s.kernel_bytes / s.capacity for s in group):,.0f}",
                 ]
             )
         headers = ["capacity", "peers", "parked", "us/exchange", "vs smallest", "client CPU us/exchange"]
-        headers += ["client RSS B/socket", "kernel slab B/socket (both ends)"]
+        headers += ["Python heap B/socket", "kernel slab B/socket (both ends)"]
         out.table(headers, cells, f"Sweep over {sweep}:")
     small = [k for k in cost if k[:2] == ("capacity", 64)]
     large = [k for k in cost if k[:2] == ("capacity", 4096)]
