@@ -4,8 +4,9 @@ What it shows: whether a keep-alive exchange (take a parked connection,
 send a request line, read the answer, release it) stays as cheap with
 thousands of parked connections and thousands of peers as with a few, and
 what one pooled socket costs in memory. Two sweeps, each point a fresh
-pool against one keep-alive server (its own process) listening on
-``--peers`` addresses 127.0.x.y:
+pool against one keep-alive server (its own process, line_server.py) that
+serves up to 10,000 addresses 127.0.x.y with one listener (on the
+wildcard address, bound to the loopback device):
 
 * capacity 16 .. 16384, 16 peers: the pool is filled (every socket
   connected, then released: parked) before the exchanges;

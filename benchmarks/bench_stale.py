@@ -1,4 +1,4 @@
-"""The stale-connection race: an upstream whose idle timeout equals the client's pause, three clients.
+"""The stale-connection race: an upstream whose idle timeout equals the client's pause, four clients.
 
 What it measures: failed requests, not speed. A keep-alive upstream
 (``examples/upstream_server.py --keepalive-timeout T``, its own process)
@@ -6,7 +6,7 @@ closes a connection that stayed idle for T seconds; the clients pause T
 seconds between two requests on a connection. So the upstream's close and
 the next request cross on the wire, again and again: the request meets a
 closed connection, and the client gets "Server disconnected without
-sending a response" or a reset. Three clients make the same requests:
+sending a response" or a reset. Four clients make the same requests:
 
 * ``httpx``          -- ``httpx.AsyncClient()`` with its defaults (keep-alive, no retry);
 * ``RecyclingTransport`` -- ``httpx.AsyncClient(transport=RecyclingTransport(pool))``,
