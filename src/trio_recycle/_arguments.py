@@ -211,6 +211,23 @@ def probe_socket_options(options: Iterable[SocketOption]) -> None:
                     raise OSError(exc.errno, message) from exc
 
 
+def validate_open(host: object, port: object, happy_eyeballs_delay: object, local_address: object) -> None:
+    """Check `SocketPool.open_tcp_stream`'s arguments: the common case at once, else each in full."""
+    if (
+        type(host) is str
+        and type(port) is int
+        and 1 <= port <= 65535
+        and local_address is None
+        and type(happy_eyeballs_delay) is float
+        and 0 <= happy_eyeballs_delay < math.inf
+        and not host.startswith("[")
+    ):
+        return  # every keep-alive exchange passes here
+    validate_endpoint(host, port)
+    validate_delay(happy_eyeballs_delay)
+    validate_local_address(local_address)
+
+
 def validate_endpoint(host: object, port: object) -> None:
     """Check ``host``/``port`` like trio.open_tcp_stream, naming the argument.
 

@@ -126,7 +126,7 @@ class Capacity:
         # idle socket only to close it in its error path.
         await trio.lowlevel.checkpoint_if_cancelled()
         key = (family, type, proto, local_address, peer if self._peer_affinity else None)
-        if not self.room and replacing is None and (self.per_peer is None or not self.peer_full(peer)):
+        if not self.room.queue and replacing is None and (self.per_peer is None or not self.peer_full(peer)):
             # Nobody waits: an idle socket, if there is one, without the rest.
             psock = self._take_idle(key, peer)
             if psock is not None:
@@ -316,7 +316,7 @@ class Capacity:
         Its place then goes to a new socket for that waiter (the reconciler
         makes it); counting it recycled would count a socket closed at once.
         """
-        found = self.room.first_servable() if self.room else None
+        found = self.room.first_servable() if self.room.queue else None
         return found is None or found[1].key == psock.key
 
     def discard_socket(self, psock: PooledSocket) -> None:
@@ -397,16 +397,20 @@ class Capacity:
 
     def _someone_servable(self) -> bool:
         """Whether a waiter's peer is below its limit (every waiter is, without one)."""
-        return bool(self.room) and self.room.first_servable() is not None
+        return bool(self.room.queue) and self.room.first_servable() is not None
 
     def first_servable_besides(self, psock: PooledSocket) -> tuple[trio.lowlevel.Task, Request] | None:
         """The first waiter that could be served if ``psock`` did not count against its peer."""
-        return self.room.first_servable_besides(psock.peer) if self.room else None
+        return self.room.first_servable_besides(psock.peer) if self.room.queue else None
 
     def serve_waiters(self) -> None:
-        """The reconciler: give what is free to the waiters that can be served, first come first served."""
+        """The reconciler: give what is free to the waiters that can be served, first come first served.
+
+        Callers on a hot path test ``room.queue`` first: with nobody waiting
+        there is nothing to do, and the call is saved.
+        """
         room = self.room
-        while room and not self.closed:
+        while room.queue and not self.closed:
             found = room.first_servable()
             if found is None:
                 return

@@ -70,7 +70,7 @@ class KeepAlive:
         places = self._places
         # Its own place does not count against its peer while the first
         # waiter that could be served is chosen.
-        found = places.first_servable_besides(psock) if places.room else None
+        found = places.first_servable_besides(psock) if places.room.queue else None
         if found is not None:
             task, request = found
             if request.origin != psock.open_key or request.peer != psock.peer or not quiet(psock.sock):

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Final, TypeVar, final
 import attrs
 import trio
 
+from ._arguments import validate_open
 from ._capacity import Capacity
 from ._close import PARKABLE
 from ._connect import (
     connect_pooled,
     connect_udp,
-    validate_delay,
     validate_endpoint,
     validate_local_address,
 )
@@ -185,13 +185,12 @@ class SocketPool:
         """
         if _current_trio_token() is not self._token:
             raise wrong_run_error("SocketPool")
-        validate_endpoint(host, port)
-        validate_delay(happy_eyeballs_delay)
-        validate_local_address(local_address)
+        validate_open(host, port, happy_eyeballs_delay, local_address)
         open_key = (host, port, local_address)
         psock = None
         try:
-            self._check_open()
+            if self._closed:
+                raise pool_closed_error()
             if self._store.parked_count and self._store.has_parked(open_key):
                 psock = await self._keepalive.take(open_key)  # alive, reconnected, or None
                 if psock is not None and psock.state is PARKED:
@@ -199,7 +198,8 @@ class SocketPool:
                     stream = RecyclingStream(self, psock, psock.sock, kept_alive=True, token=self._token)
                     self._ledger.take_parked(psock)
                     self._owners[psock] = weakref.ref(stream)
-                    self._places.serve_waiters()
+                    if self._places.room.queue:
+                        self._places.serve_waiters()
                     await trio.lowlevel.cancel_shielded_checkpoint()
                     return stream
                 self._places.serve_waiters()
@@ -376,7 +376,8 @@ class SocketPool:
             return  # pragma: no cover - defensive: the pool's exit force-closes the stream first
         del self._owners[psock]
         self._places.end(psock, end)
-        self._places.serve_waiters()
+        if self._places.room.queue:
+            self._places.serve_waiters()
 
     def release_socket(self, psock: PooledSocket, end: StreamEnd) -> bool:
         """A stream was released: hand over or park the live connection if it is clean, else as `return_socket`.
@@ -394,14 +395,13 @@ class SocketPool:
         if may_park and psock.open_key is not None and (untouched or psock.restore_options()):
             kept = self._keepalive.keep(psock)
         if kept is None:
-            # Not parked (a task that the room could serve waits, say): the
-            # caller vouched by releasing that nothing is owed, so with
-            # nothing in flight the disconnect ends it and frees its place
-            # at once, as for an evicted parked connection.
+            # Not parked (a task the room could serve waits, say): by releasing, the caller vouched
+            # nothing is owed, so with nothing in flight the disconnect ends it, freeing its place at once.
             self._places.end(psock, attrs.evolve(end, idle=may_park))
         if not kept:
             self._ledger.note_not_parked()
-        self._places.serve_waiters()
+        if self._places.room.queue:
+            self._places.serve_waiters()
         return bool(kept)
 
     def _on_watch(self) -> None:

@@ -92,7 +92,9 @@ class WaitingRoom(Generic[T]):
 
     limit: int | None = None
     _counts: Mapping[object, int] = attrs.field(factory=dict, repr=False)
-    _queue: OrderedDict[trio.lowlevel.Task, Request] = attrs.field(factory=OrderedDict)
+    #: The waiting tasks, first come first. The coordinator reads it only to
+    #: test for emptiness on its hot paths (bool() of the room is a Python call).
+    queue: OrderedDict[trio.lowlevel.Task, Request] = attrs.field(factory=OrderedDict)
     #: With a limit: the line of each peer that has waiters.
     _lines: dict[object, _Line] = attrs.field(factory=dict, repr=False)
     #: (head's sequence number, line): a heap, holding every line that is
@@ -101,10 +103,10 @@ class WaitingRoom(Generic[T]):
     _next: int = 0
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self.queue)
 
     def __bool__(self) -> bool:
-        return bool(self._queue)
+        return bool(self.queue)
 
     def full(self, peer: object) -> bool:
         """Whether ``peer`` has ``limit`` sockets."""
@@ -122,7 +124,7 @@ class WaitingRoom(Generic[T]):
     async def wait(self, request: Request) -> T:
         """Queue the current task until `grant` or `fail` (or its cancellation, which leaves the queue)."""
         task = trio.lowlevel.current_task()
-        self._queue[task] = request
+        self.queue[task] = request
         if self.limit is not None:
             line = self._lines.get(request.peer)
             if line is None:
@@ -144,14 +146,14 @@ class WaitingRoom(Generic[T]):
     def first_servable(self) -> tuple[trio.lowlevel.Task, Request] | None:
         """The first waiter whose peer is not full (the first, without a limit)."""
         if self.limit is None:
-            return next(iter(self._queue.items()), None)
+            return next(iter(self.queue.items()), None)
         found = self._first()
-        return None if found is None else (found[1], self._queue[found[1]])
+        return None if found is None else (found[1], self.queue[found[1]])
 
     def first_servable_besides(self, peer: object) -> tuple[trio.lowlevel.Task, Request] | None:
         """The first waiter that would be servable if one socket fewer counted toward ``peer``."""
         if self.limit is None:
-            return next(iter(self._queue.items()), None)
+            return next(iter(self.queue.items()), None)
         found = self._first()
         line = self._lines.get(peer)
         if line is not None and line.full and self._counts.get(peer, 0) - 1 < self.limit:
@@ -159,7 +161,7 @@ class WaitingRoom(Generic[T]):
             task, seq = next(iter(line.waiters.items()))
             if found is None or seq < found[0]:
                 found = (seq, task)
-        return None if found is None else (found[1], self._queue[found[1]])
+        return None if found is None else (found[1], self.queue[found[1]])
 
     def grant(self, task: trio.lowlevel.Task, value: T) -> None:
         """Wake a queued task with ``value``."""
@@ -173,11 +175,11 @@ class WaitingRoom(Generic[T]):
 
     def fail_all(self, make_error: Callable[[], BaseException]) -> None:
         """Wake every queued task with its own ``make_error()`` (a shared one would collect every traceback)."""
-        for task in list(self._queue):
+        for task in list(self.queue):
             self.fail(task, make_error())
 
     def _leave(self, task: trio.lowlevel.Task) -> None:
-        peer = self._queue.pop(task).peer
+        peer = self.queue.pop(task).peer
         if self.limit is None:
             return
         line = self._lines[peer]
