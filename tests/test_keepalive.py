@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import select
 import socket
 import struct
 from typing import TYPE_CHECKING
@@ -35,6 +36,7 @@ from .conftest import (
     keep_alive,
     tcp_state,
     time_wait_count,
+    wait_for_time_wait,
 )
 
 if TYPE_CHECKING:
@@ -1044,3 +1046,54 @@ async def test_an_urgent_byte_sent_to_a_parked_connection_is_never_handed_out(wh
                     assert await taken.receive_some(100) == b"answer"
                 await taken.aclose()
                 checks.check_pool(pool)
+
+
+def _wait_for_fin(sock: socket.socket) -> None:
+    """Block (bounded, no await) until the peer's FIN is in ``sock``'s receive queue: a kernel event, not a sleep."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    assert poller.poll(5000), "the peer's FIN did not arrive"
+
+
+async def test_release_with_the_peers_fin_queued_recycles_and_does_not_park() -> None:
+    """The answer read, the FIN not: release() finds the FIN, parks nothing; the socket goes back idle, no TIME_WAIT."""
+    with checks.listener() as server, checks.listener("127.0.0.2") as other:
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            stream = await pool.open_tcp_stream("127.0.0.1", server.getsockname()[1])
+            conn, _ = server.accept()
+            conn.sendall(b"answer")
+            conn.close()  # the server closes after its answer
+            _wait_for_fin(checks.pooled_socket_of(stream).sock)
+            assert await stream.receive_some(6) == b"answer"
+            assert not await stream.release()
+            stats = pool.statistics()
+            assert (stats.parked, stats.idle, stats.not_parked, stats.recycled) == (0, 1, 1, 1)
+            checks.check_pool(pool)
+            # The place is free at once: an open elsewhere takes the idle socket where the ISNs
+            # are fresh (affinity otherwise: a new socket for the new peer).
+            stream = await pool.open_tcp_stream("127.0.0.2", other.getsockname()[1])
+            assert pool.statistics().discarded == (0 if pool.fresh_isns else 1)
+            await stream.aclose()
+            checks.check_pool(pool)
+        assert time_wait_count(server.getsockname()[1]) == 0
+
+
+async def test_evicting_a_parked_connection_whose_peer_closed_before_the_watch_ran_leaves_no_time_wait() -> None:
+    """The FIN came after the park; an open takes the place before the watch ran: the disconnect ends it, not a FIN."""
+    with checks.listener() as server, checks.listener("127.0.0.2") as other:
+        port = server.getsockname()[1]
+        async with trio_recycle.open_socket_pool(capacity=1) as pool:
+            stream = await pool.open_tcp_stream("127.0.0.1", port)
+            conn, _ = server.accept()
+            assert await stream.release()
+            conn.close()
+            _wait_for_fin(checks.parked_sockets(pool)[0])
+            # No checkpoint since the FIN arrived: the watch has not run; the open evicts.
+            stream = await pool.open_tcp_stream("127.0.0.2", other.getsockname()[1])
+            stats = pool.statistics()
+            assert (stats.evicted, stats.recycled) == (1, 1)
+            assert stats.created == (1 if pool.fresh_isns else 2)  # reused for the new peer where ISNs are fresh
+            await stream.aclose()
+            checks.check_pool(pool)
+        # Our FIN after theirs would have left the server a TIME_WAIT (bounded wait, then the count).
+        assert wait_for_time_wait(port, 1, timeout=0.5) == 0

@@ -377,15 +377,19 @@ class Capacity:
         self.discard(psock)
 
     def _let_go(self, psock: PooledSocket) -> bool:
-        """A parked connection must go: True when it was idle and the disconnect ended it, else False (to close).
+        """A parked connection must go: True when the disconnect ended it (reusable), else False (to close).
 
-        Idle and clean, its RST loses nothing and leaves no TIME_WAIT
-        anywhere (our FIN would leave one here). Otherwise what arrived is
-        read first, or close() would reset the peer (I7).
+        The peer's FIN already here (CLOSE_WAIT, before the watch ran): as
+        for any recycle, the RST ends its FIN_WAIT2, no TIME_WAIT anywhere.
+        Idle and clean: the RST loses nothing (I7 as of 0.3), where our FIN
+        would leave a TIME_WAIT here. Otherwise what arrived is read first,
+        or close() would reset the peer (I7).
         """
-        if self.reset_idle and self.recycling and nothing_in_flight(psock.sock) and psock.reset_for_reuse():
+        sock = psock.sock
+        disconnect = tcp_state(sock) is TcpState.CLOSE_WAIT or (self.reset_idle and nothing_in_flight(sock))
+        if self.recycling and disconnect and psock.reset_for_reuse():
             return True
-        discard_queued(psock.sock, self._drain_limit)
+        discard_queued(sock, self._drain_limit)
         return False
 
     # ------------------------------------------------------------------

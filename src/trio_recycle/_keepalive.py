@@ -84,7 +84,9 @@ class KeepAlive:
         # answer may have had more bytes than the caller read, or the peer
         # may have closed already. What arrives after it is the watch's.
         events = psock.pending()
-        if events and self._end_found(psock, events):
+        if events:
+            if not self._end_found(psock, events):
+                places.put_back(psock)  # the peer's FIN, already here: disconnected, idle
             return False
         assert psock.open_key is not None
         try:
@@ -174,7 +176,7 @@ class KeepAlive:
             places.serve_waiters()
             family, type, proto, _, _ = psock.key
             psock = await places.acquire(family, type, proto, open_key[2], peer)
-        places.serve_waiters()  # check() may have freed places or stored sockets
+        places.serve_waiters()  # take() may have freed places or stored sockets
         try:
             await connect_socket(psock.sock, peer)
         except BaseException as exc:
