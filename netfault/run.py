@@ -67,6 +67,12 @@ SETTINGS: Final[dict[str, dict[str, Direction]]] = {
 #: before it gives the same 4-tuple again, so only a small range shows what a
 #: lost disconnect RST does to the next connect on the same 4-tuple.
 PORT_RANGES: Final = {"client RST loss 50%, 64 ports": (40000, 40063)}
+#: Modes not run in a setting. In abort mode our FIN crosses the server's,
+#: so every exchange leaves a TIME_WAIT on the client (I7: no RST to a peer
+#: whose FIN has not arrived): 45-61 of them in 150 exchanges, measured, and
+#: past about 56 of 64 ports connect() fails with EADDRNOTAVAIL. That
+#: measures the range's size, not what a lost RST does.
+SKIPPED: Final = {("client RST loss 50%, 64 ports", "abort")}
 
 PROFILES: Final[dict[str, dict[str, Any]]] = {
     "quick": {
@@ -253,6 +259,8 @@ def run_setting(ns: tuple[str, str], name: str, exchanges: int, tasks: int, seed
 def _run_modes(ns: tuple[str, str], name: str, exchanges: int, tasks: int, seed: int) -> list[dict[str, Any]]:
     rows = []
     for mode in MODES_RUN:
+        if (name, mode) in SKIPPED:
+            continue
         for impl in IMPLS:
             with relay(ns, SETTINGS[name], seed) as counters:
                 result = one_run(ns, impl, mode, exchanges, tasks)
