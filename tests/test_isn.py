@@ -220,21 +220,27 @@ def test_reset_of_a_closed_descriptor_fails() -> None:
     assert not renew_isn(sock)
 
 
+async def cycles_on_the_wire(
+    start_server: StartServer, order: str, capacity: int
+) -> tuple[trio_recycle.PoolStatistics, list[tuple[int, int]]]:
+    """Cycle one pool through 127.0.0.1 ("a") and 127.0.0.2 ("b") in ``order``: its statistics and `predicted_isns`."""
+    servers = {name: await start_server(answer_then_close, f"127.0.0.{i}") for i, name in enumerate("ab", 1)}
+    ports = {server.port for server in servers.values()}
+    with capture() as sniffer:
+        async with trio_recycle.open_socket_pool(capacity=capacity) as pool:
+            assert pool.fresh_isns
+            for name in order:
+                assert await cycle(pool, servers[name]) == b"ok:ping"
+            stats = pool.statistics()
+        found = segments(sniffer, ports, syns=len(order))
+    return stats, predicted_isns(found, ports)
+
+
 @needs_root
 async def test_pool_with_fresh_isns_reuses_sockets_across_peers(start_server: StartServer) -> None:
     """By default ("auto") a pool with fresh ISNs lets an idle socket serve another peer, at a fresh ISN."""
-    a = await start_server(answer_then_close, "127.0.0.1")
-    b = await start_server(answer_then_close, "127.0.0.2")
-    ports = {a.port, b.port}
-    with capture() as sniffer:
-        async with trio_recycle.open_socket_pool(capacity=4) as pool:
-            assert pool.fresh_isns
-            for server in (a, b, a, b):
-                assert await cycle(pool, server) == b"ok:ping"
-            stats = pool.statistics()
-        found = segments(sniffer, ports, syns=4)
+    stats, pairs = await cycles_on_the_wire(start_server, "abab", capacity=4)
     assert (stats.created, stats.reused) == (1, 3)
-    pairs = predicted_isns(found, ports)
     assert len(pairs) == 3, pairs
     assert all(isn != predicted for isn, predicted in pairs), pairs
 
@@ -242,17 +248,9 @@ async def test_pool_with_fresh_isns_reuses_sockets_across_peers(start_server: St
 @needs_root
 async def test_the_isn_is_reset_only_before_a_connect_to_another_peer(start_server: StartServer) -> None:
     """The reset is owed at the disconnect and paid at the next connect to another peer: the same peer needs none."""
-    a = await start_server(answer_then_close, "127.0.0.1")
-    b = await start_server(answer_then_close, "127.0.0.2")
-    ports = {a.port, b.port}
-    with capture() as sniffer:
-        async with trio_recycle.open_socket_pool(capacity=1) as pool:
-            for server in (a, a, b):
-                assert await cycle(pool, server) == b"ok:ping"
-            stats = pool.statistics()
-        found = segments(sniffer, ports, syns=3)
+    stats, pairs = await cycles_on_the_wire(start_server, "aab", capacity=1)
     assert (stats.created, stats.reused) == (1, 2)
-    (again, same), (other, predicted) = predicted_isns(found, ports)
+    (again, same), (other, predicted) = pairs
     assert again == same  # a to a: the old sequence continues, as with affinity
     assert other != predicted  # a to b: fresh
 
