@@ -42,7 +42,6 @@ if sys.version_info < (3, 11):  # pragma: no cover
 
 # The argument checks live in _arguments; imported here under their old
 # names, which the tests use.
-from ._arguments import validate_delay as validate_delay
 from ._arguments import validate_endpoint as validate_endpoint
 from ._arguments import validate_local_address as validate_local_address
 from ._close import drain_datagrams
@@ -57,7 +56,6 @@ __all__ = [
     "connect_socket",
     "connect_udp",
     "resolve",
-    "validate_delay",
     "validate_endpoint",
     "validate_local_address",
 ]
